@@ -1,0 +1,66 @@
+"""The ``authproxy`` command: serve, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from .config import config_path, load_config
+from .errors import ConfigError
+from .log import configure_logging
+
+
+def _run(coro: Coroutine[Any, Any, Any]) -> Any:
+    """asyncio.run, on uvloop when it is installed (``authproxy[speed]``)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="authproxy",
+        description="Authenticating egress proxy for OAuth 2.0 client-credentials partners.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    help_config = "config file (default: $AUTHPROXY_CONFIG, then ./proxy.yaml)"
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", help=help_config)
+    serve.add_argument("--log-level", default="info")
+    check = commands.add_parser("check", help="validate the config and exit")
+    check.add_argument("--config", help=help_config)
+    commands.add_parser("demo", help="run a self-contained demo against local mock servers")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return int(_run(run_demo()))
+    path = config_path(args.config)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"authproxy: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
+        return 0
+    configure_logging(args.log_level)
+    from .server import serve_forever
+
+    try:
+        _run(serve_forever(config))
+    except OSError as exc:
+        print(f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
+              f"{exc.strerror}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,477 @@
+"""proxy.yaml: parsed once, validated, and turned into frozen dataclasses.
+
+This module is the only place that knows YAML exists. Every error it raises is a
+:class:`~proxy.errors.ConfigError` whose message names the file, the line (when
+YAML tells it) and the dotted key, e.g.
+``proxy.yaml:14: routes[0].timeout: expected a duration like 30s, got 'soon'``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import yaml
+from yarl import URL
+
+from .errors import ConfigError
+from .units import parse_duration, parse_share, parse_size
+
+T = TypeVar("T")
+
+AUTH_METHODS: Final = frozenset({"client_secret_basic", "client_secret_post"})
+
+# Defaults, with the reason each has the value it has.
+DEFAULT_LISTEN: Final = "127.0.0.1:8080"  # loopback: reaching the proxy means being trusted
+DEFAULT_EXPIRY_MARGIN: Final = 30.0  # clock skew between us, the IdP and the partner
+DEFAULT_REFRESH_AHEAD: Final = 0.10  # re-mint in the background with 10% of life left
+DEFAULT_LIFETIME: Final = 300.0  # no expires_in and no JWT exp: assume 5 minutes
+DEFAULT_REMINT_MIN_INTERVAL: Final = 10.0  # quota guard for expiry-triggered re-mints
+DEFAULT_TOKEN_TIMEOUT: Final = 10.0  # whole mint exchange with the token endpoint
+DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chunks
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
+DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
+CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """One OAuth 2.0 client (RFC 6749 §4.4 client-credentials grant)."""
+
+    name: str
+    token_url: str
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    auth_method: str = "client_secret_basic"
+    scope: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    expiry_margin: float = DEFAULT_EXPIRY_MARGIN
+    refresh_ahead: float = DEFAULT_REFRESH_AHEAD
+    default_lifetime: float = DEFAULT_LIFETIME
+    remint_min_interval: float = DEFAULT_REMINT_MIN_INTERVAL
+    timeout: float = DEFAULT_TOKEN_TIMEOUT
+    ca_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredTokenRule:
+    """Extra, per-route ways a partner says "this token has expired".
+
+    Either pattern may be ``None``. They add to the RFC 6750 default rule; they
+    never replace it.
+    """
+
+    www_authenticate: re.Pattern[str] | None = None
+    body: re.Pattern[bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One partner route. ``scope`` is the effective scope (route's, else client's)."""
+
+    name: str
+    upstream: str
+    client: str
+    host: str | None = None
+    path_prefix: str | None = None
+    scope: str | None = None
+    timeout: float = DEFAULT_ROUTE_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ca_file: str | None = None
+    replay_limit: int = DEFAULT_REPLAY_LIMIT
+    expired_token: ExpiredTokenRule = ExpiredTokenRule()
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated proxy.yaml."""
+
+    listen_host: str
+    listen_port: int
+    clients: Mapping[str, ClientConfig]
+    routes: tuple[RouteConfig, ...]
+    trust_forwarded_headers: bool = False
+    source: str = "<memory>"
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+class _LineMap(dict[str, Any]):
+    """A YAML mapping that remembers the line of each of its keys (1-based)."""
+
+    lines: dict[str, int]
+    line: int
+
+
+class _LineLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineMap:
+    loader.flatten_mapping(node)
+    result = _LineMap()
+    result.lines = {}
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, str):
+            raise ConfigError(
+                f"line {key_node.start_mark.line + 1}: keys must be strings, got {key!r}"
+            )
+        if key in result:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.lines[key] = key_node.start_mark.line + 1
+    return result
+
+
+_LineLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _construct_mapping,  # type: ignore[arg-type]
+)
+
+
+# --------------------------------------------------------------- ${VAR} expansion
+
+_ENV_REF = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def expand_env(value: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; ``$$`` is a literal ``$``.
+
+    Raises ``KeyError(name)`` for an unset variable without a default.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise KeyError(name)
+
+    return _ENV_REF.sub(substitute, value)
+
+
+# ------------------------------------------------------------------- the parser
+
+
+class _Reader:
+    """Walks one mapping of the YAML tree, turning each value into a typed one."""
+
+    def __init__(
+        self, data: object, path: str, source: str, environ: Mapping[str, str], line: int = 0
+    ) -> None:
+        self.source = source
+        self.path = path
+        self.environ = environ
+        if not isinstance(data, dict):
+            raise self._error(path, line, f"expected a mapping, got {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.lines: dict[str, int] = getattr(data, "lines", {})
+        self.line: int = getattr(data, "line", line)
+        self.seen: set[str] = set()
+
+    def _error(self, key: str, line: int, message: str) -> ConfigError:
+        where = f"{self.source}:{line}" if line else self.source
+        return ConfigError(f"{where}: {key}: {message}")
+
+    def key_path(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ConfigError:
+        return self._error(self.key_path(key), self.lines.get(key, self.line), message)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def raw(self, key: str) -> object:
+        self.seen.add(key)
+        return self.data.get(key)
+
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+        value = self.raw(key)
+        if value is None:
+            if required:
+                raise self.error(key, "is required")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise self.error(key, f"expected a string, got {type(value).__name__}")
+        try:
+            return expand_env(str(value), self.environ)
+        except KeyError as exc:
+            raise self.error(
+                key, f"environment variable {exc.args[0]} is not set (use ${{VAR:-default}})"
+            ) from None
+
+    def convert(self, key: str, parse: Callable[[object], T], default: T) -> T:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            value = self.string(key)
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise self.error(key, str(exc)) from None
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self.raw(key)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def child(self, key: str) -> _Reader:
+        return _Reader(
+            self.raw(key), self.key_path(key), self.source, self.environ, self.lines.get(key, 0)
+        )
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port like 127.0.0.1:8080, got {text!r}")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def _http_url(text: object) -> str:
+    if not isinstance(text, str):
+        raise ValueError(f"expected a URL, got {text!r}")
+    url = URL(text)
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
+    if url.user or url.password:
+        raise ValueError("credentials in the URL are not allowed; use client_id/client_secret")
+    return text
+
+
+def _readable_file(text: object) -> str:
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected a file path, got {text!r}")
+    if not os.access(text, os.R_OK) or not Path(text).is_file():
+        raise ValueError(f"cannot read file {text!r}")
+    return text
+
+
+def _regex(flags: int = re.IGNORECASE) -> Callable[[object], re.Pattern[str]]:
+    def parse(value: object) -> re.Pattern[str]:
+        try:
+            return re.compile(str(value), flags)
+        except re.error as exc:
+            raise ValueError(f"invalid regular expression: {exc}") from None
+
+    return parse
+
+
+def _bytes_regex(value: object) -> re.Pattern[bytes]:
+    try:
+        return re.compile(str(value).encode(), re.IGNORECASE)
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+
+
+def _parse_client(name: str, reader: _Reader) -> ClientConfig:
+    token_url = reader.convert("token_url", _http_url, None)
+    if token_url is None:
+        raise reader.error("token_url", "is required")
+    client_id = reader.string("client_id", required=True)
+    assert client_id is not None
+    secret = reader.string("client_secret")
+    secret_file = reader.string("client_secret_file")
+    if secret is not None and secret_file is not None:
+        raise reader.error("client_secret_file", "give client_secret or client_secret_file, not both")
+    if secret_file is not None:
+        try:
+            secret = Path(secret_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise reader.error(
+                "client_secret_file", f"cannot read {secret_file!r}: {exc.strerror}"
+            ) from None
+        if not secret:
+            raise reader.error("client_secret_file", f"{secret_file!r} is empty")
+    auth_method = reader.string("auth_method", "client_secret_basic")
+    assert auth_method is not None
+    if auth_method not in AUTH_METHODS:
+        raise reader.error(
+            "auth_method", f"expected one of {', '.join(sorted(AUTH_METHODS))}, got {auth_method!r}"
+        )
+    if secret is None:
+        raise reader.error("client_secret", f"is required for auth_method {auth_method}")
+    params: list[tuple[str, str]] = []
+    if reader.has("params"):
+        params_reader = reader.child("params")
+        for key in params_reader.data:
+            value = params_reader.string(key)
+            if key in ("grant_type", "client_id", "client_secret", "scope"):
+                raise params_reader.error(key, "is set by the proxy; use the client's own key")
+            params.append((key, value or ""))
+    margin = reader.convert("expiry_margin", parse_duration, DEFAULT_EXPIRY_MARGIN)
+    lifetime = reader.convert("default_lifetime", parse_duration, DEFAULT_LIFETIME)
+    if lifetime <= 0:
+        raise reader.error("default_lifetime", "must be greater than 0")
+    timeout = reader.convert("timeout", parse_duration, DEFAULT_TOKEN_TIMEOUT)
+    if timeout <= 0:
+        raise reader.error("timeout", "must be greater than 0")
+    client = ClientConfig(
+        name=name,
+        token_url=token_url,
+        client_id=client_id,
+        client_secret=secret,
+        auth_method=auth_method,
+        scope=reader.string("scope") or None,
+        params=tuple(params),
+        expiry_margin=margin,
+        refresh_ahead=reader.convert("refresh_ahead", parse_share, DEFAULT_REFRESH_AHEAD),
+        default_lifetime=lifetime,
+        remint_min_interval=reader.convert(
+            "remint_min_interval", parse_duration, DEFAULT_REMINT_MIN_INTERVAL
+        ),
+        timeout=timeout,
+        ca_file=reader.convert("ca_file", _readable_file, None),
+    )
+    reader.finish()
+    return client
+
+
+def _normalise_host(value: object) -> str:
+    if not isinstance(value, str) or not value or "/" in value or " " in value:
+        raise ValueError(f"expected a host name like api.example.com, got {value!r}")
+    return value.lower().rstrip(".")
+
+
+def _path_prefix(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f"expected a path starting with /, got {value!r}")
+    if "?" in value or "#" in value:
+        raise ValueError(f"a path prefix cannot hold a query or fragment, got {value!r}")
+    return value
+
+
+def _parse_route(
+    index: int, reader: _Reader, clients: Mapping[str, ClientConfig], names: set[str]
+) -> RouteConfig:
+    name = reader.string("name") or f"route-{index}"
+    if name in names:
+        raise reader.error("name", f"duplicate route name {name!r}")
+    names.add(name)
+    client_name = reader.string("client", required=True)
+    assert client_name is not None
+    if client_name not in clients:
+        known = ", ".join(sorted(clients)) or "none defined"
+        raise reader.error("client", f"no client named {client_name!r} (clients: {known})")
+    upstream = reader.convert("upstream", _http_url, None)
+    if upstream is None:
+        raise reader.error("upstream", "is required")
+    if URL(upstream).query_string:
+        raise reader.error("upstream", "cannot carry a query string")
+    match = reader.child("match")
+    host = match.convert("host", _normalise_host, None)
+    prefix = match.convert("path_prefix", _path_prefix, None)
+    if host is None and prefix is None:
+        raise reader.error("match", "needs path_prefix, host, or both")
+    match.finish()
+    rule = ExpiredTokenRule()
+    if reader.has("expired_token"):
+        rule_reader = reader.child("expired_token")
+        rule = ExpiredTokenRule(
+            www_authenticate=rule_reader.convert("www_authenticate", _regex(), None),
+            body=rule_reader.convert("body", _bytes_regex, None),
+        )
+        rule_reader.finish()
+    route = RouteConfig(
+        name=name,
+        upstream=upstream,
+        client=client_name,
+        host=host,
+        path_prefix=prefix,
+        scope=reader.string("scope") or clients[client_name].scope,
+        timeout=reader.convert("timeout", parse_duration, DEFAULT_ROUTE_TIMEOUT),
+        connect_timeout=reader.convert("connect_timeout", parse_duration, DEFAULT_CONNECT_TIMEOUT),
+        ca_file=reader.convert("ca_file", _readable_file, None),
+        replay_limit=reader.convert("replay_limit", parse_size, DEFAULT_REPLAY_LIMIT),
+        expired_token=rule,
+    )
+    reader.finish()
+    return route
+
+
+def parse_config(
+    text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Validate the YAML ``text`` into a :class:`Config`; raise ConfigError otherwise."""
+    env = os.environ if environ is None else environ
+    try:
+        data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark is not None else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{where}: not valid YAML: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{source}: the file is empty")
+    top = _Reader(data, "", source, env)
+    listen = top.convert("listen", _parse_listen, _parse_listen(DEFAULT_LISTEN))
+
+    clients: dict[str, ClientConfig] = {}
+    clients_reader = top.child("clients")
+    if not clients_reader.data:
+        raise top.error("clients", "define at least one client")
+    for name in clients_reader.data:
+        clients[name] = _parse_client(name, clients_reader.child(name))
+        clients_reader.seen.add(name)
+
+    raw_routes = top.raw("routes")
+    if not isinstance(raw_routes, list) or not raw_routes:
+        raise top.error("routes", "expected a non-empty list of routes")
+    names: set[str] = set()
+    routes = tuple(
+        _parse_route(
+            i, _Reader(item, f"routes[{i}]", source, env, top.lines.get("routes", 0)), clients, names
+        )
+        for i, item in enumerate(raw_routes)
+    )
+    config = Config(
+        listen_host=listen[0],
+        listen_port=listen[1],
+        clients=clients,
+        routes=routes,
+        trust_forwarded_headers=top.boolean("trust_forwarded_headers", False),
+        source=source,
+    )
+    top.finish()
+    return config
+
+
+def config_path(explicit: str | None, environ: Mapping[str, str] | None = None) -> str:
+    """``--config``, else ``$AUTHPROXY_CONFIG``, else ``./proxy.yaml``."""
+    env = os.environ if environ is None else environ
+    return explicit or env.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the file at ``path``."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: the config file is not UTF-8 text") from None
+    return parse_config(text, path, environ)

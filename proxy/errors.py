@@ -1,0 +1,137 @@
+"""The one error tree of authproxy.
+
+Every error the proxy raises on purpose derives from :class:`AuthProxyError`.
+Errors that reach an app carry the HTTP status they map to and a short
+machine-readable code; their message names the route and the client, and never
+contains a token, a client secret or an ``Authorization`` value.
+
+::
+
+    AuthProxyError
+    ├── ConfigError                    bad proxy.yaml (never reaches an app)
+    └── RequestFailed                  answered to the app as JSON
+        ├── BadRequest            400  malformed request target
+        │   └── PathEscapesRoute  400  dot-segments climb out of the route
+        ├── NoRoute               404  no route matches host/path
+        ├── MethodNotAllowed      405  CONNECT (the proxy does TLS itself)
+        ├── TokenError            502  no token could be had
+        │   ├── TokenEndpointRejected   the endpoint answered an RFC 6749 §5.2 error
+        │   ├── TokenEndpointUnreachable connect/reset/TLS failure
+        │   ├── TokenEndpointTimeout     no answer within the client's timeout
+        │   └── TokenResponseInvalid     2xx but not a usable bearer token
+        └── UpstreamError         502  the partner API failed
+            ├── UpstreamUnreachable 502
+            └── UpstreamTimeout     504
+
+Library exceptions (aiohttp, OSError, asyncio.TimeoutError) are translated into
+this tree once, at the boundary where they happen, with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class AuthProxyError(Exception):
+    """Root of every error authproxy raises on purpose."""
+
+
+class ConfigError(AuthProxyError):
+    """The configuration is invalid; the message names the file, line and key."""
+
+
+class RequestFailed(AuthProxyError):
+    """An error answered to the app with ``status`` and a JSON body.
+
+    ``route`` and ``client`` are names from proxy.yaml (or ``None`` when the
+    failure happened before a route was chosen).
+    """
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self, message: str, *, route: str | None = None, client: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.route = route
+        self.client = client
+
+    def as_json(self) -> dict[str, str]:
+        body = {"error": self.code, "message": self.message}
+        if self.route is not None:
+            body["route"] = self.route
+        if self.client is not None:
+            body["client"] = self.client
+        return body
+
+
+class BadRequest(RequestFailed):
+    status = 400
+    code = "bad_request"
+
+
+class PathEscapesRoute(BadRequest):
+    code = "path_escapes_route"
+
+
+class NoRoute(RequestFailed):
+    status = 404
+    code = "no_route"
+
+
+class MethodNotAllowed(RequestFailed):
+    status = 405
+    code = "method_not_allowed"
+
+
+class TokenError(RequestFailed):
+    status = 502
+    code = "token_error"
+
+
+class TokenEndpointRejected(TokenError):
+    """The token endpoint answered with an error (RFC 6749 §5.2) or a non-2xx status.
+
+    ``oauth_error`` is the RFC 6749 error code when the body had one, else ``None``.
+    """
+
+    code = "token_endpoint_rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        http_status: int,
+        oauth_error: str | None = None,
+        route: str | None = None,
+        client: str | None = None,
+    ) -> None:
+        super().__init__(message, route=route, client=client)
+        self.http_status = http_status
+        self.oauth_error = oauth_error
+
+
+class TokenEndpointUnreachable(TokenError):
+    code = "token_endpoint_unreachable"
+
+
+class TokenEndpointTimeout(TokenError):
+    code = "token_endpoint_timeout"
+
+
+class TokenResponseInvalid(TokenError):
+    code = "token_response_invalid"
+
+
+class UpstreamError(RequestFailed):
+    status = 502
+    code = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"

@@ -1,0 +1,261 @@
+"""Local stand-ins for a token endpoint and a partner API, on loopback.
+
+Used by ``authproxy demo`` and by the behaviour tests, which run the real proxy
+between them. Both count what they see so that a test can assert "exactly one
+mint" or "exactly one upstream request with these body bytes".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import itertools
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote_plus
+
+from aiohttp import web
+
+EXPIRED_CHALLENGE = 'Bearer realm="partner", error="invalid_token", error_description="The access token expired"'
+REVOKED_CHALLENGE = 'Bearer realm="partner", error="invalid_token", error_description="The access token has been revoked"'
+
+
+class LocalServer:
+    """An aiohttp low-level server on 127.0.0.1 and a free port."""
+
+    def __init__(self) -> None:
+        self._runner: web.ServerRunner | None = None
+        self.port = 0
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def start(self) -> str:
+        server = web.Server(self.handle, access_log=None, auto_decompress=False)
+        self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        assert site._server is not None
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self.url
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+@dataclass
+class MintRequest:
+    form: dict[str, str]
+    authorization: str | None
+
+
+class FakeTokenEndpoint(LocalServer):
+    """A client-credentials token endpoint at ``/oauth2/token``.
+
+    ``mode`` chooses its behaviour: ``ok`` (default), ``invalid_client``,
+    ``server_error``, ``html``, ``slow`` (sleeps ``delay``), ``no_access_token``,
+    ``wrong_token_type``, ``error_in_200``. ``expires_in`` may be a number, a
+    numeric string or ``None`` (omitted). Issued tokens are random and start
+    with ``tok-`` so tests can look for them in logs.
+    """
+
+    def __init__(self, client_id: str = "demo-client", client_secret: str = "demo-secret") -> None:
+        super().__init__()
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.mode = "ok"
+        self.delay = 0.0
+        self.expires_in: Any = 3600
+        self.mint_count = 0  # successful mints
+        self.calls = 0  # every request, failed ones included
+        self.requests: list[MintRequest] = []
+        self.issued: list[str] = []
+        self._serial = itertools.count(1)
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/oauth2/token"
+
+    def _authenticated(self, form: dict[str, str], authorization: str | None) -> bool:
+        if authorization and authorization.startswith("Basic "):
+            pair = base64.b64decode(authorization[6:]).decode()
+            client_id, _, secret = pair.partition(":")
+            return (unquote_plus(client_id), unquote_plus(secret)) == (
+                self.client_id,
+                self.client_secret,
+            )
+        return (form.get("client_id"), form.get("client_secret")) == (
+            self.client_id,
+            self.client_secret,
+        )
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.calls += 1
+        if request.path != "/oauth2/token" or request.method != "POST":
+            return web.json_response({"error": "not_found"}, status=404)
+        body = await request.read()
+        form = dict(parse_qsl(body.decode()))
+        authorization = request.headers.get("Authorization")
+        self.requests.append(MintRequest(form, authorization))
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        mode = self.mode
+        if mode == "invalid_client" or not self._authenticated(form, authorization):
+            return web.json_response(
+                {"error": "invalid_client", "error_description": "Client authentication failed"},
+                status=401,
+            )
+        if form.get("grant_type") != "client_credentials":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        if mode == "server_error":
+            return web.Response(status=500, text="upstream exploded")
+        if mode == "html":
+            return web.Response(
+                status=200, text="<html><body>Login</body></html>", content_type="text/html"
+            )
+        if mode == "error_in_200":
+            return web.json_response({"error": "invalid_scope"}, status=200)
+        token = f"tok-{next(self._serial)}-{secrets.token_hex(8)}"
+        document: dict[str, Any] = {"access_token": token, "token_type": "Bearer"}
+        if mode == "no_access_token":
+            del document["access_token"]
+        if mode == "wrong_token_type":
+            document["token_type"] = "DPoP"
+        if self.expires_in is not None:
+            document["expires_in"] = self.expires_in
+        if "scope" in form:
+            document["scope"] = form["scope"]
+        if "access_token" in document and mode == "ok":
+            self.mint_count += 1
+            self.issued.append(token)
+        return web.json_response(document)
+
+
+@dataclass
+class SeenRequest:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    token: str | None
+    at: float = field(default_factory=time.monotonic)
+
+
+class FakePartner(LocalServer):
+    """A partner API that checks bearer tokens against a :class:`FakeTokenEndpoint`.
+
+    Tokens put in ``expired`` get a 401 with an RFC 6750 expired-token
+    challenge; tokens in ``revoked`` a 401 saying revoked. The last path
+    segment picks a behaviour (see :meth:`respond`); anything else echoes.
+    """
+
+    def __init__(self, issuer: FakeTokenEndpoint) -> None:
+        super().__init__()
+        self.issuer = issuer
+        self.expired: set[str] = set()
+        self.revoked: set[str] = set()
+        self.requests: list[SeenRequest] = []
+        self.early_reject = False  # answer an expired token's 401 before reading the body
+
+    def expire_all(self) -> None:
+        """Declare every token issued so far expired."""
+        self.expired.update(self.issuer.issued)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization", "")
+        token = authorization[7:] if authorization.startswith("Bearer ") else None
+        name = request.raw_path.split("?", 1)[0].rsplit("/", 1)[-1]
+        body = b""
+        rejecting_early = self.early_reject and token in self.expired
+        if name != "early401" and not rejecting_early:
+            body = await request.read()
+        self.requests.append(
+            SeenRequest(request.method, request.raw_path, list(request.headers.items()), body, token)
+        )
+        if name == "plain401":
+            return web.Response(status=401, text="go away")
+        if token is None or token not in self.issuer.issued:
+            return web.Response(
+                status=401, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+            )
+        if token in self.revoked:
+            return web.Response(status=401, headers={"WWW-Authenticate": REVOKED_CHALLENGE})
+        if token in self.expired or name == "early401":
+            return web.Response(
+                status=401,
+                headers={"WWW-Authenticate": EXPIRED_CHALLENGE},
+                text='{"code": "TOKEN_EXPIRED"}',
+            )
+        return await self.respond(name, request, body)
+
+    async def respond(
+        self, name: str, request: web.BaseRequest, body: bytes
+    ) -> web.StreamResponse:
+        query = dict(parse_qsl(request.query_string))
+        if name == "stream":
+            # Chunked, with pauses: a proxy that buffers shows up as one late chunk.
+            out = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            out.enable_chunked_encoding()
+            await out.prepare(request)
+            for i in range(int(query.get("n", "3"))):
+                await out.write(f"chunk-{i}\n".encode())
+                await asyncio.sleep(float(query.get("delay", "0.2")))
+            await out.write_eof()
+            return out
+        if name == "cookies":
+            response = web.Response(text="two cookies")
+            response.headers.add("Set-Cookie", "a=1; Path=/")
+            response.headers.add("Set-Cookie", "b=2; Path=/")
+            return response
+        if name == "gzip":
+            return web.Response(
+                body=gzip.compress(b"compressed hello " * 20),
+                headers={"Content-Encoding": "gzip", "Content-Type": "text/plain"},
+            )
+        if name == "hop":
+            return web.Response(
+                text="hop",
+                headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+                         "X-End-To-End": "kept"},
+            )
+        if name == "download":
+            size = int(query.get("size", "1048576"))
+            out = web.StreamResponse(headers={"Content-Length": str(size)})
+            await out.prepare(request)
+            block = b"d" * 65536
+            sent = 0
+            while sent < size:
+                piece = block[: min(len(block), size - sent)]
+                await out.write(piece)
+                sent += len(piece)
+            await out.write_eof()
+            return out
+        if name == "cut":
+            # Promise 1000 bytes, send 10, then drop the connection.
+            out = web.StreamResponse(headers={"Content-Length": "1000"})
+            await out.prepare(request)
+            await out.write(b"x" * 10)
+            await out.drain()
+            assert request.transport is not None
+            request.transport.close()
+            return out
+        if name == "slow":
+            await asyncio.sleep(float(query.get("delay", "2")))
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": list(request.headers.items()),
+                "body_length": len(body),
+            }
+        )
+

@@ -1,0 +1,442 @@
+"""The forwarding path, in one place: inbound request → token → upstream →
+streamed answer, with the one expired-token replay.
+
+The inbound request is read-only here (as in Go's ``httputil.ReverseProxy``):
+an :class:`Outbound` is built from it once, and a replay is "send the same
+Outbound again with a new token".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .challenge import MAX_401_BODY, says_expired
+from .config import Config, RouteConfig
+from .errors import (
+    BadRequest,
+    NoRoute,
+    RequestFailed,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from .headers import downstream_response_headers, upstream_request_headers
+from .log import get_logger
+from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream_url
+from .session import ssl_context
+from .source import SharedTokenSource
+from .token import Token
+
+log = get_logger("proxy.access")
+events = get_logger("proxy.forward")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRuntime:
+    """What a route needs at request time, precomputed at config load."""
+
+    config: RouteConfig
+    base: UpstreamBase
+    source: SharedTokenSource
+    ssl: Any
+    timeout: aiohttp.ClientTimeout
+    reads_401_body: bool
+
+
+@dataclass(slots=True)
+class Outbound:
+    """The request as it goes upstream. Built once from the inbound request;
+    only ``headers`` changes between the first send and a replay (the token)."""
+
+    method: str
+    url: str
+    headers: list[tuple[str, str]]
+    has_body: bool
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Facts about one request, for the access log."""
+
+    route: str | None = None
+    upstream_status: int | None = None
+    replayed: bool = False
+    waited_for_mint: bool = False
+    replay: str | None = None  # why a 401 was not replayed, when it was not
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class BodyTee:
+    """Streams the inbound body upstream while keeping a copy of up to ``limit``
+    bytes for an expired-token replay. Past ``limit`` the copy is dropped and
+    memory stays bounded by aiohttp's read buffer.
+    """
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+        self._content = content
+        self._limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._running = False
+        self._stopped = asyncio.Event()
+        self.overflowed = False
+        self.complete = False
+        self.inbound_error: BaseException | None = None
+
+    def _keep(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self.overflowed:
+            return
+        if self._size > self._limit:
+            self.overflowed = True
+            self._chunks = []
+        else:
+            self._chunks.append(chunk)
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self._running = True
+        try:
+            while True:
+                try:
+                    chunk = await self._content.readany()
+                except Exception as exc:  # the app's body broke (reset, bad chunking)
+                    self.inbound_error = exc
+                    raise
+                if not chunk:
+                    self.complete = True
+                    return
+                self._keep(chunk)
+                yield chunk
+        finally:
+            self._running = False
+            self._stopped.set()
+
+    async def finish(self) -> bool:
+        """After the upstream answered early: read what the upstream did not,
+        so the whole body can be replayed. True when a full copy is in hand."""
+        if self._running:
+            await self._stopped.wait()
+        while not self.complete and not self.overflowed:
+            chunk = await self._content.readany()
+            if not chunk:
+                self.complete = True
+            else:
+                self._keep(chunk)
+        return self.replayable
+
+    @property
+    def replayable(self) -> bool:
+        return self.complete and not self.overflowed
+
+    def body(self) -> bytes:
+        return b"".join(self._chunks)
+
+
+class RouteTable:
+    """One loaded config's routes, immutable; swapped whole on reload."""
+
+    def __init__(self, config: Config, runtimes: Mapping[str, RouteRuntime]) -> None:
+        self.config = config
+        self.router: Router[RouteRuntime] = Router(
+            [(route, runtimes[route.name]) for route in config.routes]
+        )
+
+
+def json_error(exc: RequestFailed) -> web.Response:
+    return web.Response(
+        status=exc.status,
+        body=json.dumps(exc.as_json()).encode(),
+        content_type="application/json",
+    )
+
+
+def _bearer(token: Token) -> str:
+    return "Bearer " + token.access_token
+
+
+class Forwarder:
+    """The proxy's request handler. ``table`` may be replaced at any time (reload);
+    a request in flight keeps the table it started with."""
+
+    def __init__(
+        self, table: RouteTable, session: aiohttp.ClientSession, *, access_log: bool = True
+    ) -> None:
+        self.table = table
+        self._session = session
+        self._access_log = access_log
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.monotonic()
+        facts = Exchange()
+        table = self.table
+        try:
+            target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
+            matched = table.router.match(target)
+            if matched is None:
+                where = f"host {target.host!r} " if target.host else ""
+                raise NoRoute(f"no route matches {where}path {target.path[:200]!r}")
+            route, runtime = matched
+            facts.route = route.name
+            url = upstream_url(route, runtime.base, target)
+            response = await self._exchange(request, runtime, url, target, table, facts)
+        except RequestFailed as exc:
+            response = json_error(exc)
+            facts.extra["error"] = exc.code
+            if exc.status >= 500:
+                events.warning(
+                    "request_failed",
+                    route=facts.route,
+                    error=exc.code,
+                    status=exc.status,
+                    reason=exc.message,
+                )
+        if self._access_log:
+            log.info(
+                "access",
+                route=facts.route,
+                method=request.method,
+                path=request.path if not request.raw_path.startswith("http") else None,
+                status=response.status,
+                upstream_status=facts.upstream_status,
+                duration_ms=round((time.monotonic() - started) * 1000, 2),
+                replayed=facts.replayed,
+                minted=facts.waited_for_mint,
+                **facts.extra,
+            )
+        return response
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        runtime: RouteRuntime,
+        url: str,
+        target: RequestTarget,
+        table: RouteTable,
+        facts: Exchange,
+    ) -> web.StreamResponse:
+        route = runtime.config
+        source = runtime.source
+        token = source.cached()
+        if token is None:
+            facts.waited_for_mint = True
+            try:
+                token = await source.token()
+            except RequestFailed as exc:
+                exc.route = route.name
+                exc.message = f"route {route.name!r}: {exc.message}"
+                raise
+        facts.extra["client"] = route.client
+        headers = upstream_request_headers(
+            request.headers.items(),
+            upstream_host=runtime.base.host_header,
+            authorization=_bearer(token),
+            client_ip=request.remote,
+            inbound_host=target.authority,
+            inbound_proto=request.scheme,
+            trust_forwarded=table.config.trust_forwarded_headers,
+        )
+        outbound = Outbound(request.method, url, headers, request.body_exists)
+        tee = BodyTee(request.content, route.replay_limit) if outbound.has_body else None
+        upstream = await self._send(runtime, outbound, tee.stream() if tee else None, tee)
+        facts.upstream_status = upstream.status
+        prefix: bytes | None = None
+        try:
+            if upstream.status == 401:
+                if runtime.reads_401_body:
+                    prefix = await _read_up_to(upstream, MAX_401_BODY, route.name)
+                if says_expired(
+                    401,
+                    upstream.headers.getall("WWW-Authenticate", ()),
+                    prefix,
+                    route.expired_token,
+                ):
+                    replay = await self._maybe_replay(runtime, outbound, tee, token, upstream, facts)
+                    if replay is not None:
+                        upstream = replay
+                        prefix = None
+                        facts.upstream_status = upstream.status
+            return await self._relay(request, upstream, prefix, route)
+        finally:
+            upstream.close()
+
+    async def _maybe_replay(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        tee: BodyTee | None,
+        failed: Token,
+        upstream: aiohttp.ClientResponse,
+        facts: Exchange,
+    ) -> aiohttp.ClientResponse | None:
+        """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
+        route = runtime.config
+        body: bytes | None = None
+        if tee is not None:
+            if not tee.complete:
+                # The partner answered before reading the whole body: this
+                # connection carries a half-sent request and must not be reused.
+                upstream.close()
+            if not await tee.finish():
+                runtime.source.forget(failed)
+                facts.replay = "too_large"
+                facts.extra["replay"] = "too_large"
+                events.warning(
+                    "expired_token_not_replayed",
+                    route=route.name,
+                    client=route.client,
+                    reason=(
+                        f"request body is larger than replay_limit ({route.replay_limit} bytes); "
+                        "the 401 goes back to the app and the next request gets a fresh token"
+                    ),
+                )
+                return None
+            body = tee.body()
+        try:
+            fresh = await runtime.source.replace_expired(failed)
+        except RequestFailed as exc:
+            exc.route = route.name
+            exc.message = f"route {route.name!r}: {exc.message}"
+            raise
+        if fresh is None:
+            facts.extra["replay"] = "suppressed"
+            return None
+        upstream.release()  # its connection goes back to the pool if the 401 was read whole
+        headers = [
+            (name, _bearer(fresh) if name == "Authorization" else value)
+            for name, value in outbound.headers
+        ]
+        facts.replayed = True
+        return await self._send(
+            runtime, Outbound(outbound.method, outbound.url, headers, outbound.has_body), body
+        )
+
+    async def _send(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        data: Any,
+        tee: BodyTee | None = None,
+    ) -> aiohttp.ClientResponse:
+        route = runtime.config
+        try:
+            return await self._session.request(
+                outbound.method,
+                URL(outbound.url, encoded=True),
+                headers=CIMultiDict(outbound.headers),
+                data=data,
+                allow_redirects=False,
+                ssl=runtime.ssl,
+                timeout=runtime.timeout,
+                skip_auto_headers=("Content-Type",),
+            )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"route {route.name!r}: upstream did not answer within {route.timeout:g}s",
+                route=route.name,
+                client=route.client,
+            ) from None
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamUnreachable(
+                f"route {route.name!r}: cannot connect to upstream {runtime.base.origin}: "
+                f"{exc.os_error.strerror or type(exc.os_error).__name__}",
+                route=route.name,
+                client=route.client,
+            ) from None
+        except (aiohttp.ClientError, OSError) as exc:
+            if tee is not None and tee.inbound_error is not None:
+                raise BadRequest(
+                    f"route {route.name!r}: the request body ended early or was malformed",
+                    route=route.name,
+                    client=route.client,
+                ) from None
+            raise UpstreamError(
+                f"route {route.name!r}: upstream {runtime.base.origin} failed: "
+                f"{type(exc).__name__}",
+                route=route.name,
+                client=route.client,
+            ) from None
+
+    async def _relay(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        prefix: bytes | None,
+        route: RouteConfig,
+    ) -> web.StreamResponse:
+        """Stream the upstream's answer to the app as it arrives."""
+        out = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=CIMultiDict(downstream_response_headers(upstream.headers.items())),
+        )
+        await out.prepare(request)
+        try:
+            if prefix:
+                await out.write(prefix)
+            async for chunk in upstream.content.iter_any():
+                await out.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: the only honest signal left is to cut the
+            # app's connection, so a Content-Length or chunked framing shows the
+            # body is incomplete (never a silently truncated 200).
+            events.warning(
+                "upstream_body_failed",
+                route=route.name,
+                client=route.client,
+                reason=type(exc).__name__,
+            )
+            out.force_close()
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        await out.write_eof()
+        return out
+
+
+async def _read_up_to(upstream: aiohttp.ClientResponse, cap: int, route: str) -> bytes:
+    """Up to ``cap`` bytes of a 401 body, for the route's body rule; the rest
+    stays unread and is streamed to the app after it."""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while size < cap:
+            chunk = await upstream.content.read(cap - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        raise UpstreamError(
+            f"route {route!r}: upstream broke while sending a 401 body", route=route
+        ) from None
+    return b"".join(chunks)
+
+
+def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
+    """``timeout`` bounds the wait for headers and each gap between body chunks
+    (sock_read), never the whole exchange: long downloads and event streams live
+    as long as data keeps coming."""
+    return aiohttp.ClientTimeout(
+        total=None, connect=route.connect_timeout, sock_read=route.timeout
+    )
+
+
+def route_runtime(route: RouteConfig, source: SharedTokenSource) -> RouteRuntime:
+    return RouteRuntime(
+        config=route,
+        base=UpstreamBase.parse(route.upstream),
+        source=source,
+        ssl=ssl_context(route.ca_file),
+        timeout=route_timeout(route),
+        reads_401_body=route.expired_token.body is not None,
+    )

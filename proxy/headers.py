@@ -1,0 +1,100 @@
+"""Header rules of a transparent proxy (pure): what passes, what is dropped,
+what the proxy sets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+# RFC 9110 §7.6.1: hop-by-hop fields belong to one connection and must not be
+# forwarded. Proxy-Connection is not in the RFC but old clients still send it
+# (RFC 9112 §C.2.2 notes it); Keep-Alive is the HTTP/1.0 companion of
+# Connection. TE and Trailer concern this hop's transfer coding only.
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Request headers the proxy sets itself, so any the app sent are dropped first.
+# Expect: aiohttp's server already answered the app's 100-continue; the client
+# does not wait for the partner's, so forwarding it would be a lie.
+_REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect"})
+
+# Forwarding headers the app could forge to pose as someone else; replaced by
+# the proxy's own unless trust_forwarded_headers is on.
+FORWARDING: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
+)
+
+VIA: Final = "1.1 authproxy"
+
+
+def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The lower-cased names listed in ``Connection`` headers (RFC 9110 §7.6.1)."""
+    named: set[str] = set()
+    for name, value in headers:
+        if name.lower() == "connection":
+            named.update(part.strip().lower() for part in value.split(",") if part.strip())
+    return frozenset(named)
+
+
+def upstream_request_headers(
+    headers: Iterable[tuple[str, str]],
+    *,
+    upstream_host: str,
+    authorization: str,
+    client_ip: str | None,
+    inbound_host: str | None,
+    inbound_proto: str,
+    trust_forwarded: bool,
+) -> list[tuple[str, str]]:
+    """The headers to send upstream, in the app's order, repeats kept.
+
+    Drops hop-by-hop fields, the app's ``Authorization`` and ``Host``, and (unless
+    trusted) its forwarding headers; then sets ``Host``, ``Authorization``,
+    ``X-Forwarded-*`` and appends to ``Via``.
+    """
+    items = list(headers)
+    drop = HOP_BY_HOP | _REQUEST_OWNED | connection_named(items)
+    if not trust_forwarded:
+        drop = drop | FORWARDING
+    out: list[tuple[str, str]] = [("Host", upstream_host)]
+    prior_xff: list[str] = []
+    via: list[str] = []
+    for name, value in items:
+        lower = name.lower()
+        if lower in drop:
+            continue
+        if lower == "x-forwarded-for":
+            prior_xff.append(value)
+            continue
+        if lower in ("x-forwarded-proto", "x-forwarded-host"):
+            continue  # always describe the hop into this proxy
+        if lower == "via":
+            via.append(value)
+            continue
+        out.append((name, value))
+    out.append(("Authorization", authorization))
+    if client_ip:
+        out.append(("X-Forwarded-For", ", ".join([*prior_xff, client_ip])))
+    out.append(("X-Forwarded-Proto", inbound_proto))
+    if inbound_host:
+        out.append(("X-Forwarded-Host", inbound_host))
+    out.append(("Via", ", ".join([*via, VIA])))
+    return out
+
+
+def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's response headers minus hop-by-hop ones, repeats and order kept."""
+    items = list(headers)
+    drop = HOP_BY_HOP | connection_named(items)
+    return [(name, value) for name, value in items if name.lower() not in drop]

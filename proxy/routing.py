@@ -1,0 +1,197 @@
+"""Routing: which route a request belongs to, and where it goes upstream (pure).
+
+Paths are handled as the raw bytes the app sent (as ``str``): nothing is
+percent-decoded or normalised on the way through, so the partner receives
+exactly what the app wrote, only with the route's prefix replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from yarl import URL
+
+from .config import RouteConfig
+from .errors import BadRequest, MethodNotAllowed, PathEscapesRoute
+
+T = TypeVar("T")
+
+# Separators that some upstream stacks honour besides "/": encoded slashes and
+# backslashes (IIS, some Java containers). A dot-segment check that ignored them
+# could be walked around.
+_SEGMENT_SPLIT = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
+_DOT = re.compile(r"%2e", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTarget:
+    """The parts of an inbound request target that routing needs.
+
+    ``host`` is the lower-cased host name without port (``None`` if the request
+    named none), ``authority`` the host as sent (with port), ``path`` the raw
+    path and ``query`` the raw query without ``?`` (``""`` when absent).
+    ``absolute`` is true for absolute-form targets (``GET http://host/path``),
+    sent by apps that use the proxy as their ``HTTP_PROXY``.
+    """
+
+    host: str | None
+    authority: str | None
+    path: str
+    query: str
+    absolute: bool
+
+
+def split_host(authority: str) -> str:
+    """The lower-cased host of ``host[:port]`` or ``[v6]:port``, without the port."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        end = authority.find("]")
+        return authority[: end + 1] if end != -1 else authority
+    return authority.rsplit(":", 1)[0].rstrip(".") if ":" in authority else authority.rstrip(".")
+
+
+def parse_target(method: str, raw_target: str, host_header: str | None) -> RequestTarget:
+    """Split the request line's target. Raises BadRequest or MethodNotAllowed.
+
+    RFC 9112 §3.2.2: for an absolute-form target the proxy uses the target's
+    authority and ignores the ``Host`` header.
+    """
+    if method == "CONNECT":
+        raise MethodNotAllowed(
+            "CONNECT is not supported: send HTTPS requests as plain HTTP to the proxy "
+            "(http://...), and it opens the TLS connection to the partner itself"
+        )
+    absolute = False
+    authority = host_header
+    target = raw_target
+    lowered = raw_target[:8].lower()
+    if lowered.startswith("http://") or lowered.startswith("https://"):
+        absolute = True
+        rest = raw_target.split("://", 1)[1]
+        slash = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
+        authority, target = rest[:slash], rest[slash:]
+        if not authority or "@" in authority:
+            raise BadRequest("absolute-form request target has no host or carries credentials")
+        if not target.startswith("/"):
+            target = "/" + target
+    elif not raw_target.startswith("/"):
+        raise BadRequest(f"request target must be a path or an absolute URL, got {raw_target[:80]!r}")
+    if "#" in target:
+        raise BadRequest("request target must not contain a fragment")
+    path, _, query = target.partition("?")
+    host = split_host(authority) if authority else None
+    return RequestTarget(host=host, authority=authority, path=path, query=query, absolute=absolute)
+
+
+def climbs_out(remainder: str) -> bool:
+    """True when dot-segments in ``remainder`` would climb above its start.
+
+    RFC 3986 §5.2.4 removal, applied to the decoded forms too (``%2e%2e``,
+    ``%2f``, backslashes): what an upstream might decode must not escape either.
+    """
+    depth = 0
+    for segment in _SEGMENT_SPLIT.split(remainder):
+        segment = _DOT.sub(".", segment)
+        if segment == "..":
+            depth -= 1
+            if depth < 0:
+                return True
+        elif segment not in ("", "."):
+            depth += 1
+    return False
+
+
+def prefix_matches(prefix: str, path: str) -> bool:
+    """``/acme/`` matches ``/acme/x``; ``/acme`` matches ``/acme`` and ``/acme/x``
+    but not ``/acmex`` (prefixes end on a segment boundary)."""
+    if not path.startswith(prefix):
+        return False
+    return prefix.endswith("/") or len(path) == len(prefix) or path[len(prefix)] == "/"
+
+
+def remainder_after(prefix: str | None, path: str) -> str:
+    """The part of ``path`` (which matched ``prefix``) that follows the prefix,
+    without its leading separator."""
+    if prefix is None:
+        return path[1:]
+    rest = path[len(prefix):]
+    if not prefix.endswith("/") and rest.startswith("/"):
+        rest = rest[1:]
+    return rest
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamBase:
+    """A route's upstream, pre-split at config load so that mapping a request is
+    string concatenation."""
+
+    origin: str  # scheme://host[:port]
+    host_header: str  # what the upstream expects in Host
+    base_path: str  # ends with "/"
+    exact_path: str  # the upstream path as configured (for a request equal to the prefix)
+
+    @classmethod
+    def parse(cls, upstream: str) -> UpstreamBase:
+        url = URL(upstream)
+        raw_path = url.raw_path or "/"
+        default_port = {"http": 80, "https": 443}[url.scheme]
+        host = url.raw_host or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        host_header = host if url.port in (None, default_port) else f"{host}:{url.port}"
+        return cls(
+            origin=f"{url.scheme}://{host_header}",
+            host_header=host_header,
+            base_path=raw_path if raw_path.endswith("/") else raw_path + "/",
+            exact_path=raw_path,
+        )
+
+    def url_for(self, remainder: str, query: str, *, exact: bool) -> str:
+        path = self.exact_path if exact else self.base_path + remainder
+        return f"{self.origin}{path}?{query}" if query else f"{self.origin}{path}"
+
+
+class Router(Generic[T]):
+    """First match in file order. Each route carries a value of the caller's
+    (the forwarder keeps its per-route runtime state there)."""
+
+    def __init__(self, routes: Sequence[tuple[RouteConfig, T]]) -> None:
+        self._routes = tuple(routes)
+
+    def match(self, target: RequestTarget) -> tuple[RouteConfig, T] | None:
+        """The first route whose host and/or path prefix match ``target``.
+
+        Absolute-form targets only match routes that name a host: the proxy must
+        never send an app's request for ``http://elsewhere/`` to a path-only route.
+        """
+        for route, value in self._routes:
+            if route.host is not None:
+                if route.host != target.host:
+                    continue
+            elif target.absolute:
+                continue
+            if route.path_prefix is not None and not prefix_matches(route.path_prefix, target.path):
+                continue
+            return route, value
+        return None
+
+
+def upstream_url(route: RouteConfig, base: UpstreamBase, target: RequestTarget) -> str:
+    """The raw upstream URL for ``target`` on ``route``; raises PathEscapesRoute.
+
+    ``/acme/orders/7?x=%2F`` on prefix ``/acme/`` and upstream
+    ``https://api.acme.example/v2/`` gives ``https://api.acme.example/v2/orders/7?x=%2F``.
+    """
+    remainder = remainder_after(route.path_prefix, target.path)
+    if climbs_out(remainder):
+        raise PathEscapesRoute(
+            f"path climbs out of route {route.name!r} after dot-segment removal",
+            route=route.name,
+            client=route.client,
+        )
+    prefix = route.path_prefix
+    exact = prefix is not None and not prefix.endswith("/") and target.path == prefix
+    return base.url_for(remainder, target.query, exact=exact)

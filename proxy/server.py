@@ -1,0 +1,146 @@
+"""Assembly: from a :class:`~proxy.config.Config` to a listening proxy.
+
+:class:`ProxyServer` owns the two client sessions, one
+:class:`~proxy.source.SharedTokenSource` per (client, scope), the route table
+and the listening socket. It is where the pieces are wired, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Callable
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+
+from .cache import CacheKey, MemoryTokenCache, TokenCache, cache_key
+from .config import ClientConfig, Config
+from .forward import Forwarder, RouteTable, route_runtime
+from .log import get_logger
+from .minter import ClientCredentialsMinter
+from .session import token_session, upstream_session
+from .source import SharedTokenSource
+
+SHUTDOWN_GRACE: Final = 20.0  # seconds in-flight requests get to finish on SIGTERM
+
+log = get_logger("proxy.server")
+
+
+class TokenSources:
+    """One :class:`SharedTokenSource` per (client, scope), created on first use.
+
+    Sources survive a reload for clients whose configuration did not change, so
+    their cached tokens are kept.
+    """
+
+    def __init__(
+        self, cache: TokenCache, session: aiohttp.ClientSession, clock: Callable[[], float]
+    ) -> None:
+        self._cache = cache
+        self._session = session
+        self._clock = clock
+        self._sources: dict[CacheKey, tuple[ClientConfig, SharedTokenSource]] = {}
+
+    def get(self, client: ClientConfig, scope: str | None) -> SharedTokenSource:
+        key = cache_key(client.name, scope)
+        known = self._sources.get(key)
+        if known is not None and known[0] == client:
+            return known[1]
+        minter = ClientCredentialsMinter(client, self._session, self._clock)
+        source = SharedTokenSource(
+            key,
+            minter,
+            self._cache,
+            remint_min_interval=client.remint_min_interval,
+            clock=self._clock,
+        )
+        self._sources[key] = (client, source)
+        return source
+
+    def all(self) -> list[SharedTokenSource]:
+        return [source for _, source in self._sources.values()]
+
+
+def build_table(config: Config, sources: TokenSources) -> RouteTable:
+    runtimes = {
+        route.name: route_runtime(route, sources.get(config.clients[route.client], route.scope))
+        for route in config.routes
+    }
+    return RouteTable(config, runtimes)
+
+
+class ProxyServer:
+    """The running proxy. ``start()`` then ``stop()``; not restartable.
+
+    ``clock`` is wall-clock seconds, injected by tests to move time.
+    """
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self._clock = clock
+        self._runner: web.ServerRunner | None = None
+        self._upstream: aiohttp.ClientSession | None = None
+        self._tokens: aiohttp.ClientSession | None = None
+        self.sources: TokenSources | None = None
+        self.forwarder: Forwarder | None = None
+        self.port: int = config.listen_port
+
+    async def start(self) -> None:
+        self._upstream = upstream_session()
+        self._tokens = token_session()
+        self.sources = TokenSources(MemoryTokenCache(self._clock), self._tokens, self._clock)
+        self.forwarder = Forwarder(build_table(self.config, self.sources), self._upstream)
+        server = web.Server(
+            self.forwarder.handle,
+            handler_cancellation=True,  # an app that goes away cancels its upstream request
+            access_log=None,  # our own access line replaces aiohttp's
+            auto_decompress=False,  # gzip request bodies pass through compressed
+        )
+        self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
+        await site.start()
+        sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        log.info(
+            "listening",
+            host=self.config.listen_host,
+            port=self.port,
+            routes=[route.name for route in self.config.routes],
+            config=self.config.source,
+        )
+
+    @property
+    def url(self) -> str:
+        host = self.config.listen_host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for session in (self._upstream, self._tokens):
+            if session is not None:
+                await session.close()
+        log.info("stopped")
+
+
+async def serve_forever(config: Config) -> None:
+    """Run until SIGINT or SIGTERM, then stop cleanly."""
+    server = ProxyServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting_down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await server.stop()

@@ -1,0 +1,204 @@
+"""The token lifecycle, in one place: single-flight minting, reuse until the
+margin-adjusted expiry, refresh ahead of it, and replacement of a token the
+partner has declared expired.
+
+:class:`SharedTokenSource` serves one (client, scope). It wraps a
+:class:`~proxy.minter.Minter` (talks to the token endpoint) and a
+:class:`~proxy.cache.TokenCache` (stores tokens), the way golang/oauth2's
+``ReuseTokenSource`` wraps a ``TokenSource``.
+
+Concurrency contract (one asyncio loop): any number of tasks may call
+:meth:`token` and :meth:`replace_expired` at once. At most one mint per source
+is in flight at any time; every caller that needs it awaits that same mint.
+A caller that is cancelled (its app went away) does not cancel the mint for
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+from typing import Final
+
+from .cache import CacheKey, TokenCache
+from .errors import TokenError
+from .log import get_logger
+from .minter import Minter
+from .token import Token
+
+REFRESH_RETRY_FIRST: Final = 1.0  # seconds before retrying a failed background refresh
+REFRESH_RETRY_MAX: Final = 30.0  # ... doubling up to this, with jitter
+
+log = get_logger("proxy.source")
+
+
+class SharedTokenSource:
+    """One live token for one (client, scope), shared by every request.
+
+    ``current`` is the token in use, or ``None`` before the first mint. It is
+    replaced, never mutated.
+    """
+
+    def __init__(
+        self,
+        key: CacheKey,
+        minter: Minter,
+        cache: TokenCache,
+        *,
+        remint_min_interval: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.key = key
+        self.current: Token | None = None
+        self.last_error: str | None = None
+        self.mints = 0
+        self._minter = minter
+        self._cache = cache
+        self._clock = clock
+        self._remint_min_interval = remint_min_interval
+        self._inflight: asyncio.Task[Token] | None = None
+        self._refresh_failures = 0
+        self._refresh_not_before = 0.0
+        self._last_expiry_remint: float | None = None
+
+    # ------------------------------------------------------------------ reads
+
+    def cached(self) -> Token | None:
+        """The valid token in hand, without awaiting anything, or ``None``.
+
+        This is the hot path: no lock, no await. When the token has entered its
+        refresh window it also starts (at most) one background re-mint.
+        """
+        token = self.current
+        if token is None:
+            return None
+        now = self._clock()
+        if now >= token.expires_at:
+            return None
+        if now >= token.refresh_at and self._inflight is None and now >= self._refresh_not_before:
+            self._start(reject=None, background=True)
+        return token
+
+    async def token(self) -> Token:
+        """A valid token: the cached one, or the result of the one shared mint.
+
+        Raises :class:`~proxy.errors.TokenError` when the mint fails.
+        """
+        token = self.cached()
+        if token is not None:
+            return token
+        return await self._join(reject=None)
+
+    async def replace_expired(self, failed: Token) -> Token | None:
+        """The partner said ``failed`` has expired: return the token to replay with.
+
+        - ``failed`` was already replaced: the current token, no mint.
+        - otherwise: invalidate ``failed`` everywhere and mint once, shared by all
+          the requests that met the same 401.
+        - ``None`` when the quota guard holds (an expiry-triggered re-mint happened
+          less than ``remint_min_interval`` ago): the 401 should pass through.
+        """
+        now = self._clock()
+        current = self.current
+        if current is not None and current.access_token != failed.access_token and current.valid(now):
+            return current
+        inflight = self._inflight
+        if inflight is not None:
+            token = await asyncio.shield(inflight)
+            if token.access_token != failed.access_token:
+                return token
+        if (
+            self._last_expiry_remint is not None
+            and now - self._last_expiry_remint < self._remint_min_interval
+        ):
+            log.warning(
+                "expired_token_remint_suppressed",
+                client=self.key[0],
+                scope=self.key[1] or None,
+                reason=(
+                    "the partner called a token expired again within "
+                    f"{self._remint_min_interval:g}s of the last re-mint; passing the 401 "
+                    "through (check clocks and the token's audience)"
+                ),
+            )
+            return None
+        self._last_expiry_remint = now
+        # No await between the checks above and starting the mint: a concurrent
+        # caller sees the in-flight task and joins it.
+        if self.current is not None and self.current.access_token == failed.access_token:
+            self.current = None
+        return await self._join(reject=failed)
+
+    def forget(self, failed: Token) -> None:
+        """Stop using ``failed`` locally without minting (the next request mints).
+
+        Used when a 401 cannot be replayed (its body was too large to keep).
+        """
+        if self.current is not None and self.current.access_token == failed.access_token:
+            self.current = None
+            task = asyncio.get_running_loop().create_task(self._cache.invalidate(self.key, failed))
+            task.add_done_callback(_consume)
+
+    # --------------------------------------------------------------- minting
+
+    def _start(self, *, reject: Token | None, background: bool) -> asyncio.Task[Token]:
+        task = asyncio.get_running_loop().create_task(self._fill(reject))
+        self._inflight = task
+        task.add_done_callback(lambda t: self._finished(t, background))
+        return task
+
+    async def _join(self, *, reject: Token | None) -> Token:
+        task = self._inflight or self._start(reject=reject, background=False)
+        return await asyncio.shield(task)
+
+    async def _fill(self, reject: Token | None) -> Token:
+        """Adopt a usable token from the cache, else mint one and store it."""
+        if reject is not None:
+            await self._cache.invalidate(self.key, reject)
+        shared = await self._cache.get(self.key)
+        now = self._clock()
+        if (
+            shared is not None
+            and shared.valid(now)
+            and not shared.needs_refresh(now)
+            and (reject is None or shared.access_token != reject.access_token)
+        ):
+            self.current = shared
+            return shared
+        token = await self._minter.mint(self.key[1] or None)
+        self.mints += 1
+        await self._cache.put(self.key, token)
+        self.current = token
+        return token
+
+    def _finished(self, task: asyncio.Task[Token], background: bool) -> None:
+        if self._inflight is task:
+            self._inflight = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self.last_error = None
+            self._refresh_failures = 0
+            self._refresh_not_before = 0.0
+            return
+        self.last_error = exc.message if isinstance(exc, TokenError) else type(exc).__name__
+        if background:
+            # The token in hand is still valid: keep it, retry with jittered backoff.
+            self._refresh_failures += 1
+            delay = min(REFRESH_RETRY_MAX, REFRESH_RETRY_FIRST * 2 ** (self._refresh_failures - 1))
+            self._refresh_not_before = self._clock() + delay * random.uniform(0.5, 1.0)
+            log.warning(
+                "refresh_ahead_failed",
+                client=self.key[0],
+                scope=self.key[1] or None,
+                retry_in_s=round(self._refresh_not_before - self._clock(), 2),
+                reason=self.last_error,
+            )
+
+
+def _consume(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
