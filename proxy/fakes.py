@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import hashlib
 import itertools
 import secrets
 import time
@@ -164,6 +165,7 @@ class FakePartner(LocalServer):
         self.expired: set[str] = set()
         self.revoked: set[str] = set()
         self.requests: list[SeenRequest] = []
+        self.sunk: list[tuple[int, str]] = []  # (size, sha256) of bodies sent to .../sink
         self.early_reject = False  # answer an expired token's 401 before reading the body
 
     def expire_all(self) -> None:
@@ -176,7 +178,15 @@ class FakePartner(LocalServer):
         name = request.raw_path.split("?", 1)[0].rsplit("/", 1)[-1]
         body = b""
         rejecting_early = self.early_reject and token in self.expired
-        if name != "early401" and not rejecting_early:
+        if name == "sink":
+            # Count and hash a body of any size without keeping it.
+            digest = hashlib.sha256()
+            size = 0
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+            self.sunk.append((size, digest.hexdigest()))
+        elif name != "early401" and not rejecting_early:
             body = await request.read()
         self.requests.append(
             SeenRequest(request.method, request.raw_path, list(request.headers.items()), body, token)

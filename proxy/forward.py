@@ -301,6 +301,7 @@ class Forwarder:
                 )
                 return None
             body = tee.body()
+        mints_before = runtime.source.mints
         try:
             fresh = await runtime.source.replace_expired(failed)
         except RequestFailed as exc:
@@ -310,6 +311,7 @@ class Forwarder:
         if fresh is None:
             facts.extra["replay"] = "suppressed"
             return None
+        facts.waited_for_mint = runtime.source.mints != mints_before
         upstream.release()  # its connection goes back to the pool if the 401 was read whole
         headers = [
             (name, _bearer(fresh) if name == "Authorization" else value)
