@@ -1,0 +1,133 @@
+"""proxy.yaml validation: good files become frozen objects, bad ones one clear message."""
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from proxy.config import config_path, expand_env, load_config, parse_config
+from proxy.errors import ConfigError
+
+GOOD = """\
+listen: 127.0.0.1:8080
+clients:
+  acme:
+    token_url: https://auth.acme.example/oauth2/token
+    client_id: ${ACME_ID}
+    client_secret: ${ACME_SECRET:-fallback}
+    auth_method: client_secret_post
+    scope: orders.read
+    params: {audience: https://api.acme.example}
+    expiry_margin: 45s
+    refresh_ahead: 20%
+    default_lifetime: 5m
+    remint_min_interval: 2s
+    timeout: 1500ms
+routes:
+  - name: acme-orders
+    match: {path_prefix: /acme/, host: Orders.Acme.Example}
+    upstream: https://api.acme.example/v2/
+    client: acme
+    scope: orders.read orders.write
+    timeout: 30s
+    connect_timeout: 2s
+    replay_limit: 512KiB
+    expired_token:
+      www_authenticate: 'error="token_expired"'
+      body: '"code":\\s*"TOKEN_EXPIRED"'
+  - match: {path_prefix: /b}
+    upstream: http://b.example
+    client: acme
+"""
+
+ENV = {"ACME_ID": "id-1"}
+
+
+def test_good_config_parses_into_frozen_objects() -> None:
+    config = parse_config(GOOD, "proxy.yaml", ENV)
+    client = config.clients["acme"]
+    assert client.client_id == "id-1" and client.client_secret == "fallback"
+    assert client.auth_method == "client_secret_post"
+    assert client.params == (("audience", "https://api.acme.example"),)
+    assert (client.expiry_margin, client.refresh_ahead, client.default_lifetime) == (45, 0.2, 300)
+    assert (client.remint_min_interval, client.timeout) == (2, 1.5)
+    first, second = config.routes
+    assert first.host == "orders.acme.example" and first.path_prefix == "/acme/"
+    assert first.scope == "orders.read orders.write"
+    assert first.replay_limit == 512 * 1024 and first.connect_timeout == 2
+    assert first.expired_token.www_authenticate is not None
+    assert first.expired_token.body is not None and first.expired_token.body.search(b'"code": "TOKEN_EXPIRED"')
+    assert second.name == "route-1" and second.scope == "orders.read"  # the client's scope
+    assert (second.timeout, second.replay_limit) == (30, 1024 * 1024)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        first.timeout = 1  # type: ignore[misc]
+    assert "fallback" not in repr(client)
+
+
+def replace(old: str, new: str) -> str:
+    assert old in GOOD
+    return GOOD.replace(old, new)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (replace("    timeout: 30s\n", "    timeout: soon\n"), r"proxy.yaml:21: routes\[0\].timeout: expected a duration"),
+        (replace("    scope: orders.read\n", "    scope: orders.read\n    colour: blue\n"), r"proxy.yaml:9: clients.acme.colour: unknown key"),
+        (replace("client: acme\n    scope: orders.read orders.write", "client: nobody\n    scope: x"), r"routes\[0\].client: no client named 'nobody' \(clients: acme\)"),
+        (replace("${ACME_ID}", "${MISSING_VAR}"), r":5: clients.acme.client_id: environment variable MISSING_VAR is not set"),
+        (replace("client_secret_post", "magic"), r"clients.acme.auth_method: expected one of"),
+        (replace("https://api.acme.example/v2/", "ftp://x/"), r"routes\[0\].upstream: expected an http"),
+        (replace("match: {path_prefix: /b}", "match: {}"), r"routes\[1\].match: needs path_prefix, host, or both"),
+        (replace("match: {path_prefix: /b}", "match: {path_prefix: b}"), r"routes\[1\].match.path_prefix: expected a path starting with /"),
+        (replace("refresh_ahead: 20%", "refresh_ahead: 150%"), r"clients.acme.refresh_ahead: expected a share"),
+        (replace("listen: 127.0.0.1:8080", "listen: nowhere"), r"listen: expected host:port"),
+        (replace("replay_limit: 512KiB", "replay_limit: huge"), r"routes\[0\].replay_limit: expected a size"),
+        (replace("body: '\"code\":\\s*\"TOKEN_EXPIRED\"'", "body: '(('"), r"routes\[0\].expired_token.body: invalid regular expression"),
+        ("clients: {}\nroutes: []\n", r"clients: define at least one client"),
+        ("listen: [1\n", r"proxy.yaml:\d+: not valid YAML"),
+        ("", r"the file is empty"),
+        (replace("    client_id: ${ACME_ID}\n", ""), r"clients.acme.client_id: is required"),
+        (replace("  - match: {path_prefix: /b}", "  - name: acme-orders\n    match: {path_prefix: /b}"), r"duplicate route name 'acme-orders'"),
+    ],
+)
+def test_bad_configs_name_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(text, "proxy.yaml", ENV)
+
+
+def test_secret_file(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret\n")
+    text = replace("client_secret: ${ACME_SECRET:-fallback}", f"client_secret_file: {secret}")
+    assert parse_config(text, "p.yaml", ENV).clients["acme"].client_secret == "s3cret"
+    missing = replace("client_secret: ${ACME_SECRET:-fallback}", f"client_secret_file: {tmp_path}/nope")
+    with pytest.raises(ConfigError, match=r"clients.acme.client_secret_file: cannot read"):
+        parse_config(missing, "p.yaml", ENV)
+
+
+def test_env_expansion() -> None:
+    assert expand_env("a${X}b${Y:-d}$$", {"X": "1"}) == "a1bd$"
+    with pytest.raises(KeyError):
+        expand_env("${NOPE}", {})
+
+
+def test_config_path_precedence() -> None:
+    assert config_path("a.yaml", {"AUTHPROXY_CONFIG": "b.yaml"}) == "a.yaml"
+    assert config_path(None, {"AUTHPROXY_CONFIG": "b.yaml"}) == "b.yaml"
+    assert config_path(None, {}) == "proxy.yaml"
+
+
+def test_shipped_example_is_valid() -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "ACME_CLIENT_ID": "id", "ACME_CLIENT_SECRET": "secret"}
+    config = load_config(str(root / "proxy.yaml"), env)
+    assert config.routes
+    assert all(re.match(r"^[a-z0-9-]+$", r.name) for r in config.routes)
+
+
+def test_unreadable_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config("/nonexistent/proxy.yaml")

@@ -1,0 +1,70 @@
+from proxy.headers import connection_named, downstream_response_headers, upstream_request_headers
+
+
+def build(headers: list[tuple[str, str]], trust: bool = False) -> list[tuple[str, str]]:
+    return upstream_request_headers(
+        headers,
+        upstream_host="api.example",
+        authorization="Bearer T",
+        client_ip="10.1.2.3",
+        inbound_host="proxy.local:8080",
+        inbound_proto="http",
+        trust_forwarded=trust,
+    )
+
+
+def test_owned_and_hop_by_hop_headers_are_replaced() -> None:
+    out = build([
+        ("Host", "proxy.local:8080"),
+        ("Authorization", "Basic app"),
+        ("Connection", "close, X-Drop-Me"),
+        ("X-Drop-Me", "1"),
+        ("Transfer-Encoding", "chunked"),
+        ("TE", "trailers"),
+        ("Trailer", "X"),
+        ("Upgrade", "h2c"),
+        ("Proxy-Authorization", "Basic x"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Keep-Alive", "5"),
+        ("Expect", "100-continue"),
+        ("Accept", "a/b"),
+        ("Cookie", "a=1"),
+        ("Cookie", "b=2"),
+    ])
+    assert out == [
+        ("Host", "api.example"),
+        ("Accept", "a/b"),
+        ("Cookie", "a=1"),
+        ("Cookie", "b=2"),
+        ("Authorization", "Bearer T"),
+        ("X-Forwarded-For", "10.1.2.3"),
+        ("X-Forwarded-Proto", "http"),
+        ("X-Forwarded-Host", "proxy.local:8080"),
+        ("Via", "1.1 authproxy"),
+    ]
+
+
+def test_forged_forwarding_headers_are_dropped_unless_trusted() -> None:
+    forged = [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
+              ("X-Forwarded-Host", "evil"), ("Via", "1.0 lb")]
+    out = dict(build(forged))
+    assert out["X-Forwarded-For"] == "10.1.2.3"
+    assert out["X-Forwarded-Host"] == "proxy.local:8080"
+    assert "Forwarded" not in out and "X-Real-IP" not in out
+    assert out["Via"] == "1.0 lb, 1.1 authproxy"
+    trusted = dict(build(forged, trust=True))
+    assert trusted["X-Forwarded-For"] == "6.6.6.6, 10.1.2.3"
+    assert trusted["Forwarded"] == "for=6.6.6.6"
+    assert trusted["X-Forwarded-Host"] == "proxy.local:8080"
+
+
+def test_response_headers() -> None:
+    out = downstream_response_headers([
+        ("Set-Cookie", "a=1"), ("Connection", "X-H"), ("X-H", "v"), ("Transfer-Encoding", "chunked"),
+        ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip"), ("Proxy-Authenticate", "Basic"),
+    ])
+    assert out == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip")]
+
+
+def test_connection_named() -> None:
+    assert connection_named([("connection", " A , b,,"), ("CONNECTION", "c")]) == {"a", "b", "c"}

@@ -1,0 +1,115 @@
+import pytest
+
+from proxy.config import RouteConfig
+from proxy.errors import BadRequest, MethodNotAllowed, PathEscapesRoute
+from proxy.routing import (
+    Router,
+    UpstreamBase,
+    climbs_out,
+    parse_target,
+    prefix_matches,
+    upstream_url,
+)
+
+
+def route(name: str = "r", *, host: str | None = None, prefix: str | None = None,
+          upstream: str = "https://api.acme.example/v2/") -> RouteConfig:
+    return RouteConfig(name=name, upstream=upstream, client="c", host=host, path_prefix=prefix)
+
+
+def forward(r: RouteConfig, raw: str, host: str | None = "proxy.local") -> str:
+    return upstream_url(r, UpstreamBase.parse(r.upstream), parse_target("GET", raw, host))
+
+
+def test_issue_example_maps_byte_for_byte() -> None:
+    r = route(prefix="/acme/")
+    assert forward(r, "/acme/orders/7?x=%2F") == "https://api.acme.example/v2/orders/7?x=%2F"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "upstream", "raw", "expected"),
+    [
+        ("/acme/", "https://h/v2/", "/acme/", "https://h/v2/"),
+        ("/acme/", "https://h/v2", "/acme/a", "https://h/v2/a"),
+        ("/acme", "https://h/v2", "/acme", "https://h/v2"),
+        ("/acme", "https://h/v2/", "/acme/a/b", "https://h/v2/a/b"),
+        ("/acme/", "https://h/", "/acme//double//slash", "https://h//double//slash"),
+        ("/acme/", "https://h:8443/x/", "/acme/%7Euser?a=b&a=c", "https://h:8443/x/%7Euser?a=b&a=c"),
+        ("/acme/", "http://h:80/", "/acme/q?", "http://h/q"),
+        ("/acme/", "https://h/", "/acme/a/./b/../c", "https://h/a/./b/../c"),
+    ],
+)
+def test_mapping(prefix: str, upstream: str, raw: str, expected: str) -> None:
+    assert forward(route(prefix=prefix, upstream=upstream), raw) == expected
+
+
+def test_host_only_route_forwards_whole_path() -> None:
+    r = route(host="orders.acme.example", upstream="https://api.acme.example/v2/")
+    assert forward(r, "/orders/7?q=1", "orders.acme.example") == "https://api.acme.example/v2/orders/7?q=1"
+
+
+@pytest.mark.parametrize(
+    "raw", ["/acme/../admin", "/acme/a/../../x", "/acme/%2e%2e/x", "/acme/%2E./x", "/acme/a%2f..%2f..%2fx",
+            "/acme/..\\x", "/acme/a/..%5c..%5cx"]
+)
+def test_escaping_paths_are_rejected(raw: str) -> None:
+    with pytest.raises(PathEscapesRoute, match="'r'"):
+        forward(route(prefix="/acme/"), raw)
+
+
+def test_climbs_out() -> None:
+    assert climbs_out("..")
+    assert not climbs_out("a/..")
+    assert not climbs_out("a/b/../../")
+    assert climbs_out("a/b/../../..")
+    assert not climbs_out("..a/b")
+
+
+def test_prefix_ends_on_a_segment_boundary() -> None:
+    assert prefix_matches("/acme", "/acme")
+    assert prefix_matches("/acme", "/acme/x")
+    assert not prefix_matches("/acme", "/acmex")
+    assert prefix_matches("/acme/", "/acme/x")
+    assert not prefix_matches("/acme/", "/acme")
+
+
+def test_absolute_form_uses_target_authority() -> None:
+    target = parse_target("GET", "http://Partner.Example:8080/a/b?c=d", "other.example")
+    assert target.absolute and target.host == "partner.example"
+    assert target.authority == "Partner.Example:8080"
+    assert (target.path, target.query) == ("/a/b", "c=d")
+    target = parse_target("GET", "http://partner.example", None)
+    assert target.path == "/"
+    target = parse_target("GET", "http://partner.example?x=1", None)
+    assert (target.path, target.query) == ("/", "x=1")
+
+
+@pytest.mark.parametrize("raw", ["http://user:pw@h/x", "http:///x", "*", "x/y", "/a#frag"])
+def test_bad_targets(raw: str) -> None:
+    with pytest.raises(BadRequest):
+        parse_target("GET", raw, "h")
+
+
+def test_connect_is_refused_with_advice() -> None:
+    with pytest.raises(MethodNotAllowed, match="plain HTTP"):
+        parse_target("CONNECT", "h:443", "h:443")
+
+
+def test_router_first_match_wins_and_absolute_needs_host() -> None:
+    a = route("a", prefix="/x/")
+    b = route("b", host="h.example")
+    c = route("c", host="h.example", prefix="/x/")
+    router = Router([(a, 1), (b, 2), (c, 3)])
+
+    def pick(raw: str, host: str | None) -> int | None:
+        found = router.match(parse_target("GET", raw, host))
+        return None if found is None else found[1]
+
+    assert pick("/x/1", "anything") == 1
+    assert pick("/y", "h.example:8080") == 2
+    assert pick("/y", "H.EXAMPLE.") == 2
+    assert pick("http://h.example/x/1", None) == 2
+    assert pick("http://other.example/x/1", None) is None
+    assert pick("/y", "other") is None
+    assert Router([(c, 3)]).match(parse_target("GET", "http://h.example/x/1", None)) is not None
+    assert Router([(c, 3)]).match(parse_target("GET", "http://h.example/y", None)) is None
