@@ -23,7 +23,7 @@ def bearer_params(www_authenticate: str) -> dict[str, str] | None:
     if match is None:
         return None
     params: dict[str, str] = {}
-    for name, value in _AUTH_PARAM.findall(www_authenticate[match.end():]):
+    for name, value in _AUTH_PARAM.findall(www_authenticate[match.end() :]):
         key = name.lower()
         if key in params:
             break  # a repeated param starts the next challenge's list

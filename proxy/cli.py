@@ -60,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(serve_forever(config))
     except OSError as exc:
-        print(f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
-              f"{exc.strerror}", file=sys.stderr)
+        print(
+            f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
+            f"{exc.strerror}",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -133,7 +133,7 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineMap:
 
 _LineLoader.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _construct_mapping,  # type: ignore[arg-type]
+    _construct_mapping,
 )
 
 
@@ -242,11 +242,12 @@ class _Reader:
             raise self.error(unknown[0], "unknown key")
 
 
-def _parse_listen(text: str) -> tuple[str, int]:
+def _parse_listen(value: object) -> tuple[str, int]:
+    text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"expected host:port like 127.0.0.1:8080, got {text!r}")
-    host = host.strip("[]") or "0.0.0.0"
+    host = host.strip("[]") or "0.0.0.0"  # noqa: S104 - ":8080" asks for every interface
     return host, int(port)
 
 
@@ -295,7 +296,9 @@ def _parse_client(name: str, reader: _Reader) -> ClientConfig:
     secret = reader.string("client_secret")
     secret_file = reader.string("client_secret_file")
     if secret is not None and secret_file is not None:
-        raise reader.error("client_secret_file", "give client_secret or client_secret_file, not both")
+        raise reader.error(
+            "client_secret_file", "give client_secret or client_secret_file, not both"
+        )
     if secret_file is not None:
         try:
             secret = Path(secret_file).read_text(encoding="utf-8").strip()
@@ -444,7 +447,10 @@ def parse_config(
     names: set[str] = set()
     routes = tuple(
         _parse_route(
-            i, _Reader(item, f"routes[{i}]", source, env, top.lines.get("routes", 0)), clients, names
+            i,
+            _Reader(item, f"routes[{i}]", source, env, top.lines.get("routes", 0)),
+            clients,
+            names,
         )
         for i, item in enumerate(raw_routes)
     )

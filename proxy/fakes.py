@@ -20,7 +20,11 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
-EXPIRED_CHALLENGE = 'Bearer realm="partner", error="invalid_token", error_description="The access token expired"'
+from .server import bound_port
+
+EXPIRED_CHALLENGE = (
+    'Bearer realm="partner", error="invalid_token", error_description="The access token expired"'
+)
 REVOKED_CHALLENGE = 'Bearer realm="partner", error="invalid_token", error_description="The access token has been revoked"'
 
 
@@ -40,8 +44,7 @@ class LocalServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        assert site._server is not None
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = bound_port(site)
         return self.url
 
     @property
@@ -189,7 +192,9 @@ class FakePartner(LocalServer):
         elif name != "early401" and not rejecting_early:
             body = await request.read()
         self.requests.append(
-            SeenRequest(request.method, request.raw_path, list(request.headers.items()), body, token)
+            SeenRequest(
+                request.method, request.raw_path, list(request.headers.items()), body, token
+            )
         )
         if name == "plain401":
             return web.Response(status=401, text="go away")
@@ -207,9 +212,7 @@ class FakePartner(LocalServer):
             )
         return await self.respond(name, request, body)
 
-    async def respond(
-        self, name: str, request: web.BaseRequest, body: bytes
-    ) -> web.StreamResponse:
+    async def respond(self, name: str, request: web.BaseRequest, body: bytes) -> web.StreamResponse:
         query = dict(parse_qsl(request.query_string))
         if name == "stream":
             # Chunked, with pauses: a proxy that buffers shows up as one late chunk.
@@ -234,8 +237,12 @@ class FakePartner(LocalServer):
         if name == "hop":
             return web.Response(
                 text="hop",
-                headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
-                         "X-End-To-End": "kept"},
+                headers={
+                    "Connection": "X-Secret-Hop",
+                    "X-Secret-Hop": "1",
+                    "Keep-Alive": "timeout=5",
+                    "X-End-To-End": "kept",
+                },
             )
         if name == "download":
             size = int(query.get("size", "1048576"))
@@ -268,4 +275,3 @@ class FakePartner(LocalServer):
                 "body_length": len(body),
             }
         )
-

@@ -260,7 +260,9 @@ class Forwarder:
                     prefix,
                     route.expired_token,
                 ):
-                    replay = await self._maybe_replay(runtime, outbound, tee, token, upstream, facts)
+                    replay = await self._maybe_replay(
+                        runtime, outbound, tee, token, upstream, facts
+                    )
                     if replay is not None:
                         upstream = replay
                         prefix = None
@@ -428,9 +430,7 @@ def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
     """``timeout`` bounds the wait for headers and each gap between body chunks
     (sock_read), never the whole exchange: long downloads and event streams live
     as long as data keeps coming."""
-    return aiohttp.ClientTimeout(
-        total=None, connect=route.connect_timeout, sock_read=route.timeout
-    )
+    return aiohttp.ClientTimeout(total=None, connect=route.connect_timeout, sock_read=route.timeout)
 
 
 def route_runtime(route: RouteConfig, source: SharedTokenSource) -> RouteRuntime:

@@ -142,8 +142,7 @@ class ClientCredentialsMinter:
             # str() of aiohttp's errors names the host and the OS reason; their
             # repr() would print request headers, Authorization included.
             raise TokenEndpointUnreachable(
-                f"token endpoint for client {name!r} is unreachable: "
-                f"{type(exc).__name__}: {exc}",
+                f"token endpoint for client {name!r} is unreachable: {type(exc).__name__}: {exc}",
                 client=name,
             ) from None
         if body is None:

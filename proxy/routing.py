@@ -78,7 +78,9 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
         if not target.startswith("/"):
             target = "/" + target
     elif not raw_target.startswith("/"):
-        raise BadRequest(f"request target must be a path or an absolute URL, got {raw_target[:80]!r}")
+        raise BadRequest(
+            f"request target must be a path or an absolute URL, got {raw_target[:80]!r}"
+        )
     if "#" in target:
         raise BadRequest("request target must not contain a fragment")
     path, _, query = target.partition("?")
@@ -117,7 +119,7 @@ def remainder_after(prefix: str | None, path: str) -> str:
     without its leading separator."""
     if prefix is None:
         return path[1:]
-    rest = path[len(prefix):]
+    rest = path[len(prefix) :]
     if not prefix.endswith("/") and rest.startswith("/"):
         rest = rest[1:]
     return rest

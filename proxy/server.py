@@ -11,7 +11,7 @@ import asyncio
 import signal
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, cast
 
 import aiohttp
 from aiohttp import web
@@ -27,6 +27,12 @@ from .source import SharedTokenSource
 SHUTDOWN_GRACE: Final = 20.0  # seconds in-flight requests get to finish on SIGTERM
 
 log = get_logger("proxy.server")
+
+
+def bound_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (the chosen one when asked for port 0)."""
+    server = cast(asyncio.Server, site._server)
+    return int(server.sockets[0].getsockname()[1])
 
 
 class TokenSources:
@@ -103,9 +109,7 @@ class ProxyServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.listen_host, self.config.listen_port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else ()  # type: ignore[union-attr]
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = bound_port(site)
         log.info(
             "listening",
             host=self.config.listen_host,

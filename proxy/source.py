@@ -102,7 +102,11 @@ class SharedTokenSource:
         """
         now = self._clock()
         current = self.current
-        if current is not None and current.access_token != failed.access_token and current.valid(now):
+        if (
+            current is not None
+            and current.access_token != failed.access_token
+            and current.valid(now)
+        ):
             return current
         inflight = self._inflight
         if inflight is not None:
@@ -189,7 +193,7 @@ class SharedTokenSource:
             # The token in hand is still valid: keep it, retry with jittered backoff.
             self._refresh_failures += 1
             delay = min(REFRESH_RETRY_MAX, REFRESH_RETRY_FIRST * 2 ** (self._refresh_failures - 1))
-            self._refresh_not_before = self._clock() + delay * random.uniform(0.5, 1.0)
+            self._refresh_not_before = self._clock() + delay * random.uniform(0.5, 1.0)  # noqa: S311 - jitter
             log.warning(
                 "refresh_ahead_failed",
                 client=self.key[0],

@@ -118,7 +118,7 @@ def _lifetime_from(raw: object) -> float | None:
 
 
 def _snippet(body: bytes) -> str:
-    text = body[:MAX_ERROR_SNIPPET * 2].decode("utf-8", "replace")
+    text = body[: MAX_ERROR_SNIPPET * 2].decode("utf-8", "replace")
     text = " ".join(text.split())
     return text[:MAX_ERROR_SNIPPET] + ("…" if len(text) > MAX_ERROR_SNIPPET else "")
 

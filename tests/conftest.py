@@ -66,8 +66,15 @@ class Stack:
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
-def stack_yaml(tokens: FakeTokenEndpoint, partner: FakePartner, *, client: str = "", route: str = "",
-               extra_routes: str = "", top: str = "") -> str:
+def stack_yaml(
+    tokens: FakeTokenEndpoint,
+    partner: FakePartner,
+    *,
+    client: str = "",
+    route: str = "",
+    extra_routes: str = "",
+    top: str = "",
+) -> str:
     return f"""
 listen: 127.0.0.1:0
 {top}

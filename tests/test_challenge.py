@@ -12,10 +12,16 @@ NONE = ExpiredTokenRule()
     ("header", "expired"),
     [
         ('Bearer error="invalid_token", error_description="The access token expired"', True),
-        ('Bearer realm="x", error="invalid_token", error_description="Token EXPIRED at 12:00"', True),
+        (
+            'Bearer realm="x", error="invalid_token", error_description="Token EXPIRED at 12:00"',
+            True,
+        ),
         ('bearer error=invalid_token, error_description="expired"', True),
         ('Basic realm="x", Bearer error="invalid_token", error_description="token expired"', True),
-        ('Bearer error="invalid_token", error_description="The access token has been revoked"', False),
+        (
+            'Bearer error="invalid_token", error_description="The access token has been revoked"',
+            False,
+        ),
         ('Bearer error="invalid_token"', False),
         ('Bearer error="insufficient_scope", error_description="expired scope"', False),
         ('Basic realm="expired"', False),
@@ -42,9 +48,14 @@ def test_route_rules_add_to_the_default() -> None:
     assert says_expired(401, [], b'{"code": "TOKEN_EXPIRED"}', rule)
     assert not says_expired(401, [], b'{"code": "REVOKED"}', rule)
     assert not says_expired(401, [], None, rule)
-    assert says_expired(401, ['Bearer error="invalid_token", error_description="expired"'], None, rule)
+    assert says_expired(
+        401, ['Bearer error="invalid_token", error_description="expired"'], None, rule
+    )
 
 
 def test_bearer_params() -> None:
-    assert bearer_params('Bearer realm="a b", error=invalid_token') == {"realm": "a b", "error": "invalid_token"}
+    assert bearer_params('Bearer realm="a b", error=invalid_token') == {
+        "realm": "a b",
+        "error": "invalid_token",
+    }
     assert bearer_params("Basic realm=x") is None

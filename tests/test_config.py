@@ -58,7 +58,9 @@ def test_good_config_parses_into_frozen_objects() -> None:
     assert first.scope == "orders.read orders.write"
     assert first.replay_limit == 512 * 1024 and first.connect_timeout == 2
     assert first.expired_token.www_authenticate is not None
-    assert first.expired_token.body is not None and first.expired_token.body.search(b'"code": "TOKEN_EXPIRED"')
+    assert first.expired_token.body is not None and first.expired_token.body.search(
+        b'"code": "TOKEN_EXPIRED"'
+    )
     assert second.name == "route-1" and second.scope == "orders.read"  # the client's scope
     assert (second.timeout, second.replay_limit) == (30, 1024 * 1024)
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -74,23 +76,61 @@ def replace(old: str, new: str) -> str:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        (replace("    timeout: 30s\n", "    timeout: soon\n"), r"proxy.yaml:21: routes\[0\].timeout: expected a duration"),
-        (replace("    scope: orders.read\n", "    scope: orders.read\n    colour: blue\n"), r"proxy.yaml:9: clients.acme.colour: unknown key"),
-        (replace("client: acme\n    scope: orders.read orders.write", "client: nobody\n    scope: x"), r"routes\[0\].client: no client named 'nobody' \(clients: acme\)"),
-        (replace("${ACME_ID}", "${MISSING_VAR}"), r":5: clients.acme.client_id: environment variable MISSING_VAR is not set"),
+        (
+            replace("    timeout: 30s\n", "    timeout: soon\n"),
+            r"proxy.yaml:21: routes\[0\].timeout: expected a duration",
+        ),
+        (
+            replace("    scope: orders.read\n", "    scope: orders.read\n    colour: blue\n"),
+            r"proxy.yaml:9: clients.acme.colour: unknown key",
+        ),
+        (
+            replace(
+                "client: acme\n    scope: orders.read orders.write", "client: nobody\n    scope: x"
+            ),
+            r"routes\[0\].client: no client named 'nobody' \(clients: acme\)",
+        ),
+        (
+            replace("${ACME_ID}", "${MISSING_VAR}"),
+            r":5: clients.acme.client_id: environment variable MISSING_VAR is not set",
+        ),
         (replace("client_secret_post", "magic"), r"clients.acme.auth_method: expected one of"),
-        (replace("https://api.acme.example/v2/", "ftp://x/"), r"routes\[0\].upstream: expected an http"),
-        (replace("match: {path_prefix: /b}", "match: {}"), r"routes\[1\].match: needs path_prefix, host, or both"),
-        (replace("match: {path_prefix: /b}", "match: {path_prefix: b}"), r"routes\[1\].match.path_prefix: expected a path starting with /"),
-        (replace("refresh_ahead: 20%", "refresh_ahead: 150%"), r"clients.acme.refresh_ahead: expected a share"),
+        (
+            replace("https://api.acme.example/v2/", "ftp://x/"),
+            r"routes\[0\].upstream: expected an http",
+        ),
+        (
+            replace("match: {path_prefix: /b}", "match: {}"),
+            r"routes\[1\].match: needs path_prefix, host, or both",
+        ),
+        (
+            replace("match: {path_prefix: /b}", "match: {path_prefix: b}"),
+            r"routes\[1\].match.path_prefix: expected a path starting with /",
+        ),
+        (
+            replace("refresh_ahead: 20%", "refresh_ahead: 150%"),
+            r"clients.acme.refresh_ahead: expected a share",
+        ),
         (replace("listen: 127.0.0.1:8080", "listen: nowhere"), r"listen: expected host:port"),
-        (replace("replay_limit: 512KiB", "replay_limit: huge"), r"routes\[0\].replay_limit: expected a size"),
-        (replace("body: '\"code\":\\s*\"TOKEN_EXPIRED\"'", "body: '(('"), r"routes\[0\].expired_token.body: invalid regular expression"),
+        (
+            replace("replay_limit: 512KiB", "replay_limit: huge"),
+            r"routes\[0\].replay_limit: expected a size",
+        ),
+        (
+            replace('body: \'"code":\\s*"TOKEN_EXPIRED"\'', "body: '(('"),
+            r"routes\[0\].expired_token.body: invalid regular expression",
+        ),
         ("clients: {}\nroutes: []\n", r"clients: define at least one client"),
         ("listen: [1\n", r"proxy.yaml:\d+: not valid YAML"),
         ("", r"the file is empty"),
         (replace("    client_id: ${ACME_ID}\n", ""), r"clients.acme.client_id: is required"),
-        (replace("  - match: {path_prefix: /b}", "  - name: acme-orders\n    match: {path_prefix: /b}"), r"duplicate route name 'acme-orders'"),
+        (
+            replace(
+                "  - match: {path_prefix: /b}",
+                "  - name: acme-orders\n    match: {path_prefix: /b}",
+            ),
+            r"duplicate route name 'acme-orders'",
+        ),
     ],
 )
 def test_bad_configs_name_the_key(text: str, message: str) -> None:
@@ -103,7 +143,9 @@ def test_secret_file(tmp_path: Path) -> None:
     secret.write_text("s3cret\n")
     text = replace("client_secret: ${ACME_SECRET:-fallback}", f"client_secret_file: {secret}")
     assert parse_config(text, "p.yaml", ENV).clients["acme"].client_secret == "s3cret"
-    missing = replace("client_secret: ${ACME_SECRET:-fallback}", f"client_secret_file: {tmp_path}/nope")
+    missing = replace(
+        "client_secret: ${ACME_SECRET:-fallback}", f"client_secret_file: {tmp_path}/nope"
+    )
     with pytest.raises(ConfigError, match=r"clients.acme.client_secret_file: cannot read"):
         parse_config(missing, "p.yaml", ENV)
 

@@ -101,9 +101,7 @@ async def test_body_over_replay_limit_streams_with_bounded_memory(stack: Stack) 
     assert grown_mib < 64, grown_mib
 
 
-async def test_no_secret_or_token_in_logs_or_errors(
-    stack: Stack, log_stream: io.StringIO
-) -> None:
+async def test_no_secret_or_token_in_logs_or_errors(stack: Stack, log_stream: io.StringIO) -> None:
     async with stack.http.get(
         stack.url("/demo/a"), headers={"Authorization": "Bearer app-own-secret-value"}
     ) as response:

@@ -141,9 +141,7 @@ async def test_request_whose_token_was_already_replaced_replays_without_mint(
     source = stack.proxy.sources.all()[0]  # type: ignore[union-attr]
     old = source.current
     assert old is not None
-    stale = type(old)(
-        access_token=stack.tokens.issued[0], minted_at=0, expires_at=0, refresh_at=0
-    )
+    stale = type(old)(access_token=stack.tokens.issued[0], minted_at=0, expires_at=0, refresh_at=0)
     fresh = await source.replace_expired(stale)
     assert fresh is not None and fresh.access_token == stack.tokens.issued[1]
     assert stack.tokens.mint_count == 2
@@ -232,7 +230,8 @@ async def test_early_401_before_body_is_read_still_replays_whole_body(stack: Sta
 async def test_raw_path_and_query_arrive_byte_identical(stack: Stack) -> None:
     path = "/demo/a%2Fb/%7Euser//x;p=1?x=%2F&y=a+b&z=%zz&empty"
     response = await raw_exchange(
-        stack.proxy.port, f"GET {path} HTTP/1.1\r\nHost: app.local\r\nConnection: close\r\n\r\n".encode()
+        stack.proxy.port,
+        f"GET {path} HTTP/1.1\r\nHost: app.local\r\nConnection: close\r\n\r\n".encode(),
     )
     assert raw_status(response) == 200
     assert stack.partner.requests[-1].raw_path == "/v2/a%2Fb/%7Euser//x;p=1?x=%2F&y=a+b&z=%zz&empty"
@@ -288,7 +287,14 @@ async def test_hop_by_hop_headers_are_dropped_both_ways(stack: Stack) -> None:
     ) as response:
         assert response.status == 200
     sent = {name.lower(): value for name, value in stack.partner.requests[-1].headers}
-    for name in ("x-private", "keep-alive", "te", "proxy-authorization", "proxy-connection", "upgrade"):
+    for name in (
+        "x-private",
+        "keep-alive",
+        "te",
+        "proxy-authorization",
+        "proxy-connection",
+        "upgrade",
+    ):
         assert name not in sent, name
     assert sent["x-end-to-end"] == "yes"
     assert sent["authorization"] == f"Bearer {stack.tokens.issued[0]}"
@@ -348,7 +354,8 @@ async def test_absolute_form_to_routed_host_works_and_unrouted_gets_404(
 async def test_dot_segments_climbing_out_get_400(stack: Stack) -> None:
     for path in ("/demo/../x", "/demo/a/../../x", "/demo/%2e%2e/x", "/demo/a%2f..%2f..%2fx"):
         response = await raw_exchange(
-            stack.proxy.port, f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode()
+            stack.proxy.port,
+            f"GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n".encode(),
         )
         assert raw_status(response) == 400, path
         assert b'"path_escapes_route"' in response
@@ -361,7 +368,8 @@ async def test_no_route_and_connect(stack: Stack) -> None:
         assert response.status == 404
         assert (await response.json())["error"] == "no_route"
     response = await raw_exchange(
-        stack.proxy.port, b"CONNECT partner.example:443 HTTP/1.1\r\nHost: partner.example:443\r\n\r\n"
+        stack.proxy.port,
+        b"CONNECT partner.example:443 HTTP/1.1\r\nHost: partner.example:443\r\n\r\n",
     )
     assert raw_status(response) == 405
     assert b"plain HTTP" in response

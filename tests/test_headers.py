@@ -14,23 +14,25 @@ def build(headers: list[tuple[str, str]], trust: bool = False) -> list[tuple[str
 
 
 def test_owned_and_hop_by_hop_headers_are_replaced() -> None:
-    out = build([
-        ("Host", "proxy.local:8080"),
-        ("Authorization", "Basic app"),
-        ("Connection", "close, X-Drop-Me"),
-        ("X-Drop-Me", "1"),
-        ("Transfer-Encoding", "chunked"),
-        ("TE", "trailers"),
-        ("Trailer", "X"),
-        ("Upgrade", "h2c"),
-        ("Proxy-Authorization", "Basic x"),
-        ("Proxy-Connection", "keep-alive"),
-        ("Keep-Alive", "5"),
-        ("Expect", "100-continue"),
-        ("Accept", "a/b"),
-        ("Cookie", "a=1"),
-        ("Cookie", "b=2"),
-    ])
+    out = build(
+        [
+            ("Host", "proxy.local:8080"),
+            ("Authorization", "Basic app"),
+            ("Connection", "close, X-Drop-Me"),
+            ("X-Drop-Me", "1"),
+            ("Transfer-Encoding", "chunked"),
+            ("TE", "trailers"),
+            ("Trailer", "X"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic x"),
+            ("Proxy-Connection", "keep-alive"),
+            ("Keep-Alive", "5"),
+            ("Expect", "100-continue"),
+            ("Accept", "a/b"),
+            ("Cookie", "a=1"),
+            ("Cookie", "b=2"),
+        ]
+    )
     assert out == [
         ("Host", "api.example"),
         ("Accept", "a/b"),
@@ -45,8 +47,13 @@ def test_owned_and_hop_by_hop_headers_are_replaced() -> None:
 
 
 def test_forged_forwarding_headers_are_dropped_unless_trusted() -> None:
-    forged = [("X-Forwarded-For", "6.6.6.6"), ("Forwarded", "for=6.6.6.6"), ("X-Real-IP", "6.6.6.6"),
-              ("X-Forwarded-Host", "evil"), ("Via", "1.0 lb")]
+    forged = [
+        ("X-Forwarded-For", "6.6.6.6"),
+        ("Forwarded", "for=6.6.6.6"),
+        ("X-Real-IP", "6.6.6.6"),
+        ("X-Forwarded-Host", "evil"),
+        ("Via", "1.0 lb"),
+    ]
     out = dict(build(forged))
     assert out["X-Forwarded-For"] == "10.1.2.3"
     assert out["X-Forwarded-Host"] == "proxy.local:8080"
@@ -59,10 +66,17 @@ def test_forged_forwarding_headers_are_dropped_unless_trusted() -> None:
 
 
 def test_response_headers() -> None:
-    out = downstream_response_headers([
-        ("Set-Cookie", "a=1"), ("Connection", "X-H"), ("X-H", "v"), ("Transfer-Encoding", "chunked"),
-        ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip"), ("Proxy-Authenticate", "Basic"),
-    ])
+    out = downstream_response_headers(
+        [
+            ("Set-Cookie", "a=1"),
+            ("Connection", "X-H"),
+            ("X-H", "v"),
+            ("Transfer-Encoding", "chunked"),
+            ("Set-Cookie", "b=2"),
+            ("Content-Encoding", "gzip"),
+            ("Proxy-Authenticate", "Basic"),
+        ]
+    )
     assert out == [("Set-Cookie", "a=1"), ("Set-Cookie", "b=2"), ("Content-Encoding", "gzip")]
 
 

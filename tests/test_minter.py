@@ -40,8 +40,12 @@ class Response(aiohttp.ClientResponse):
 
 def client(**overrides: Any) -> ClientConfig:
     values: dict[str, Any] = {
-        "name": "acme", "token_url": URL, "client_id": "my id", "client_secret": "s&cr:t",
-        "scope": "read", "params": (("audience", "https://api.example"),),
+        "name": "acme",
+        "token_url": URL,
+        "client_id": "my id",
+        "client_secret": "s&cr:t",
+        "scope": "read",
+        "params": (("audience", "https://api.example"),),
     }
     values.update(overrides)
     return ClientConfig(**values)
@@ -61,17 +65,31 @@ def mocked() -> Any:
 
 def captured(mocked: Any) -> tuple[dict[str, str], dict[str, str]]:
     (call,) = next(iter(mocked.requests.values()))
-    return dict(parse_qsl(call.kwargs["data"] if isinstance(call.kwargs["data"], str) else
-                          aiohttp.FormData(call.kwargs["data"])().decode())), dict(call.kwargs["headers"])
+    return dict(
+        parse_qsl(
+            call.kwargs["data"]
+            if isinstance(call.kwargs["data"], str)
+            else aiohttp.FormData(call.kwargs["data"])().decode()
+        )
+    ), dict(call.kwargs["headers"])
 
 
-async def test_basic_auth_form_urlencodes_before_base64(mocked: Any, session: aiohttp.ClientSession) -> None:
-    mocked.post(URL, payload={"access_token": "abc", "token_type": "Bearer", "expires_in": 60},
-                response_class=Response)
+async def test_basic_auth_form_urlencodes_before_base64(
+    mocked: Any, session: aiohttp.ClientSession
+) -> None:
+    mocked.post(
+        URL,
+        payload={"access_token": "abc", "token_type": "Bearer", "expires_in": 60},
+        response_class=Response,
+    )
     token = await ClientCredentialsMinter(client(), session, lambda: NOW).mint("read")
     assert token.access_token == "abc" and token.lifetime == 60 and token.minted_at == NOW
     form, headers = captured(mocked)
-    assert form == {"grant_type": "client_credentials", "scope": "read", "audience": "https://api.example"}
+    assert form == {
+        "grant_type": "client_credentials",
+        "scope": "read",
+        "audience": "https://api.example",
+    }
     decoded = base64.b64decode(headers["Authorization"][6:]).decode()
     assert decoded == "my+id:s%26cr%3At"  # RFC 6749 §2.3.1
     assert headers["Accept"] == "application/json"
@@ -81,31 +99,68 @@ def test_basic_credentials_encoding() -> None:
     assert basic_credentials("a", "b") == "Basic " + base64.b64encode(b"a:b").decode()
 
 
-async def test_client_secret_post_puts_credentials_in_the_form(mocked: Any, session: aiohttp.ClientSession) -> None:
-    mocked.post(URL, payload={"access_token": "abc", "token_type": "bearer"}, response_class=Response)
-    token = await ClientCredentialsMinter(client(auth_method="client_secret_post", scope=None, params=()),
-                                          session, lambda: NOW).mint(None)
+async def test_client_secret_post_puts_credentials_in_the_form(
+    mocked: Any, session: aiohttp.ClientSession
+) -> None:
+    mocked.post(
+        URL, payload={"access_token": "abc", "token_type": "bearer"}, response_class=Response
+    )
+    token = await ClientCredentialsMinter(
+        client(auth_method="client_secret_post", scope=None, params=()), session, lambda: NOW
+    ).mint(None)
     assert token.lifetime == 300  # default_lifetime
     form, headers = captured(mocked)
-    assert form == {"grant_type": "client_credentials", "client_id": "my id", "client_secret": "s&cr:t"}
+    assert form == {
+        "grant_type": "client_credentials",
+        "client_id": "my id",
+        "client_secret": "s&cr:t",
+    }
     assert "Authorization" not in headers
 
 
 @pytest.mark.parametrize(
     ("kwargs", "exc", "needle"),
     [
-        ({"status": 401, "payload": {"error": "invalid_client"}}, TokenEndpointRejected, "invalid_client"),
-        ({"status": 503, "body": "<html>down</html>", "content_type": "text/html"}, TokenEndpointRejected, "503 \\(HTML\\)"),
-        ({"status": 200, "body": "not json", "content_type": "text/plain"}, TokenResponseInvalid, "not a JSON object"),
-        ({"status": 200, "payload": {"token_type": "Bearer"}}, TokenResponseInvalid, "no access_token"),
-        ({"status": 200, "payload": {"access_token": "x", "token_type": "N_A"}}, TokenResponseInvalid, "only Bearer"),
+        (
+            {"status": 401, "payload": {"error": "invalid_client"}},
+            TokenEndpointRejected,
+            "invalid_client",
+        ),
+        (
+            {"status": 503, "body": "<html>down</html>", "content_type": "text/html"},
+            TokenEndpointRejected,
+            "503 \\(HTML\\)",
+        ),
+        (
+            {"status": 200, "body": "not json", "content_type": "text/plain"},
+            TokenResponseInvalid,
+            "not a JSON object",
+        ),
+        (
+            {"status": 200, "payload": {"token_type": "Bearer"}},
+            TokenResponseInvalid,
+            "no access_token",
+        ),
+        (
+            {"status": 200, "payload": {"access_token": "x", "token_type": "N_A"}},
+            TokenResponseInvalid,
+            "only Bearer",
+        ),
         ({"timeout": True}, TokenEndpointTimeout, "did not answer"),
-        ({"exception": aiohttp.ClientConnectionError("refused")}, TokenEndpointUnreachable, "unreachable"),
+        (
+            {"exception": aiohttp.ClientConnectionError("refused")},
+            TokenEndpointUnreachable,
+            "unreachable",
+        ),
         ({"status": 200, "body": b"x" * (70 * 1024)}, TokenResponseInvalid, "over 65536 bytes"),
     ],
 )
 async def test_failures_become_token_errors(
-    mocked: Any, session: aiohttp.ClientSession, kwargs: dict[str, Any], exc: type[Exception], needle: str
+    mocked: Any,
+    session: aiohttp.ClientSession,
+    kwargs: dict[str, Any],
+    exc: type[Exception],
+    needle: str,
 ) -> None:
     mocked.post(URL, response_class=Response, **kwargs)
     with pytest.raises(exc, match=needle) as info:
@@ -113,13 +168,19 @@ async def test_failures_become_token_errors(
     assert "s&cr:t" not in str(info.value)
 
 
-async def test_minted_at_is_taken_before_the_request_leaves(mocked: Any, session: aiohttp.ClientSession) -> None:
+async def test_minted_at_is_taken_before_the_request_leaves(
+    mocked: Any, session: aiohttp.ClientSession
+) -> None:
     times = iter([NOW, NOW + 5])
 
     def respond(url: Any, **kwargs: Any) -> CallbackResult:
-        return CallbackResult(payload={"access_token": "a", "token_type": "Bearer", "expires_in": 100},
-                              response_class=Response)
+        return CallbackResult(
+            payload={"access_token": "a", "token_type": "Bearer", "expires_in": 100},
+            response_class=Response,
+        )
 
     mocked.post(URL, callback=respond, response_class=Response)
-    token = await ClientCredentialsMinter(client(expiry_margin=0), session, lambda: next(times)).mint("read")
+    token = await ClientCredentialsMinter(
+        client(expiry_margin=0), session, lambda: next(times)
+    ).mint("read")
     assert token.minted_at == NOW and token.expires_at == NOW + 100

@@ -12,8 +12,13 @@ from proxy.routing import (
 )
 
 
-def route(name: str = "r", *, host: str | None = None, prefix: str | None = None,
-          upstream: str = "https://api.acme.example/v2/") -> RouteConfig:
+def route(
+    name: str = "r",
+    *,
+    host: str | None = None,
+    prefix: str | None = None,
+    upstream: str = "https://api.acme.example/v2/",
+) -> RouteConfig:
     return RouteConfig(name=name, upstream=upstream, client="c", host=host, path_prefix=prefix)
 
 
@@ -34,7 +39,12 @@ def test_issue_example_maps_byte_for_byte() -> None:
         ("/acme", "https://h/v2", "/acme", "https://h/v2"),
         ("/acme", "https://h/v2/", "/acme/a/b", "https://h/v2/a/b"),
         ("/acme/", "https://h/", "/acme//double//slash", "https://h//double//slash"),
-        ("/acme/", "https://h:8443/x/", "/acme/%7Euser?a=b&a=c", "https://h:8443/x/%7Euser?a=b&a=c"),
+        (
+            "/acme/",
+            "https://h:8443/x/",
+            "/acme/%7Euser?a=b&a=c",
+            "https://h:8443/x/%7Euser?a=b&a=c",
+        ),
         ("/acme/", "http://h:80/", "/acme/q?", "http://h/q"),
         ("/acme/", "https://h/", "/acme/a/./b/../c", "https://h/a/./b/../c"),
     ],
@@ -45,12 +55,23 @@ def test_mapping(prefix: str, upstream: str, raw: str, expected: str) -> None:
 
 def test_host_only_route_forwards_whole_path() -> None:
     r = route(host="orders.acme.example", upstream="https://api.acme.example/v2/")
-    assert forward(r, "/orders/7?q=1", "orders.acme.example") == "https://api.acme.example/v2/orders/7?q=1"
+    assert (
+        forward(r, "/orders/7?q=1", "orders.acme.example")
+        == "https://api.acme.example/v2/orders/7?q=1"
+    )
 
 
 @pytest.mark.parametrize(
-    "raw", ["/acme/../admin", "/acme/a/../../x", "/acme/%2e%2e/x", "/acme/%2E./x", "/acme/a%2f..%2f..%2fx",
-            "/acme/..\\x", "/acme/a/..%5c..%5cx"]
+    "raw",
+    [
+        "/acme/../admin",
+        "/acme/a/../../x",
+        "/acme/%2e%2e/x",
+        "/acme/%2E./x",
+        "/acme/a%2f..%2f..%2fx",
+        "/acme/..\\x",
+        "/acme/a/..%5c..%5cx",
+    ],
 )
 def test_escaping_paths_are_rejected(raw: str) -> None:
     with pytest.raises(PathEscapesRoute, match="'r'"):

@@ -14,8 +14,13 @@ from proxy.token import Token, make_token
 
 
 class CountingMinter:
-    def __init__(self, clock: FakeClock, lifetime: float = 100.0, delay: float = 0.0,
-                 refresh_ahead: float = 0.1) -> None:
+    def __init__(
+        self,
+        clock: FakeClock,
+        lifetime: float = 100.0,
+        delay: float = 0.0,
+        refresh_ahead: float = 0.1,
+    ) -> None:
         self.clock = clock
         self.refresh_ahead = refresh_ahead
         self.lifetime = lifetime
@@ -29,13 +34,24 @@ class CountingMinter:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
             raise self.fail
-        return make_token(f"t{self.calls}", minted_at=self.clock(), lifetime=self.lifetime,
-                          margin=30, refresh_ahead=self.refresh_ahead, scope=scope)
+        return make_token(
+            f"t{self.calls}",
+            minted_at=self.clock(),
+            lifetime=self.lifetime,
+            margin=30,
+            refresh_ahead=self.refresh_ahead,
+            scope=scope,
+        )
 
 
 def make(clock: FakeClock, minter: CountingMinter, interval: float = 10.0) -> SharedTokenSource:
-    return SharedTokenSource(cache_key("c", "s"), minter, MemoryTokenCache(clock),
-                             remint_min_interval=interval, clock=clock)
+    return SharedTokenSource(
+        cache_key("c", "s"),
+        minter,
+        MemoryTokenCache(clock),
+        remint_min_interval=interval,
+        clock=clock,
+    )
 
 
 async def test_concurrent_cold_callers_share_one_mint(clock: FakeClock) -> None:
@@ -68,7 +84,9 @@ async def test_reuse_until_expiry_boundary(clock: FakeClock, elapsed: float, min
     assert token.access_token == f"t{mints}"
 
 
-async def test_refresh_ahead_keeps_serving_while_it_runs_and_after_it_fails(clock: FakeClock) -> None:
+async def test_refresh_ahead_keeps_serving_while_it_runs_and_after_it_fails(
+    clock: FakeClock,
+) -> None:
     minter = CountingMinter(clock)
     source = make(clock, minter)
     await source.token()

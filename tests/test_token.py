@@ -11,10 +11,18 @@ from proxy.token import Token, effective_margin, jwt_claims, make_token, parse_t
 NOW = 1_800_000_000.0
 
 
-def parse(body: object, status: int = 200, content_type: str = "application/json", **kw: object) -> Token:
+def parse(
+    body: object, status: int = 200, content_type: str = "application/json", **kw: object
+) -> Token:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    options = {"client": "acme", "now": NOW, "default_lifetime": 300.0, "margin": 30.0,
-               "refresh_ahead": 0.1, "requested_scope": "read"}
+    options = {
+        "client": "acme",
+        "now": NOW,
+        "default_lifetime": 300.0,
+        "margin": 30.0,
+        "refresh_ahead": 0.1,
+        "requested_scope": "read",
+    }
     options.update(kw)
     return parse_token_response(status, content_type, raw, **options)  # type: ignore[arg-type]
 
@@ -32,9 +40,7 @@ def test_margin_and_expiry() -> None:
     assert token.refresh_at == pytest.approx(NOW + 3570 - 357)
 
 
-@pytest.mark.parametrize(
-    ("offset", "valid"), [(-1e-6, True), (0.0, False), (1e-6, False)]
-)
+@pytest.mark.parametrize(("offset", "valid"), [(-1e-6, True), (0.0, False), (1e-6, False)])
 def test_validity_one_microsecond_either_side_of_expiry(offset: float, valid: bool) -> None:
     token = make_token("t", minted_at=NOW, lifetime=100, margin=30, refresh_ahead=0.0)
     assert token.valid(token.expires_at + offset) is valid
@@ -89,14 +95,24 @@ def test_granted_scope_is_kept() -> None:
 @pytest.mark.parametrize(
     ("status", "body", "exc", "needle"),
     [
-        (401, {"error": "invalid_client", "error_description": "bad secret"}, TokenEndpointRejected, "invalid_client: bad secret"),
+        (
+            401,
+            {"error": "invalid_client", "error_description": "bad secret"},
+            TokenEndpointRejected,
+            "invalid_client: bad secret",
+        ),
         (400, {"error": "invalid_scope"}, TokenEndpointRejected, "invalid_scope"),
         (200, {"error": "invalid_grant"}, TokenEndpointRejected, "invalid_grant"),
         (500, b"<html>oops</html>", TokenEndpointRejected, "500"),
         (200, b"<html>login</html>", TokenResponseInvalid, "not a JSON object"),
         (200, b"[1, 2]", TokenResponseInvalid, "not a JSON object"),
         (200, {"token_type": "Bearer"}, TokenResponseInvalid, "no access_token"),
-        (200, {"access_token": "", "token_type": "Bearer"}, TokenResponseInvalid, "no access_token"),
+        (
+            200,
+            {"access_token": "", "token_type": "Bearer"},
+            TokenResponseInvalid,
+            "no access_token",
+        ),
         (200, {"access_token": "a", "token_type": "mac"}, TokenResponseInvalid, "only Bearer"),
         (200, {"access_token": "a"}, TokenResponseInvalid, "only Bearer"),
     ],

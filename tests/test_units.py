@@ -5,7 +5,15 @@ from proxy.units import parse_duration, parse_share, parse_size
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("30s", 30.0), ("5m", 300.0), ("250ms", 0.25), ("1h", 3600.0), (12, 12.0), ("1.5s", 1.5), ("7", 7.0)],
+    [
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("250ms", 0.25),
+        ("1h", 3600.0),
+        (12, 12.0),
+        ("1.5s", 1.5),
+        ("7", 7.0),
+    ],
 )
 def test_durations(text: object, seconds: float) -> None:
     assert parse_duration(text) == seconds
@@ -18,7 +26,8 @@ def test_bad_durations(text: object) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("1MiB", 1048576), ("512KiB", 524288), (100, 100), ("64KB", 64000), ("1GiB", 1 << 30)]
+    ("text", "size"),
+    [("1MiB", 1048576), ("512KiB", 524288), (100, 100), ("64KB", 64000), ("1GiB", 1 << 30)],
 )
 def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size

@@ -1,0 +1,121 @@
+"""The authproxy command, run as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+
+from proxy.fakes import FakePartner, FakeTokenEndpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_check_accepts_the_shipped_example() -> None:
+    code, out, _ = await run(
+        "check", "--config", "proxy.yaml", env={"ACME_CLIENT_ID": "x", "ACME_CLIENT_SECRET": "y"}
+    )
+    assert code == 0
+    assert "OK (1 clients, 2 routes)" in out
+
+
+async def test_check_names_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "clients:\n  a:\n    token_url: https://t/x\n    client_id: i\n    client_secret: s\n"
+        "routes:\n  - match: {path_prefix: /a/}\n    upstream: https://u/\n    client: b\n"
+    )
+    code, _, err = await run("check", "--config", str(bad))
+    assert code == 1
+    assert f"{bad}:9: routes[0].client: no client named 'b'" in err
+    assert "Traceback" not in err
+
+
+async def test_check_uses_env_var_for_the_path(tmp_path: Path) -> None:
+    code, _, err = await run("check", env={"AUTHPROXY_CONFIG": str(tmp_path / "none.yaml")})
+    assert code == 1 and "none.yaml: cannot read the config file" in err
+
+
+async def test_demo_runs_and_exits_zero() -> None:
+    code, out, err = await run("demo")
+    assert code == 0, out + err
+    assert "demo OK: 2 mints" in out
+
+
+async def test_serve_proxies_logs_and_stops_on_sigterm(tmp_path: Path) -> None:
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    partner = FakePartner(tokens)
+    await partner.start()
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:0
+clients:
+  demo:
+    token_url: {tokens.token_url}
+    client_id: ${{DEMO_ID}}
+    client_secret_file: {tmp_path / "secret"}
+routes:
+  - match: {{path_prefix: /demo/}}
+    upstream: {partner.url}/v2/
+    client: demo
+""")
+    (tmp_path / "secret").write_text("demo-secret\n")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        "serve",
+        "--config",
+        str(config),
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DEMO_ID": "demo-client"},
+    )
+    try:
+        assert process.stderr is not None
+        lines: list[dict[str, object]] = []
+        while not any(line["event"] == "listening" for line in lines):
+            raw = await asyncio.wait_for(process.stderr.readline(), 30)
+            assert raw, "proxy exited before listening"
+            lines.append(json.loads(raw))
+        port = lines[-1]["port"]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/demo/x") as response,
+        ):
+            assert response.status == 200
+        assert tokens.mint_count == 1
+        process.send_signal(signal.SIGTERM)
+        rest = await asyncio.wait_for(process.stderr.read(), 30)
+        assert await asyncio.wait_for(process.wait(), 30) == 0
+        text = rest.decode()
+        assert '"event": "access"' in text and '"event": "stopped"' in text
+        assert tokens.issued[0] not in text and "demo-secret" not in text
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await partner.stop()
+        await tokens.stop()
