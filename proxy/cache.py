@@ -1,16 +1,23 @@
 """Where tokens are kept between requests: a small protocol and its backends.
 
-The cache is the shared store (this process for ``memory``; every worker and
-replica for Redis, in a later backend). It knows nothing of minting: the
-single-flight logic in source.py wraps it.
+The cache is the shared store: this process (:class:`MemoryTokenCache`), the
+workers of one host (:class:`~proxy.file_cache.FileTokenCache`), or every
+worker of every replica (:class:`~proxy.redis_cache.RedisTokenCache`). It
+knows nothing of minting; the single-flight logic in source.py wraps it and
+uses :meth:`TokenCache.mint_lock` so that only one process mints at a time.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
+from .errors import CacheUnavailable
+from .log import get_logger
 from .token import Token
 
 CacheKey = tuple[str, str]
@@ -21,9 +28,43 @@ def cache_key(client: str, scope: str | None) -> CacheKey:
     return (client, scope or "")
 
 
+def key_digest(key: CacheKey) -> str:
+    """A fixed-length, character-safe name for ``key`` (file names, Redis keys)."""
+    return hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:32]
+
+
+def encode_token(token: Token) -> bytes:
+    return json.dumps(
+        {
+            "access_token": token.access_token,
+            "minted_at": token.minted_at,
+            "expires_at": token.expires_at,
+            "refresh_at": token.refresh_at,
+            "scope": token.scope,
+            "lifetime": token.lifetime,
+        }
+    ).encode()
+
+
+def decode_token(raw: bytes | str) -> Token | None:
+    """The token in ``raw``, or ``None`` for anything malformed (treated as a miss)."""
+    try:
+        data = json.loads(raw)
+        return Token(
+            access_token=str(data["access_token"]),
+            minted_at=float(data["minted_at"]),
+            expires_at=float(data["expires_at"]),
+            refresh_at=float(data["refresh_at"]),
+            scope=data.get("scope"),
+            lifetime=float(data.get("lifetime", 0.0)),
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class TokenCache(Protocol):
     """A store of one token per :data:`CacheKey`. Implementations are safe to
-    use from many concurrent tasks."""
+    use from many concurrent tasks (and, for shared backends, processes)."""
 
     async def get(self, key: CacheKey) -> Token | None:
         """The stored token, or ``None``. May return an expired token; callers check."""
@@ -33,11 +74,21 @@ class TokenCache(Protocol):
 
     async def invalidate(self, key: CacheKey, token: Token) -> None:
         """Forget ``token`` if, and only if, it is still the one stored for ``key``
-        (a newer token that another task already stored is kept)."""
+        (a newer token that someone else already stored is kept)."""
+
+    def mint_lock(self, key: CacheKey) -> AbstractAsyncContextManager[None]:
+        """Held around "check again, mint, store" so that only one holder per key
+        mints at a time across everyone sharing this cache."""
+
+
+@asynccontextmanager
+async def _no_lock() -> AsyncIterator[None]:
+    yield
 
 
 class MemoryTokenCache:
-    """In-process backend: a dict. Expired entries are dropped as they are read."""
+    """In-process backend: a dict. Single-flight within the process is done by
+    the source, so its mint lock is a no-op."""
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._tokens: dict[CacheKey, Token] = {}
@@ -57,3 +108,102 @@ class MemoryTokenCache:
         current = self._tokens.get(key)
         if current is not None and current.access_token == token.access_token:
             del self._tokens[key]
+
+    def mint_lock(self, key: CacheKey) -> AbstractAsyncContextManager[None]:
+        return _no_lock()
+
+
+class FallbackTokenCache:
+    """A shared backend that degrades to an in-process one while it is down.
+
+    Any :class:`~proxy.errors.CacheUnavailable` from ``primary`` switches to
+    ``fallback`` (still single-flight within this process), logs one warning
+    for the outage, and tries ``primary`` again at most every
+    ``retry_interval`` seconds; the first success logs the recovery. A Redis
+    outage therefore never becomes a 5xx while the token endpoint works.
+    ``up`` tells the current state (a metric reads it).
+    """
+
+    def __init__(
+        self,
+        primary: TokenCache,
+        fallback: TokenCache,
+        *,
+        name: str = "redis",
+        retry_interval: float = 1.0,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.primary = primary
+        self.fallback = fallback
+        self.up = True
+        self._name = name
+        self._retry_interval = retry_interval
+        self._monotonic = monotonic
+        self._retry_at = 0.0
+
+    def _use_primary(self) -> bool:
+        return self.up or self._monotonic() >= self._retry_at
+
+    def _failed(self, exc: Exception) -> None:
+        self._retry_at = self._monotonic() + self._retry_interval
+        if self.up:
+            self.up = False
+            get_logger("proxy.cache").warning(
+                "cache_backend_down",
+                backend=self._name,
+                reason=str(exc),
+                fallback="memory (per process) until it is back",
+            )
+
+    def _succeeded(self) -> None:
+        if not self.up:
+            self.up = True
+            get_logger("proxy.cache").warning("cache_backend_up", backend=self._name)
+
+    async def get(self, key: CacheKey) -> Token | None:
+        if self._use_primary():
+            try:
+                token = await self.primary.get(key)
+            except CacheUnavailable as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+                return token
+        return await self.fallback.get(key)
+
+    async def put(self, key: CacheKey, token: Token) -> None:
+        await self.fallback.put(key, token)  # kept locally too: ready for an outage
+        if self._use_primary():
+            try:
+                await self.primary.put(key, token)
+            except CacheUnavailable as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+
+    async def invalidate(self, key: CacheKey, token: Token) -> None:
+        await self.fallback.invalidate(key, token)
+        if self._use_primary():
+            try:
+                await self.primary.invalidate(key, token)
+            except CacheUnavailable as exc:
+                self._failed(exc)
+            else:
+                self._succeeded()
+
+    @asynccontextmanager
+    async def mint_lock(self, key: CacheKey) -> AsyncIterator[None]:
+        if self._use_primary():
+            lock = self.primary.mint_lock(key)
+            try:
+                await lock.__aenter__()
+            except CacheUnavailable as exc:
+                self._failed(exc)
+            else:
+                try:
+                    yield
+                finally:
+                    await lock.__aexit__(None, None, None)
+                return
+        async with self.fallback.mint_lock(key):
+            yield

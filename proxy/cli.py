@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help=help_config)
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides workers:)")
     check = commands.add_parser("check", help="validate the config and exit")
     check.add_argument("--config", help=help_config)
     commands.add_parser("demo", help="run a self-contained demo against local mock servers")
@@ -55,7 +57,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0
     configure_logging(args.log_level)
-    from .server import serve_forever
+    from .server import WORKER_PORT_ENV, serve_forever
+
+    workers = args.workers or config.workers
+    if workers > 1 and WORKER_PORT_ENV not in os.environ:
+        from .supervisor import Supervisor
+
+        try:
+            return Supervisor(config, path, workers).run()
+        except OSError as exc:
+            print(f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
+                  f"{exc.strerror}", file=sys.stderr)
+            return 1
 
     try:
         _run(serve_forever(config))

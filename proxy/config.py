@@ -35,6 +35,8 @@ DEFAULT_TOKEN_TIMEOUT: Final = 10.0  # whole mint exchange with the token endpoi
 DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chunks
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
+DEFAULT_LOCK_TTL: Final = 15.0  # a dead mint-lock holder blocks others at most this long
+MAX_WORKERS: Final = 64
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
 
@@ -88,6 +90,17 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Where tokens are shared. ``memory``: this host (across its workers);
+    ``redis``: every worker of every replica that uses the same Redis."""
+
+    backend: str = "memory"
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    key_prefix: str = "authproxy"
+    lock_ttl: float = DEFAULT_LOCK_TTL
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated proxy.yaml."""
 
@@ -96,6 +109,8 @@ class Config:
     clients: Mapping[str, ClientConfig]
     routes: tuple[RouteConfig, ...]
     trust_forwarded_headers: bool = False
+    workers: int = 1
+    cache: CacheConfig = CacheConfig()
     source: str = "<memory>"
 
 
@@ -414,6 +429,38 @@ def _parse_route(
     return route
 
 
+def _worker_count(value: object) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"expected a whole number of workers from 1 to {MAX_WORKERS}, got {value!r}")
+    return value
+
+
+def _redis_url(value: object) -> str:
+    text = str(value)
+    scheme = text.split("://", 1)[0] if "://" in text else ""
+    if scheme not in ("redis", "rediss", "unix"):
+        # Never echo the URL back: it may carry a password.
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return text
+
+
+def _parse_cache(reader: _Reader) -> CacheConfig:
+    backend = reader.string("backend", "memory")
+    if backend not in ("memory", "redis"):
+        raise reader.error("backend", f"expected memory or redis, got {backend!r}")
+    url = reader.convert("url", _redis_url, None)
+    if backend == "redis" and url is None:
+        raise reader.error("url", "is required for backend redis")
+    lock_ttl = reader.convert("lock_ttl", parse_duration, DEFAULT_LOCK_TTL)
+    if lock_ttl <= 0:
+        raise reader.error("lock_ttl", "must be greater than 0")
+    prefix = reader.string("key_prefix", "authproxy") or "authproxy"
+    reader.finish()
+    return CacheConfig(backend=backend, url=url, key_prefix=prefix, lock_ttl=lock_ttl)
+
+
 def parse_config(
     text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -454,12 +501,16 @@ def parse_config(
         )
         for i, item in enumerate(raw_routes)
     )
+    workers = top.convert("workers", _worker_count, 1)
+    cache = _parse_cache(top.child("cache")) if top.has("cache") else CacheConfig()
     config = Config(
         listen_host=listen[0],
         listen_port=listen[1],
         clients=clients,
         routes=routes,
         trust_forwarded_headers=top.boolean("trust_forwarded_headers", False),
+        workers=workers,
+        cache=cache,
         source=source,
     )
     top.finish()

@@ -9,6 +9,8 @@ contains a token, a client secret or an ``Authorization`` value.
 
     AuthProxyError
     ├── ConfigError                    bad proxy.yaml (never reaches an app)
+    ├── CacheUnavailable               the shared token cache failed (never reaches
+    │                                  an app: the proxy falls back to memory)
     └── RequestFailed                  answered to the app as JSON
         ├── BadRequest            400  malformed request target
         │   └── PathEscapesRoute  400  dot-segments climb out of the route
@@ -36,6 +38,11 @@ class AuthProxyError(Exception):
 
 class ConfigError(AuthProxyError):
     """The configuration is invalid; the message names the file, line and key."""
+
+
+class CacheUnavailable(AuthProxyError):
+    """A shared cache backend (Redis) failed or timed out. The message names the
+    operation and the error class, never the URL (it may carry a password)."""
 
 
 class RequestFailed(AuthProxyError):

@@ -161,21 +161,34 @@ class SharedTokenSource:
         """Adopt a usable token from the cache, else mint one and store it."""
         if reject is not None:
             await self._cache.invalidate(self.key, reject)
-        shared = await self._cache.get(self.key)
-        now = self._clock()
-        if (
-            shared is not None
-            and shared.valid(now)
-            and not shared.needs_refresh(now)
-            and (reject is None or shared.access_token != reject.access_token)
-        ):
+        shared = self._usable(await self._cache.get(self.key), reject)
+        if shared is not None:
             self.current = shared
             return shared
-        token = await self._minter.mint(self.key[1] or None)
-        self.mints += 1
-        await self._cache.put(self.key, token)
+        async with self._cache.mint_lock(self.key):
+            # Re-check under the lock: another process may have minted meanwhile.
+            shared = self._usable(await self._cache.get(self.key), reject)
+            if shared is not None:
+                self.current = shared
+                return shared
+            token = await self._minter.mint(self.key[1] or None)
+            self.mints += 1
+            await self._cache.put(self.key, token)
         self.current = token
         return token
+
+    def _usable(self, token: Token | None, reject: Token | None) -> Token | None:
+        """``token`` if it can be adopted instead of minting: valid, not due for
+        refresh, and not the one just declared expired."""
+        now = self._clock()
+        if (
+            token is not None
+            and token.valid(now)
+            and not token.needs_refresh(now)
+            and (reject is None or token.access_token != reject.access_token)
+        ):
+            return token
+        return None
 
     def _finished(self, task: asyncio.Task[Token], background: bool) -> None:
         if self._inflight is task:

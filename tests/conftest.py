@@ -6,9 +6,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -162,3 +169,157 @@ def _complete(data: bytes) -> bool:
 
 def raw_status(response: bytes) -> int:
     return int(response.split(b" ", 2)[1])
+
+
+# --------------------------------------------------------------------- Redis
+
+
+class RedisProcess:
+    """A private redis-server on a free loopback port, stoppable and restartable."""
+
+    def __init__(self, binary: str, directory: str) -> None:
+        self.binary = binary
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.directory],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if os.environ.get("AUTHPROXY_REQUIRE_REDIS"):
+            pytest.fail("redis-server is required here (AUTHPROXY_REQUIRE_REDIS) but not installed")
+        pytest.skip("no redis-server binary on this machine (apt-get install redis-server)")
+    return binary
+
+
+@pytest.fixture
+def redis_process(tmp_path: Any) -> Iterator[RedisProcess]:
+    server = RedisProcess(redis_binary(), str(tmp_path))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(tmp_path: Any) -> Iterator[str]:
+    """The CI-started Redis when there is one (AUTHPROXY_TEST_REDIS_URL), else a private one."""
+    shared = os.environ.get("AUTHPROXY_TEST_REDIS_URL")
+    if shared:
+        yield shared
+        return
+    server = RedisProcess(redis_binary(), str(tmp_path))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+# ------------------------------------------------------ proxies as processes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class ProxyProcess:
+    """``python -m proxy serve`` as a child process; its JSON log lines are collected."""
+
+    def __init__(self, config_text: str, directory: Path, name: str) -> None:
+        self.config = directory / f"{name}.yaml"
+        self.config.write_text(config_text)
+        self.process: asyncio.subprocess.Process | None = None
+        self.lines: list[dict[str, Any]] = []
+        self.port = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._listening = asyncio.Event()
+
+    async def start(self, *extra: str) -> None:
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--config", str(self.config), *extra,
+            cwd=ROOT, stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        )
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        await asyncio.wait_for(self._listening.wait(), 30)
+
+    async def _read(self) -> None:
+        assert self.process is not None and self.process.stderr is not None
+        while raw := await self.process.stderr.readline():
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"event": "non_json", "text": raw.decode(errors="replace")}
+            self.lines.append(line)
+            if line.get("event") in ("supervisor_listening", "listening") and not self.port:
+                self.port = int(line["port"])
+                self._listening.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    async def wait_for(self, name: str, count: int = 1, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.events(name)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {count} x {name!r} in {self.lines[-20:]}")
+            await asyncio.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), 40)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+        if self._reader is not None:
+            await asyncio.wait_for(self._reader, 10)
+        return self.process.returncode or 0
+
+
+@pytest.fixture
+async def proxy_processes(tmp_path: Path) -> AsyncIterator[Callable[[str], ProxyProcess]]:
+    made: list[ProxyProcess] = []
+
+    def factory(config_text: str) -> ProxyProcess:
+        process = ProxyProcess(config_text, tmp_path, f"proxy{len(made)}")
+        made.append(process)
+        return process
+
+    yield factory
+    for process in made:
+        await process.stop()

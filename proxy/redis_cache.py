@@ -1,0 +1,124 @@
+"""Redis token cache: one live token per (client, scope) across every worker
+and replica that shares the Redis.
+
+Layout (``<p>`` is ``key_prefix``, ``<k>`` the key's digest):
+
+- ``<p>:token:<k>``: the token as JSON, with a TTL equal to its remaining life.
+- ``<p>:lock:<k>``: the mint lock, ``SET NX PX lock_ttl`` with a random value;
+  released only by its holder (compare-and-delete in Lua). A holder that dies
+  blocks the others at most ``lock_ttl``.
+
+Every redis-py error or timeout is translated, here and once, into
+:class:`~proxy.errors.CacheUnavailable`; the fallback wrapper in cache.py
+decides what to do about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar
+
+import redis.asyncio as aioredis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+from redis.retry import Retry
+
+from .cache import CacheKey, decode_token, encode_token, key_digest
+from .errors import CacheUnavailable
+from .token import Token
+
+T = TypeVar("T")
+
+OP_TIMEOUT: Final = 0.5  # seconds; a slow Redis must not stall mints for long
+LOCK_POLL: Final = 0.025  # seconds between tries for a held mint lock
+
+# Delete KEYS[1] only if it still holds ARGV[1] (the lock's value).
+_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+# Delete KEYS[1] only if its token is still ARGV[1]: a newer token is kept.
+_INVALIDATE = (
+    "local v = redis.call('GET', KEYS[1]) "
+    "if v and cjson.decode(v)['access_token'] == ARGV[1] then "
+    "return redis.call('DEL', KEYS[1]) end return 0"
+)
+
+
+class RedisTokenCache:
+    """Safe for concurrent use by many tasks; one connection pool per process."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "authproxy",
+        lock_ttl: float = 15.0,
+        clock: Callable[[], float] = time.time,
+        op_timeout: float = OP_TIMEOUT,
+    ) -> None:
+        self._redis: Any = aioredis.Redis.from_url(
+            url,
+            socket_timeout=op_timeout,
+            socket_connect_timeout=op_timeout,
+            retry=Retry(NoBackoff(), 0),  # fail fast: the fallback is the retry
+        )
+        self._prefix = key_prefix
+        self._lock_ttl_ms = max(1, int(lock_ttl * 1000))
+        self._clock = clock
+        self._release = self._redis.register_script(_RELEASE)
+        self._invalidate = self._redis.register_script(_INVALIDATE)
+
+    def _token_key(self, key: CacheKey) -> str:
+        return f"{self._prefix}:token:{key_digest(key)}"
+
+    def _lock_key(self, key: CacheKey) -> str:
+        return f"{self._prefix}:lock:{key_digest(key)}"
+
+    async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
+        try:
+            return await awaitable
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise CacheUnavailable(f"redis {operation} failed: {type(exc).__name__}") from None
+
+    async def get(self, key: CacheKey) -> Token | None:
+        raw = await self._call("GET", self._redis.get(self._token_key(key)))
+        return decode_token(raw) if raw is not None else None
+
+    async def put(self, key: CacheKey, token: Token) -> None:
+        ttl_ms = math.ceil((token.expires_at - self._clock()) * 1000)
+        if ttl_ms <= 0:
+            return
+        await self._call(
+            "SET", self._redis.set(self._token_key(key), encode_token(token), px=ttl_ms)
+        )
+
+    async def invalidate(self, key: CacheKey, token: Token) -> None:
+        await self._call(
+            "EVAL invalidate",
+            self._invalidate(keys=[self._token_key(key)], args=[token.access_token]),
+        )
+
+    @asynccontextmanager
+    async def mint_lock(self, key: CacheKey) -> AsyncIterator[None]:
+        name = self._lock_key(key)
+        value = secrets.token_hex(16)
+        while not await self._call(
+            "SET NX", self._redis.set(name, value, nx=True, px=self._lock_ttl_ms)
+        ):
+            await asyncio.sleep(LOCK_POLL)
+        try:
+            yield
+        finally:
+            try:
+                await self._call("EVAL release", self._release(keys=[name], args=[value]))
+            except CacheUnavailable:
+                pass  # the lock expires by itself after lock_ttl
+
+    async def ping(self) -> None:
+        await self._call("PING", self._redis.ping())
+
+    async def close(self) -> None:
+        await self._redis.aclose()

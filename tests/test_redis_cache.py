@@ -1,0 +1,92 @@
+"""The Redis backend against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from conftest import FakeClock, RedisProcess
+from proxy.cache import cache_key, key_digest
+from proxy.errors import CacheUnavailable
+from proxy.redis_cache import RedisTokenCache
+from proxy.token import make_token
+
+KEY = cache_key("acme", "read")
+
+
+@pytest.fixture
+async def prefix() -> str:
+    return f"test-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+async def cache(redis_url: str, prefix: str, clock: FakeClock) -> AsyncIterator[RedisTokenCache]:
+    backend = RedisTokenCache(redis_url, key_prefix=prefix, lock_ttl=0.5, clock=clock)
+    yield backend
+    await backend.close()
+
+
+async def test_put_get_with_ttl_of_remaining_life(
+    cache: RedisTokenCache, redis_url: str, prefix: str, clock: FakeClock
+) -> None:
+    token = make_token("t1", minted_at=clock(), lifetime=100, margin=30, refresh_ahead=0.1)
+    await cache.put(KEY, token)
+    assert await cache.get(KEY) == token
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        ttl = await client.pttl(f"{prefix}:token:{key_digest(KEY)}")
+        assert 69_000 < ttl <= 70_000
+    finally:
+        await client.aclose()
+
+
+async def test_invalidate_is_compare_and_delete(cache: RedisTokenCache, clock: FakeClock) -> None:
+    old = make_token("old", minted_at=clock(), lifetime=100, margin=0, refresh_ahead=0)
+    new = make_token("new", minted_at=clock(), lifetime=100, margin=0, refresh_ahead=0)
+    await cache.put(KEY, new)
+    await cache.invalidate(KEY, old)
+    assert await cache.get(KEY) == new
+    await cache.invalidate(KEY, new)
+    assert await cache.get(KEY) is None
+
+
+async def test_lock_excludes_and_expires(cache: RedisTokenCache, redis_url: str, prefix: str) -> None:
+    inside = 0
+    most = 0
+
+    async def hold() -> None:
+        nonlocal inside, most
+        async with cache.mint_lock(KEY):
+            inside += 1
+            most = max(most, inside)
+            await asyncio.sleep(0.02)
+            inside -= 1
+
+    await asyncio.gather(*(hold() for _ in range(10)))
+    assert most == 1
+    # A holder that never releases (it died) blocks others only for lock_ttl.
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(f"{prefix}:lock:{key_digest(KEY)}", "dead-holder", px=500)
+    finally:
+        await client.aclose()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with cache.mint_lock(KEY):
+        waited = loop.time() - started
+    assert 0.3 < waited < 2.0
+
+
+async def test_unreachable_redis_raises_cache_unavailable(
+    redis_process: RedisProcess, clock: FakeClock
+) -> None:
+    cache = RedisTokenCache(redis_process.url, lock_ttl=1, clock=clock)
+    redis_process.stop()
+    with pytest.raises(CacheUnavailable, match="redis GET failed") as info:
+        await cache.get(KEY)
+    assert str(redis_process.port) not in str(info.value)
+    await cache.close()
