@@ -66,8 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return Supervisor(config, path, workers).run()
         except OSError as exc:
-            print(f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
-                  f"{exc.strerror}", file=sys.stderr)
+            print(
+                f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
+                f"{exc.strerror}",
+                file=sys.stderr,
+            )
             return 1
 
     try:

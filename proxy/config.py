@@ -433,7 +433,9 @@ def _worker_count(value: object) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise ValueError(f"expected a whole number of workers from 1 to {MAX_WORKERS}, got {value!r}")
+        raise ValueError(
+            f"expected a whole number of workers from 1 to {MAX_WORKERS}, got {value!r}"
+        )
     return value
 
 

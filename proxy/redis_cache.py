@@ -38,7 +38,9 @@ OP_TIMEOUT: Final = 0.5  # seconds; a slow Redis must not stall mints for long
 LOCK_POLL: Final = 0.025  # seconds between tries for a held mint lock
 
 # Delete KEYS[1] only if it still holds ARGV[1] (the lock's value).
-_RELEASE = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+_RELEASE = (
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
+)
 # Delete KEYS[1] only if its token is still ARGV[1]: a newer token is kept.
 _INVALIDATE = (
     "local v = redis.call('GET', KEYS[1]) "
@@ -105,9 +107,14 @@ class RedisTokenCache:
     async def mint_lock(self, key: CacheKey) -> AsyncIterator[None]:
         name = self._lock_key(key)
         value = secrets.token_hex(16)
-        while not await self._call(
-            "SET NX", self._redis.set(name, value, nx=True, px=self._lock_ttl_ms)
-        ):
+        # Other processes and hosts hold this lock, so there is no local event to wait on:
+        # poll. The caller bounds the wait (the client's timeout); the lock's TTL bounds a
+        # dead holder.
+        while True:
+            if await self._call(
+                "SET NX", self._redis.set(name, value, nx=True, px=self._lock_ttl_ms)
+            ):
+                break
             await asyncio.sleep(LOCK_POLL)
         try:
             yield

@@ -81,9 +81,7 @@ def build_table(config: Config, sources: TokenSources) -> RouteTable:
     return RouteTable(config, runtimes)
 
 
-def build_cache(
-    config: Config, runtime_dir: str | None, clock: Callable[[], float]
-) -> TokenCache:
+def build_cache(config: Config, runtime_dir: str | None, clock: Callable[[], float]) -> TokenCache:
     """The token cache the config asks for.
 
     ``memory`` with one worker is a dict; with several workers (``runtime_dir``

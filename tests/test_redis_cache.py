@@ -54,7 +54,9 @@ async def test_invalidate_is_compare_and_delete(cache: RedisTokenCache, clock: F
     assert await cache.get(KEY) is None
 
 
-async def test_lock_excludes_and_expires(cache: RedisTokenCache, redis_url: str, prefix: str) -> None:
+async def test_lock_excludes_and_expires(
+    cache: RedisTokenCache, redis_url: str, prefix: str
+) -> None:
     inside = 0
     most = 0
 
