@@ -31,6 +31,17 @@ QUICK_DEATH: Final = 2.0  # a worker dying sooner than this after start counts a
 log = get_logger("proxy.supervisor")
 
 
+def runtime_base() -> str | None:
+    """Where the workers' shared token files go: ``$AUTHPROXY_RUNTIME_BASE``, else
+    ``/dev/shm`` (memory, never written to disk) when writable, else the temp dir."""
+    chosen = os.environ.get("AUTHPROXY_RUNTIME_BASE")
+    if chosen:
+        return chosen
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK | os.X_OK):  # noqa: S108
+        return "/dev/shm"  # noqa: S108 - mkdtemp makes a private 0700 directory inside
+    return None
+
+
 def reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) so that port 0 becomes a concrete port shared
     by the workers; a bound, non-listening socket receives no connections."""
@@ -74,7 +85,7 @@ class Supervisor:
     def run(self) -> int:
         reserved = reserve_port(self.config.listen_host, self.config.listen_port)
         port = reserved.getsockname()[1]
-        runtime = tempfile.mkdtemp(prefix="authproxy-")  # mode 0700: tokens live here
+        runtime = tempfile.mkdtemp(prefix="authproxy-", dir=runtime_base())  # 0700: tokens
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)

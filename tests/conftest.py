@@ -186,9 +186,10 @@ def raw_status(response: bytes) -> int:
 class RedisProcess:
     """A private redis-server on a free loopback port, stoppable and restartable."""
 
-    def __init__(self, binary: str, directory: str) -> None:
+    def __init__(self, binary: str, directory: str, *extra: str) -> None:
         self.binary = binary
         self.directory = directory
+        self.extra = extra
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -210,6 +211,7 @@ class RedisProcess:
                 "no",
                 "--dir",
                 self.directory,
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import secrets
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
-from conftest import FakeClock, RedisProcess
+from conftest import FakeClock, RedisProcess, StackFactory, redis_binary
 from proxy.cache import cache_key, key_digest
 from proxy.errors import CacheUnavailable
 from proxy.redis_cache import RedisTokenCache
@@ -92,3 +95,32 @@ async def test_unreachable_redis_raises_cache_unavailable(
         await cache.get(KEY)
     assert str(redis_process.port) not in str(info.value)
     await cache.close()
+
+
+@pytest.mark.parametrize("password", ["right-pass-7f3a", "wrong-pass-9c1e"])
+async def test_acl_password_is_used_and_never_logged(
+    password: str, tmp_path: Path, make_stack: StackFactory, log_stream: io.StringIO
+) -> None:
+    server = RedisProcess(redis_binary(), str(tmp_path), "--requirepass", "right-pass-7f3a")
+    server.start()
+    try:
+        url = f"redis://default:{password}@127.0.0.1:{server.port}/0"
+        stack = await make_stack(top=f"cache: {{backend: redis, url: '{url}', key_prefix: acl}}")
+        for _ in range(3):
+            async with stack.http.get(stack.url("/demo/x")) as response:
+                assert response.status == 200  # a Redis it cannot use never fails a request
+        assert stack.tokens.mint_count == 1
+        admin = aioredis.Redis(port=server.port, password="right-pass-7f3a")
+        try:
+            stored = await admin.keys("acl:token:*")
+        finally:
+            await admin.aclose()
+        events = [line["event"] for line in map(json.loads, log_stream.getvalue().splitlines())]
+        if password == "right-pass-7f3a":
+            assert len(stored) == 1 and "cache_backend_down" not in events
+        else:
+            assert stored == [] and events.count("cache_backend_down") == 1
+        assert password not in log_stream.getvalue()
+        assert password not in repr(stack.config)
+    finally:
+        server.stop()
