@@ -20,17 +20,26 @@ from .errors import CacheUnavailable
 from .log import get_logger
 from .token import Token
 
-CacheKey = tuple[str, str]
-"""(client name, scope); the scope is ``""`` when the client sends none."""
+CacheKey = tuple[str, str, str]
+"""(client name, scope, credentials fingerprint); the scope is ``""`` when the
+client sends none. The fingerprint changes when the client's credentials or
+token endpoint change, so that a reload with new credentials never adopts a
+token minted with the old ones, in this process or any other."""
 
 
-def cache_key(client: str, scope: str | None) -> CacheKey:
-    return (client, scope or "")
+def cache_key(client: str, scope: str | None, fingerprint: str = "") -> CacheKey:
+    return (client, scope or "", fingerprint)
+
+
+def credentials_fingerprint(*parts: object) -> str:
+    """A short digest of what decides who a token belongs to (token URL, client
+    id, secret, auth method, extra parameters). Only digests are stored."""
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 def key_digest(key: CacheKey) -> str:
     """A fixed-length, character-safe name for ``key`` (file names, Redis keys)."""
-    return hashlib.sha256(f"{key[0]}\0{key[1]}".encode()).hexdigest()[:32]
+    return hashlib.sha256("\0".join(key).encode()).hexdigest()[:32]
 
 
 def encode_token(token: Token) -> bytes:
@@ -132,8 +141,10 @@ class FallbackTokenCache:
         name: str = "redis",
         retry_interval: float = 1.0,
         monotonic: Callable[[], float] = time.monotonic,
+        on_state: Callable[[bool], None] | None = None,
     ) -> None:
         self.primary = primary
+        self._on_state = on_state
         self.fallback = fallback
         self.up = True
         self._name = name
@@ -148,6 +159,8 @@ class FallbackTokenCache:
         self._retry_at = self._monotonic() + self._retry_interval
         if self.up:
             self.up = False
+            if self._on_state is not None:
+                self._on_state(False)
             get_logger("proxy.cache").warning(
                 "cache_backend_down",
                 backend=self._name,
@@ -158,6 +171,8 @@ class FallbackTokenCache:
     def _succeeded(self) -> None:
         if not self.up:
             self.up = True
+            if self._on_state is not None:
+                self._on_state(True)
             get_logger("proxy.cache").warning("cache_backend_up", backend=self._name)
 
     async def get(self, key: CacheKey) -> Token | None:

@@ -33,10 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     help_config = "config file (default: $AUTHPROXY_CONFIG, then ./proxy.yaml)"
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", help=help_config)
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", help="overrides log.level")
     serve.add_argument("--workers", type=int, help="worker processes (overrides workers:)")
     check = commands.add_parser("check", help="validate the config and exit")
     check.add_argument("--config", help=help_config)
+    token = commands.add_parser(
+        "token", help="mint one token for CLIENT and print its metadata (never the token)"
+    )
+    token.add_argument("client")
+    token.add_argument("--config", help=help_config)
+    token.add_argument("--scope", help="scope to ask for (default: the client's)")
     commands.add_parser("demo", help="run a self-contained demo against local mock servers")
     return parser
 
@@ -56,7 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0
-    configure_logging(args.log_level)
+    if args.command == "token":
+        from .tokeninfo import inspect_token
+
+        configure_logging("warning")  # the mint line goes to stderr; stdout is the JSON
+        return int(_run(inspect_token(config, args.client, args.scope)))
+    configure_logging(args.log_level or config.log.level, log_format=config.log.format)
     from .server import WORKER_PORT_ENV, serve_forever
 
     workers = args.workers or config.workers

@@ -36,6 +36,9 @@ DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chu
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
 DEFAULT_LOCK_TTL: Final = 15.0  # a dead mint-lock holder blocks others at most this long
+DEFAULT_SHUTDOWN_GRACE: Final = 20.0  # in-flight requests get this long to finish on SIGTERM
+LOG_FORMATS: Final = frozenset({"json", "console"})
+LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
 MAX_WORKERS: Final = 64
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
@@ -58,6 +61,7 @@ class ClientConfig:
     remint_min_interval: float = DEFAULT_REMINT_MIN_INTERVAL
     timeout: float = DEFAULT_TOKEN_TIMEOUT
     ca_file: str | None = None
+    warm: bool = False  # mint at start; /readyz waits for it
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,14 @@ class CacheConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``log:``: the level, and ``json`` for machines or ``console`` for a person."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated proxy.yaml."""
 
@@ -111,6 +123,10 @@ class Config:
     trust_forwarded_headers: bool = False
     workers: int = 1
     cache: CacheConfig = CacheConfig()
+    admin: tuple[str, int] | None = None  # (host, port) of the admin listener; off when None
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log: LogConfig = LogConfig()
+    access_log: bool = True
     source: str = "<memory>"
 
 
@@ -362,6 +378,7 @@ def _parse_client(name: str, reader: _Reader) -> ClientConfig:
         ),
         timeout=timeout,
         ca_file=reader.convert("ca_file", _readable_file, None),
+        warm=reader.boolean("warm", False),
     )
     reader.finish()
     return client
@@ -463,6 +480,19 @@ def _parse_cache(reader: _Reader) -> CacheConfig:
     return CacheConfig(backend=backend, url=url, key_prefix=prefix, lock_ttl=lock_ttl)
 
 
+def _parse_log(reader: _Reader) -> LogConfig:
+    level = (reader.string("level", "info") or "info").lower()
+    if level not in LOG_LEVELS:
+        raise reader.error(
+            "level", f"expected one of {', '.join(sorted(LOG_LEVELS))}, got {level!r}"
+        )
+    form = reader.string("format", "json") or "json"
+    if form not in LOG_FORMATS:
+        raise reader.error("format", f"expected json or console, got {form!r}")
+    reader.finish()
+    return LogConfig(level=level, format=form)
+
+
 def parse_config(
     text: str, source: str = "<memory>", environ: Mapping[str, str] | None = None
 ) -> Config:
@@ -505,6 +535,10 @@ def parse_config(
     )
     workers = top.convert("workers", _worker_count, 1)
     cache = _parse_cache(top.child("cache")) if top.has("cache") else CacheConfig()
+    admin = top.convert("admin", _parse_listen, None)
+    if admin is not None and admin == listen and admin[1] != 0:
+        raise top.error("admin", "must not be the same address as listen")
+    grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
     config = Config(
         listen_host=listen[0],
         listen_port=listen[1],
@@ -513,6 +547,10 @@ def parse_config(
         trust_forwarded_headers=top.boolean("trust_forwarded_headers", False),
         workers=workers,
         cache=cache,
+        admin=admin,
+        shutdown_grace=grace,
+        log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
+        access_log=top.boolean("access_log", True),
         source=source,
     )
     top.finish()

@@ -30,8 +30,9 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .headers import downstream_response_headers, upstream_request_headers
+from .headers import downstream_response_headers, request_id, upstream_request_headers
 from .log import get_logger
+from .metrics import UNROUTED, Metrics, RouteMetrics
 from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream_url
 from .session import ssl_context
 from .source import SharedTokenSource
@@ -51,6 +52,7 @@ class RouteRuntime:
     ssl: Any
     timeout: aiohttp.ClientTimeout
     reads_401_body: bool
+    metrics: RouteMetrics
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class Exchange:
     """Facts about one request, for the access log."""
 
     route: str | None = None
+    request_id: str = ""
     upstream_status: int | None = None
     replayed: bool = False
     waited_for_mint: bool = False
@@ -152,10 +155,13 @@ class RouteTable:
         )
 
 
-def json_error(exc: RequestFailed) -> web.Response:
+def json_error(exc: RequestFailed, request_id: str | None = None) -> web.Response:
+    body = exc.as_json()
+    if request_id:
+        body["request_id"] = request_id
     return web.Response(
         status=exc.status,
-        body=json.dumps(exc.as_json()).encode(),
+        body=json.dumps(body).encode(),
         content_type="application/json",
     )
 
@@ -168,17 +174,27 @@ class Forwarder:
     """The proxy's request handler. ``table`` may be replaced at any time (reload);
     a request in flight keeps the table it started with."""
 
-    def __init__(
-        self, table: RouteTable, session: aiohttp.ClientSession, *, access_log: bool = True
-    ) -> None:
+    def __init__(self, table: RouteTable, session: aiohttp.ClientSession, metrics: Metrics) -> None:
         self.table = table
         self._session = session
-        self._access_log = access_log
+        self._metrics = metrics
+        self._unrouted = metrics.for_route(UNROUTED)
+        self.inflight = 0
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.monotonic()
-        facts = Exchange()
-        table = self.table
+        self.inflight += 1
+        self._metrics.inflight.inc()
+        try:
+            return await self._handle(request, started)
+        finally:
+            self.inflight -= 1
+            self._metrics.inflight.dec()
+
+    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+        table = self.table  # a reload swaps self.table; this request keeps its own
+        facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
+        route_metrics = self._unrouted
         try:
             target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
             matched = table.router.match(target)
@@ -187,10 +203,11 @@ class Forwarder:
                 raise NoRoute(f"no route matches {where}path {target.path[:200]!r}")
             route, runtime = matched
             facts.route = route.name
+            route_metrics = runtime.metrics
             url = upstream_url(route, runtime.base, target)
             response = await self._exchange(request, runtime, url, target, table, facts)
         except RequestFailed as exc:
-            response = json_error(exc)
+            response = json_error(exc, facts.request_id)
             facts.extra["error"] = exc.code
             if exc.status >= 500:
                 events.warning(
@@ -199,16 +216,20 @@ class Forwarder:
                     error=exc.code,
                     status=exc.status,
                     reason=exc.message,
+                    request_id=facts.request_id,
                 )
-        if self._access_log:
+        duration = time.monotonic() - started
+        route_metrics.finished(response.status, duration)
+        if table.config.access_log:
             log.info(
                 "access",
+                request_id=facts.request_id,
                 route=facts.route,
                 method=request.method,
                 path=request.path if not request.raw_path.startswith("http") else None,
                 status=response.status,
                 upstream_status=facts.upstream_status,
-                duration_ms=round((time.monotonic() - started) * 1000, 2),
+                duration_ms=round(duration * 1000, 2),
                 replayed=facts.replayed,
                 minted=facts.waited_for_mint,
                 **facts.extra,
@@ -240,6 +261,7 @@ class Forwarder:
             request.headers.items(),
             upstream_host=runtime.base.host_header,
             authorization=_bearer(token),
+            request_id=facts.request_id,
             client_ip=request.remote,
             inbound_host=target.authority,
             inbound_proto=request.scheme,
@@ -289,6 +311,7 @@ class Forwarder:
                 # connection carries a half-sent request and must not be reused.
                 upstream.close()
             if not await tee.finish():
+                runtime.metrics.too_large.inc()
                 runtime.source.forget(failed)
                 facts.replay = "too_large"
                 facts.extra["replay"] = "too_large"
@@ -311,8 +334,10 @@ class Forwarder:
             exc.message = f"route {route.name!r}: {exc.message}"
             raise
         if fresh is None:
+            runtime.metrics.passed_through.inc()
             facts.extra["replay"] = "suppressed"
             return None
+        runtime.metrics.replayed.inc()
         facts.waited_for_mint = runtime.source.mints != mints_before
         upstream.release()  # its connection goes back to the pool if the 401 was read whole
         headers = [
@@ -332,8 +357,9 @@ class Forwarder:
         tee: BodyTee | None = None,
     ) -> aiohttp.ClientResponse:
         route = runtime.config
+        started = time.monotonic()
         try:
-            return await self._session.request(
+            response = await self._session.request(
                 outbound.method,
                 URL(outbound.url, encoded=True),
                 headers=CIMultiDict(outbound.headers),
@@ -369,6 +395,8 @@ class Forwarder:
                 route=route.name,
                 client=route.client,
             ) from None
+        runtime.metrics.upstream.observe(time.monotonic() - started)
+        return response
 
     async def _relay(
         self,
@@ -433,7 +461,7 @@ def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=route.connect_timeout, sock_read=route.timeout)
 
 
-def route_runtime(route: RouteConfig, source: SharedTokenSource) -> RouteRuntime:
+def route_runtime(route: RouteConfig, source: SharedTokenSource, metrics: Metrics) -> RouteRuntime:
     return RouteRuntime(
         config=route,
         base=UpstreamBase.parse(route.upstream),
@@ -441,4 +469,5 @@ def route_runtime(route: RouteConfig, source: SharedTokenSource) -> RouteRuntime
         ssl=ssl_context(route.ca_file),
         timeout=route_timeout(route),
         reads_401_body=route.expired_token.body is not None,
+        metrics=metrics.for_route(route.name),
     )

@@ -3,6 +3,8 @@ what the proxy sets."""
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Iterable
 from typing import Final
 
@@ -47,11 +49,24 @@ def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return frozenset(named)
 
 
+REQUEST_ID_HEADER: Final = "X-Request-Id"
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def request_id(inbound: str | None) -> str:
+    """The app's ``X-Request-Id`` when it is a sane token (visible characters,
+    at most 128), else a new random one: it goes upstream and into the access log."""
+    if inbound is not None and _REQUEST_ID.fullmatch(inbound):
+        return inbound
+    return uuid.uuid4().hex
+
+
 def upstream_request_headers(
     headers: Iterable[tuple[str, str]],
     *,
     upstream_host: str,
     authorization: str,
+    request_id: str,
     client_ip: str | None,
     inbound_host: str | None,
     inbound_proto: str,
@@ -82,8 +97,11 @@ def upstream_request_headers(
         if lower == "via":
             via.append(value)
             continue
+        if lower == "x-request-id":
+            continue  # replaced by the checked one below
         out.append((name, value))
     out.append(("Authorization", authorization))
+    out.append((REQUEST_ID_HEADER, request_id))
     if client_ip:
         out.append(("X-Forwarded-For", ", ".join([*prior_xff, client_ip])))
     out.append(("X-Forwarded-Proto", inbound_proto))

@@ -10,6 +10,7 @@ locals, and locals hold tokens.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
@@ -30,23 +31,70 @@ def redact_secrets(
     return event_dict
 
 
-def configure_logging(level: str = "info", stream: TextIO | None = None) -> None:
-    """Route structlog to ``stream`` (stderr by default) as JSON lines.
+class LineWriter:
+    """Writes each rendered line with one ``write(2)`` of line + newline.
+
+    Several workers share one stderr pipe; a line written in two calls (as
+    ``print`` does) can interleave with another worker's. One write of up to
+    PIPE_BUF bytes is atomic on a pipe.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        try:
+            self._fd: int | None = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.StringIO in tests
+            self._fd = None
+
+    def msg(self, message: str) -> None:
+        line = message + "\n"
+        if self._fd is None:
+            self._stream.write(line)
+            return
+        data = line.encode("utf-8", "replace")
+        while data:
+            try:
+                written = os.write(self._fd, data)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # nowhere to log to (stderr closed): never fail a request for it
+            data = data[written:]
+
+    debug = info = warning = warn = error = critical = exception = msg
+
+
+def configure_logging(
+    level: str = "info", stream: TextIO | None = None, log_format: str = "json"
+) -> None:
+    """Route structlog to ``stream`` (stderr by default): JSON lines for
+    machines, or structlog's console renderer for a person at a terminal.
 
     Safe to call again (tests and reloads do); the last call wins.
     """
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    out = stream or sys.stderr
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
+    else:
+        renderer = structlog.processors.JSONRenderer()
+    processors: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
+        redact_secrets,
+    ]
+    if log_format != "console":
+        processors.append(structlog.processors.format_exc_info)
+    processors.append(renderer)
+    writer = LineWriter(out)
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
-            redact_secrets,
-            structlog.processors.format_exc_info,
-            structlog.processors.JSONRenderer(),
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
 

@@ -8,26 +8,40 @@ and the listening socket. It is where the pieces are wired, and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Callable
-from typing import Final, cast
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp import web
 
-from .cache import CacheKey, FallbackTokenCache, MemoryTokenCache, TokenCache, cache_key
-from .config import ClientConfig, Config
+from .cache import (
+    FallbackTokenCache,
+    MemoryTokenCache,
+    TokenCache,
+    cache_key,
+    credentials_fingerprint,
+)
+from .config import ClientConfig, Config, load_config
+from .errors import CacheUnavailable, ConfigError, TokenError
 from .forward import Forwarder, RouteTable, route_runtime
-from .log import get_logger
+from .log import configure_logging, get_logger
+from .metrics import Metrics
 from .minter import ClientCredentialsMinter
 from .session import token_session, upstream_session
 from .source import SharedTokenSource
 
-SHUTDOWN_GRACE: Final = 20.0  # seconds in-flight requests get to finish on SIGTERM
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
+ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved
 RUNTIME_DIR_ENV: Final = "AUTHPROXY_RUNTIME_DIR"
+WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that keeps failing
+# Keys that shape sockets, processes or the shared cache: read at start only.
+RESTART_ONLY: Final = ("listen_host", "listen_port", "admin", "workers", "cache")
 
 log = get_logger("proxy.server")
 
@@ -42,22 +56,29 @@ class TokenSources:
     """One :class:`SharedTokenSource` per (client, scope), created on first use.
 
     Sources survive a reload for clients whose configuration did not change, so
-    their cached tokens are kept.
+    their cached tokens are kept. A client whose credentials changed gets a new
+    cache key (its fingerprint), so no process adopts a token of the old ones.
     """
 
     def __init__(
-        self, cache: TokenCache, session: aiohttp.ClientSession, clock: Callable[[], float]
+        self,
+        cache: TokenCache,
+        session: aiohttp.ClientSession,
+        clock: Callable[[], float],
+        metrics: Metrics,
     ) -> None:
         self._cache = cache
         self._session = session
         self._clock = clock
-        self._sources: dict[CacheKey, tuple[ClientConfig, SharedTokenSource]] = {}
+        self._metrics = metrics
+        self._sources: dict[tuple[str, str], tuple[ClientConfig, SharedTokenSource]] = {}
 
     def get(self, client: ClientConfig, scope: str | None) -> SharedTokenSource:
-        key = cache_key(client.name, scope)
-        known = self._sources.get(key)
+        name = (client.name, scope or "")
+        known = self._sources.get(name)
         if known is not None and known[0] == client:
             return known[1]
+        key = cache_key(client.name, scope, client_fingerprint(client))
         minter = ClientCredentialsMinter(client, self._session, self._clock)
         source = SharedTokenSource(
             key,
@@ -65,23 +86,47 @@ class TokenSources:
             self._cache,
             remint_min_interval=client.remint_min_interval,
             clock=self._clock,
+            events=self._metrics.for_client(client.name),
         )
-        self._sources[key] = (client, source)
+        if known is not None and known[1].key == key and known[1].current is not None:
+            source.current = known[1].current  # same credentials: keep the token in hand
+        self._sources[name] = (client, source)
         return source
 
-    def all(self) -> list[SharedTokenSource]:
-        return [source for _, source in self._sources.values()]
+    def keep_only(self, used: set[tuple[str, str]]) -> None:
+        """Forget sources no route uses any more (after a reload)."""
+        for name in list(self._sources):
+            if name not in used:
+                del self._sources[name]
+
+    def all(self) -> list[tuple[ClientConfig, SharedTokenSource]]:
+        return list(self._sources.values())
 
 
-def build_table(config: Config, sources: TokenSources) -> RouteTable:
+def client_fingerprint(client: ClientConfig) -> str:
+    """What decides whose token it is; a change means a new token."""
+    return credentials_fingerprint(
+        client.token_url, client.client_id, client.client_secret, client.auth_method, client.params
+    )
+
+
+def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> RouteTable:
     runtimes = {
-        route.name: route_runtime(route, sources.get(config.clients[route.client], route.scope))
+        route.name: route_runtime(
+            route, sources.get(config.clients[route.client], route.scope), metrics
+        )
         for route in config.routes
     }
+    sources.keep_only({(route.client, route.scope or "") for route in config.routes})
     return RouteTable(config, runtimes)
 
 
-def build_cache(config: Config, runtime_dir: str | None, clock: Callable[[], float]) -> TokenCache:
+def build_cache(
+    config: Config,
+    runtime_dir: str | None,
+    clock: Callable[[], float],
+    on_state: Callable[[bool], None] | None = None,
+) -> TokenCache:
     """The token cache the config asks for.
 
     ``memory`` with one worker is a dict; with several workers (``runtime_dir``
@@ -97,7 +142,7 @@ def build_cache(config: Config, runtime_dir: str | None, clock: Callable[[], flo
         primary = RedisTokenCache(
             settings.url, key_prefix=settings.key_prefix, lock_ttl=settings.lock_ttl, clock=clock
         )
-        return FallbackTokenCache(primary, MemoryTokenCache(clock))
+        return FallbackTokenCache(primary, MemoryTokenCache(clock), on_state=on_state)
     if runtime_dir is not None:
         from .file_cache import FileTokenCache
 
@@ -105,12 +150,29 @@ def build_cache(config: Config, runtime_dir: str | None, clock: Callable[[], flo
     return MemoryTokenCache(clock)
 
 
+@dataclass(slots=True)
+class ReloadResult:
+    ok: bool
+    message: str
+    restart_needed: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"reloaded": self.ok, "message": self.message}
+        if self.restart_needed:
+            body["restart_needed"] = self.restart_needed
+        return body
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
 class ProxyServer:
     """The running proxy. ``start()`` then ``stop()``; not restartable.
 
     ``clock`` is wall-clock seconds, injected by tests to move time. A worker
-    started by the supervisor passes ``port`` (the port the supervisor
-    reserved), ``reuse_port`` and its ``runtime_dir``.
+    started by the supervisor passes ``port`` and ``admin_port`` (the ports the
+    supervisor reserved), ``reuse_port`` and its ``runtime_dir``.
     """
 
     def __init__(
@@ -119,57 +181,222 @@ class ProxyServer:
         *,
         clock: Callable[[], float] = time.time,
         port: int | None = None,
+        admin_port: int | None = None,
         reuse_port: bool = False,
         runtime_dir: str | None = None,
+        supervised: bool = False,
     ) -> None:
         self.config = config
         self._clock = clock
         self._reuse_port = reuse_port
         self._runtime_dir = runtime_dir
+        self._supervised = supervised
         self.cache: TokenCache | None = None
+        self.metrics = Metrics()
         self._runner: web.ServerRunner | None = None
+        self._admin_runner: web.AppRunner | None = None
         self._upstream: aiohttp.ClientSession | None = None
         self._tokens: aiohttp.ClientSession | None = None
+        self._warming: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.sources: TokenSources | None = None
         self.forwarder: Forwarder | None = None
         self.port: int = config.listen_port if port is None else port
+        self.admin_port: int | None = (
+            admin_port if admin_port is not None else (config.admin[1] if config.admin else None)
+        )
+        self.draining = False
+        self.listening = False
 
     async def start(self) -> None:
         self._upstream = upstream_session()
         self._tokens = token_session()
-        self.cache = build_cache(self.config, self._runtime_dir, self._clock)
-        self.sources = TokenSources(self.cache, self._tokens, self._clock)
-        self.forwarder = Forwarder(build_table(self.config, self.sources), self._upstream)
+        self.cache = build_cache(
+            self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
+        )
+        self.sources = TokenSources(self.cache, self._tokens, self._clock, self.metrics)
+        self.forwarder = Forwarder(
+            build_table(self.config, self.sources, self.metrics), self._upstream, self.metrics
+        )
+        if self.config.admin is not None:
+            await self._start_admin(self.config.admin[0])
         server = web.Server(
             self.forwarder.handle,
             handler_cancellation=True,  # an app that goes away cancels its upstream request
             access_log=None,  # our own access line replaces aiohttp's
             auto_decompress=False,  # gzip request bodies pass through compressed
         )
-        self._runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_GRACE)
+        self._runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
         await self._runner.setup()
         site = web.TCPSite(
             self._runner, self.config.listen_host, self.port, reuse_port=self._reuse_port or None
         )
         await site.start()
         self.port = bound_port(site)
+        self.listening = True
+        self._warm()
         log.info(
             "listening",
             host=self.config.listen_host,
             port=self.port,
+            admin_port=self.admin_port,
             routes=[route.name for route in self.config.routes],
             config=self.config.source,
         )
 
+    async def _start_admin(self, host: str) -> None:
+        from .admin import admin_app
+
+        self._admin_runner = web.AppRunner(admin_app(self), access_log=None)
+        await self._admin_runner.setup()
+        site = web.TCPSite(
+            self._admin_runner, host, self.admin_port, reuse_port=self._reuse_port or None
+        )
+        await site.start()
+        self.admin_port = bound_port(site)
+
     @property
     def url(self) -> str:
-        host = self.config.listen_host
-        host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.port}"
+        return f"http://{_host(self.config.listen_host)}:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        assert self.config.admin is not None
+        return f"http://{_host(self.config.admin[0])}:{self.admin_port}"
+
+    # ------------------------------------------------------------ readiness
+
+    def _warm(self) -> None:
+        """Start one background mint per source of a ``warm: true`` client."""
+        assert self.sources is not None
+        loop = asyncio.get_running_loop()
+        for client, source in self.sources.all():
+            name = (client.name, source.key[1])
+            if client.warm and name not in self._warming:
+                self._warming[name] = loop.create_task(self._warm_one(source))
+
+    async def _warm_one(self, source: SharedTokenSource) -> None:
+        delay = 1.0
+        while True:
+            try:
+                await source.token()
+                return
+            except TokenError as exc:
+                log.warning("warm_failed", client=source.key[0], reason=exc.message)
+            await asyncio.sleep(delay)
+            delay = min(WARM_RETRY_MAX, delay * 2)
+
+    def ready_reason(self) -> str | None:
+        """Why this process should not get traffic now, or ``None`` when it should."""
+        if self.draining:
+            return "draining: shutting down, finishing in-flight requests"
+        if not self.listening:
+            return "starting"
+        assert self.sources is not None
+        for client, source in self.sources.all():
+            if client.warm and source.cached() is None:
+                why = f" ({source.last_error})" if source.last_error else ""
+                return f"warming: client {client.name!r} has no token yet{why}"
+        return None
+
+    async def token_report(self) -> list[dict[str, Any]]:
+        """Per (client, scope): is a token cached, its remaining life and
+        minted-at time, the last mint error. Never the token itself."""
+        assert self.sources is not None and self.cache is not None
+        now = self._clock()
+        report = []
+        for client, source in self.sources.all():
+            token = source.current
+            with contextlib.suppress(CacheUnavailable):
+                shared = await self.cache.get(source.key)
+                if shared is not None and (token is None or shared.expires_at > token.expires_at):
+                    token = shared
+            valid = token is not None and token.valid(now)
+            entry: dict[str, Any] = {
+                "client": client.name,
+                "scope": source.key[1] or None,
+                "cached": valid,
+                "last_error": source.last_error,
+                "mints_by_this_process": source.mints,
+            }
+            if token is not None and valid:
+                entry.update(
+                    expires_in_s=round(token.expires_at - now, 1),
+                    refresh_in_s=round(max(0.0, token.refresh_at - now), 1),
+                    minted_at=_iso(token.minted_at),
+                    expires_at=_iso(token.expires_at),
+                )
+            report.append(entry)
+        return report
+
+    async def refresh_gauges(self) -> None:
+        """Point-in-time gauges, set just before a scrape."""
+        for entry in await self.token_report():
+            self.metrics.token_expires_in.labels(entry["client"], entry["scope"] or "").set(
+                entry.get("expires_in_s", 0.0)
+            )
+        self.metrics.cache_backend_up.set(1 if getattr(self.cache, "up", True) else 0)
+
+    # ---------------------------------------------------------------- reload
+
+    def reload(self, new: Config) -> ReloadResult:
+        """Swap in ``new`` for new requests; in-flight ones finish on the old
+        table. Tokens of clients whose credentials did not change are kept."""
+        assert self.sources is not None and self.forwarder is not None
+        restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
+        if restart:
+            # Keep what cannot change live, so the running state stays coherent.
+            new = _with_restart_only_keys(new, self.config)
+        self.forwarder.table = build_table(new, self.sources, self.metrics)
+        self.config = new
+        self._warm()
+        self.metrics.config_reloads.labels("success").inc()
+        message = f"{new.source}: {len(new.routes)} routes, {len(new.clients)} clients"
+        log.info(
+            "reloaded",
+            config=new.source,
+            routes=[route.name for route in new.routes],
+            restart_needed=restart or None,
+        )
+        return ReloadResult(True, message, restart)
+
+    def reload_from_file(self) -> ReloadResult:
+        """Re-read the config file; an invalid one changes nothing."""
+        try:
+            new = load_config(self.config.source)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("reload_rejected", config=self.config.source, reason=str(exc))
+            return ReloadResult(False, str(exc))
+        return self.reload(new)
+
+    def request_reload(self) -> ReloadResult:
+        """``POST /reload``: one process reloads itself; a worker validates the
+        file, then asks the supervisor to reload every worker (SIGHUP)."""
+        if not self._supervised:
+            return self.reload_from_file()
+        try:
+            load_config(self.config.source)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("reload_rejected", config=self.config.source, reason=str(exc))
+            return ReloadResult(False, str(exc))
+        os.kill(os.getppid(), signal.SIGHUP)
+        return ReloadResult(True, "valid; every worker is reloading")
+
+    # ------------------------------------------------------------------ stop
 
     async def stop(self) -> None:
+        """Draining stop: refuse new connections, let in-flight requests (long
+        streams too) finish for up to ``shutdown_grace``, then close."""
+        self.draining = True
+        inflight = self.forwarder.inflight if self.forwarder else 0
+        log.info("draining", inflight=inflight, grace_s=self.config.shutdown_grace)
+        for task in self._warming.values():
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
         for session in (self._upstream, self._tokens):
             if session is not None:
                 await session.close()
@@ -177,6 +404,16 @@ class ProxyServer:
         if primary is not None and hasattr(primary, "close"):
             await primary.close()
         log.info("stopped")
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _with_restart_only_keys(new: Config, old: Config) -> Config:
+    from dataclasses import replace
+
+    return replace(new, **{key: getattr(old, key) for key in RESTART_ONLY})
 
 
 async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
@@ -189,23 +426,34 @@ async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
 
 
 async def serve_forever(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then stop cleanly.
+    """Run until SIGINT or SIGTERM, then drain and stop; SIGHUP reloads.
 
     Under the supervisor (``AUTHPROXY_WORKER_PORT`` set) this is one worker:
-    it binds the supervisor's port with SO_REUSEPORT and shares its runtime dir.
+    it binds the supervisor's ports with SO_REUSEPORT and shares its runtime dir.
     """
     worker_port = os.environ.get(WORKER_PORT_ENV)
+    admin_port = os.environ.get(ADMIN_PORT_ENV)
     server = ProxyServer(
         config,
         port=int(worker_port) if worker_port else None,
+        admin_port=int(admin_port) if admin_port else None,
         reuse_port=worker_port is not None,
         runtime_dir=os.environ.get(RUNTIME_DIR_ENV),
+        supervised=worker_port is not None,
     )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_hup() -> None:
+        result = server.reload_from_file()
+        if result.ok:
+            settings = server.config.log
+            configure_logging(settings.level, log_format=settings.format)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     watcher = None
     if worker_port is not None:
         watcher = loop.create_task(_watch_parent(os.getppid(), stop))
@@ -213,7 +461,7 @@ async def serve_forever(config: Config) -> None:
         await stop.wait()
         log.info("shutting_down")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if watcher is not None:
             watcher.cancel()

@@ -20,7 +20,7 @@ import asyncio
 import random
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol
 
 from .cache import CacheKey, TokenCache
 from .errors import TokenError
@@ -32,6 +32,36 @@ REFRESH_RETRY_FIRST: Final = 1.0  # seconds before retrying a failed background 
 REFRESH_RETRY_MAX: Final = 30.0  # ... doubling up to this, with jitter
 
 log = get_logger("proxy.source")
+
+
+class SourceEvents(Protocol):
+    """What a source reports as it works (metrics implement it; see proxy/metrics.py)."""
+
+    def hit(self) -> None:
+        """A request found a valid token in hand."""
+
+    def miss(self) -> None:
+        """A request had to wait for a mint (cold or expired cache)."""
+
+    def refresh_ahead(self) -> None:
+        """A background refresh started."""
+
+    def minted(self, seconds: float, ok: bool) -> None:
+        """A call to the token endpoint finished (``ok``: a token came back)."""
+
+
+class NoEvents:
+    def hit(self) -> None:
+        pass
+
+    def miss(self) -> None:
+        pass
+
+    def refresh_ahead(self) -> None:
+        pass
+
+    def minted(self, seconds: float, ok: bool) -> None:
+        pass
 
 
 class SharedTokenSource:
@@ -49,6 +79,7 @@ class SharedTokenSource:
         *,
         remint_min_interval: float,
         clock: Callable[[], float] = time.time,
+        events: SourceEvents | None = None,
     ) -> None:
         self.key = key
         self.current: Token | None = None
@@ -62,6 +93,7 @@ class SharedTokenSource:
         self._refresh_failures = 0
         self._refresh_not_before = 0.0
         self._last_expiry_remint: float | None = None
+        self.events: SourceEvents = events or NoEvents()
 
     # ------------------------------------------------------------------ reads
 
@@ -78,7 +110,9 @@ class SharedTokenSource:
         if now >= token.expires_at:
             return None
         if now >= token.refresh_at and self._inflight is None and now >= self._refresh_not_before:
+            self.events.refresh_ahead()
             self._start(reject=None, background=True)
+        self.events.hit()
         return token
 
     async def token(self) -> Token:
@@ -89,6 +123,7 @@ class SharedTokenSource:
         token = self.cached()
         if token is not None:
             return token
+        self.events.miss()
         return await self._join(reject=None)
 
     async def replace_expired(self, failed: Token) -> Token | None:
@@ -171,7 +206,13 @@ class SharedTokenSource:
             if shared is not None:
                 self.current = shared
                 return shared
-            token = await self._minter.mint(self.key[1] or None)
+            started = time.monotonic()
+            try:
+                token = await self._minter.mint(self.key[1] or None)
+            except Exception:
+                self.events.minted(time.monotonic() - started, ok=False)
+                raise
+            self.events.minted(time.monotonic() - started, ok=True)
             self.mints += 1
             await self._cache.put(self.key, token)
         self.current = token

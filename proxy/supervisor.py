@@ -23,7 +23,8 @@ from typing import Final
 
 from .config import Config
 from .log import get_logger
-from .server import RUNTIME_DIR_ENV, SHUTDOWN_GRACE, WORKER_PORT_ENV
+from .metrics import MULTIPROC_ENV, mark_worker_dead
+from .server import ADMIN_PORT_ENV, RUNTIME_DIR_ENV, WORKER_PORT_ENV
 
 RESTART_BACKOFF_MAX: Final = 10.0  # seconds between restarts of a worker that keeps dying
 QUICK_DEATH: Final = 2.0  # a worker dying sooner than this after start counts as crashing
@@ -64,14 +65,18 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}
         self.stopping = False
         self.pending_hup = False
+        self.admin_port: int | None = None
 
     def _spawn(self, slot: int, port: int, runtime: str) -> None:
         env = {
             **os.environ,
             WORKER_PORT_ENV: str(port),
             RUNTIME_DIR_ENV: runtime,
+            MULTIPROC_ENV: os.path.join(runtime, "metrics"),
             "AUTHPROXY_WORKER_ID": str(slot),
         }
+        if self.admin_port is not None:
+            env[ADMIN_PORT_ENV] = str(self.admin_port)
         command = [sys.executable, "-m", "proxy", "serve", "--config", self.config_path]
         self.children[slot] = subprocess.Popen(command, env=env)  # noqa: S603
         self.started_at[slot] = time.monotonic()
@@ -85,7 +90,15 @@ class Supervisor:
     def run(self) -> int:
         reserved = reserve_port(self.config.listen_host, self.config.listen_port)
         port = reserved.getsockname()[1]
+        admin_reserved = None
+        if self.config.admin is not None:
+            admin_reserved = reserve_port(*self.config.admin)
+            self.admin_port = admin_reserved.getsockname()[1]
         runtime = tempfile.mkdtemp(prefix="authproxy-", dir=runtime_base())  # 0700: tokens
+        os.mkdir(os.path.join(runtime, "metrics"))
+        # The supervisor itself imports prometheus_client only through mark_worker_dead,
+        # which needs the same directory.
+        os.environ[MULTIPROC_ENV] = os.path.join(runtime, "metrics")
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -96,6 +109,7 @@ class Supervisor:
                 "supervisor_listening",
                 host=self.config.listen_host,
                 port=port,
+                admin_port=self.admin_port,
                 workers=self.workers,
                 pids=[child.pid for child in self.children.values()],
             )
@@ -105,6 +119,8 @@ class Supervisor:
             self._stop_all()
         finally:
             reserved.close()
+            if admin_reserved is not None:
+                admin_reserved.close()
             shutil.rmtree(runtime, ignore_errors=True)
         log.info("supervisor_stopped")
         return 0
@@ -128,6 +144,7 @@ class Supervisor:
                 log.warning(
                     "worker_exited", slot=slot, pid=child.pid, code=code, restart_in_s=delay
                 )
+                mark_worker_dead(child.pid)
             if now >= self.restart_at[slot]:
                 del self.restart_at[slot]
                 self._spawn(slot, port, runtime)
@@ -138,7 +155,7 @@ class Supervisor:
         for child in self.children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + SHUTDOWN_GRACE + 5
+        deadline = time.monotonic() + self.config.shutdown_grace + 5
         for child in self.children.values():
             try:
                 child.wait(timeout=max(0.0, deadline - time.monotonic()))

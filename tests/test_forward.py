@@ -138,7 +138,7 @@ async def test_request_whose_token_was_already_replaced_replays_without_mint(
         assert response.status == 200
     assert stack.tokens.mint_count == 2
     # A later 401 for the *old* token (say, a slow request) must not mint again.
-    source = stack.proxy.sources.all()[0]  # type: ignore[union-attr]
+    source = stack.proxy.sources.all()[0][1]  # type: ignore[union-attr]
     old = source.current
     assert old is not None
     stale = type(old)(access_token=stack.tokens.issued[0], minted_at=0, expires_at=0, refresh_at=0)

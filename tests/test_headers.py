@@ -1,4 +1,9 @@
-from proxy.headers import connection_named, downstream_response_headers, upstream_request_headers
+from proxy.headers import (
+    connection_named,
+    downstream_response_headers,
+    request_id,
+    upstream_request_headers,
+)
 
 
 def build(headers: list[tuple[str, str]], trust: bool = False) -> list[tuple[str, str]]:
@@ -6,6 +11,7 @@ def build(headers: list[tuple[str, str]], trust: bool = False) -> list[tuple[str
         headers,
         upstream_host="api.example",
         authorization="Bearer T",
+        request_id="rid-1",
         client_ip="10.1.2.3",
         inbound_host="proxy.local:8080",
         inbound_proto="http",
@@ -31,6 +37,7 @@ def test_owned_and_hop_by_hop_headers_are_replaced() -> None:
             ("Accept", "a/b"),
             ("Cookie", "a=1"),
             ("Cookie", "b=2"),
+            ("X-Request-Id", "from-app"),
         ]
     )
     assert out == [
@@ -39,6 +46,7 @@ def test_owned_and_hop_by_hop_headers_are_replaced() -> None:
         ("Cookie", "a=1"),
         ("Cookie", "b=2"),
         ("Authorization", "Bearer T"),
+        ("X-Request-Id", "rid-1"),
         ("X-Forwarded-For", "10.1.2.3"),
         ("X-Forwarded-Proto", "http"),
         ("X-Forwarded-Host", "proxy.local:8080"),
@@ -82,3 +90,12 @@ def test_response_headers() -> None:
 
 def test_connection_named() -> None:
     assert connection_named([("connection", " A , b,,"), ("CONNECTION", "c")]) == {"a", "b", "c"}
+
+
+def test_request_id_is_kept_when_sane_else_generated() -> None:
+    assert request_id("abc-123:x/y") == "abc-123:x/y"
+    for bad in (None, "", "has space", "x" * 129, "new\nline", 'quote"'):
+        generated = request_id(bad)
+        assert generated != bad and len(generated) == 32
+        assert int(generated, 16) >= 0
+    assert request_id(None) != request_id(None)

@@ -1,0 +1,195 @@
+"""Prometheus metrics (prometheus_client), one :class:`Metrics` per running proxy.
+
+Labels are route names, client names and scopes from proxy.yaml, statuses and
+fixed outcome words: never a path, a header value or anything an app chose,
+so cardinality stays bounded and no secret can become a label.
+
+With several workers the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before
+the workers start; prometheus_client then keeps each worker's values in
+memory-mapped files there, and ``/metrics`` on any worker reports the sum of
+all of them (counters and histograms summed, the in-flight gauge summed over
+live workers, point-in-time gauges taken from the worker that wrote last).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+UNROUTED: Final = "(none)"  # the route label of requests that matched no route
+
+# Seconds; proxy overhead is sub-millisecond, partners are tens to thousands of ms.
+LATENCY_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+MINT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+class ClientEvents:
+    """:class:`~proxy.source.SourceEvents` for one client, labels bound once."""
+
+    def __init__(self, metrics: Metrics, client: str) -> None:
+        self._hit = metrics.token_cache.labels(client, "hit")
+        self._miss = metrics.token_cache.labels(client, "miss")
+        self._refresh = metrics.token_cache.labels(client, "refresh_ahead")
+        self._ok = metrics.mints.labels(client, "success")
+        self._error = metrics.mints.labels(client, "error")
+        self._duration = metrics.mint_duration.labels(client)
+
+    def hit(self) -> None:
+        self._hit.inc()
+
+    def miss(self) -> None:
+        self._miss.inc()
+
+    def refresh_ahead(self) -> None:
+        self._refresh.inc()
+
+    def minted(self, seconds: float, ok: bool) -> None:
+        (self._ok if ok else self._error).inc()
+        self._duration.observe(seconds)
+
+
+class RouteMetrics:
+    """One route's request metrics, labels bound once at config load."""
+
+    def __init__(self, metrics: Metrics, route: str) -> None:
+        self._metrics = metrics
+        self._route = route
+        self._by_status: dict[int, Counter] = {}
+        self.duration = metrics.request_duration.labels(route)
+        self.upstream = metrics.upstream_duration.labels(route)
+        self.replayed = metrics.replays.labels(route, "replayed")
+        self.passed_through = metrics.replays.labels(route, "passed_through")
+        self.too_large = metrics.replays.labels(route, "too_large")
+
+    def finished(self, status: int, seconds: float) -> None:
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._metrics.requests.labels(
+                self._route, str(status)
+            )
+        counter.inc()
+        self.duration.observe(seconds)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.multiprocess = multiprocess_dir()
+        r = self.registry
+        self.requests = Counter(
+            "authproxy_requests",
+            "Requests answered, by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "authproxy_request_duration_seconds",
+            "Time from receiving a request to the end of its streamed response "
+            "(the whole exchange as the app sees it, replay included).",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "authproxy_upstream_duration_seconds",
+            "Time the upstream took to answer with response headers, per attempt.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.mints = Counter(
+            "authproxy_token_mints",
+            "Calls to the token endpoint, by client and outcome (success, error).",
+            ["client", "outcome"],
+            registry=r,
+        )
+        self.mint_duration = Histogram(
+            "authproxy_token_mint_duration_seconds",
+            "Duration of token endpoint calls.",
+            ["client"],
+            buckets=MINT_BUCKETS,
+            registry=r,
+        )
+        self.token_cache = Counter(
+            "authproxy_token_cache",
+            "Token look-ups: hit (valid token in hand), miss (waited for a mint), "
+            "refresh_ahead (a background refresh started).",
+            ["client", "result"],
+            registry=r,
+        )
+        self.replays = Counter(
+            "authproxy_replays",
+            "401s that said the token expired: replayed with a fresh token, passed_through "
+            "(quota guard), too_large (body over replay_limit).",
+            ["route", "outcome"],
+            registry=r,
+        )
+        self.token_expires_in = Gauge(
+            "authproxy_token_expires_in_seconds",
+            "Usable life left of the cached token (negative or absent: none cached).",
+            ["client", "scope"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
+        self.inflight = Gauge(
+            "authproxy_inflight_requests",
+            "Requests being served right now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.cache_backend_up = Gauge(
+            "authproxy_cache_backend_up",
+            "1 while the shared token cache (Redis) answers, 0 while the proxy runs on its "
+            "per-process fallback.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.cache_backend_up.set(1)
+        self.config_reloads = Counter(
+            "authproxy_config_reloads",
+            "Config reloads, by outcome (success, error).",
+            ["outcome"],
+            registry=r,
+        )
+
+    def for_client(self, client: str) -> ClientEvents:
+        return ClientEvents(self, client)
+
+    def for_route(self, route: str) -> RouteMetrics:
+        return RouteMetrics(self, route)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this proxy (all workers when several)."""
+        if self.multiprocess is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=self.multiprocess)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
+
+
+def mark_worker_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting in the sum)."""
+    path = multiprocess_dir()
+    if path is not None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, path)  # type: ignore[no-untyped-call]
