@@ -31,6 +31,16 @@ def redact_secrets(
     return event_dict
 
 
+def _add_worker(fields: dict[str, Any]) -> Any:
+    def add(
+        _logger: object, _method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict.update(fields)
+        return event_dict
+
+    return add
+
+
 class LineWriter:
     """Writes each rendered line with one ``write(2)`` of line + newline.
 
@@ -81,8 +91,11 @@ def configure_logging(
         )
     else:
         renderer = structlog.processors.JSONRenderer()
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+    processors: list[Any] = [structlog.contextvars.merge_contextvars]
+    worker = os.environ.get("AUTHPROXY_WORKER_ID")
+    if worker is not None:  # one of several workers: say which
+        processors.append(_add_worker({"worker": int(worker), "pid": os.getpid()}))
+    processors += [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
         redact_secrets,

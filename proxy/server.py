@@ -460,9 +460,14 @@ async def serve_forever(config: Config) -> None:
     try:
         await stop.wait()
         log.info("shutting_down")
+        # A second SIGTERM while draining (an impatient orchestrator, a second ^C)
+        # must not cut the streams the drain is waiting for.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: log.info("already_draining"))
+        loop.remove_signal_handler(signal.SIGHUP)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
         if watcher is not None:
             watcher.cancel()
         await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)

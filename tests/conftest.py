@@ -20,8 +20,9 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, parse_config
+from proxy.config import Config, load_config, parse_config
 from proxy.fakes import FakePartner, FakeTokenEndpoint
 from proxy.log import configure_logging
 from proxy.server import ProxyServer
@@ -107,13 +108,20 @@ async def make_stack(clock: FakeClock, log_stream: io.StringIO) -> AsyncIterator
     started: list[Stack] = []
     servers: list[FakePartner | FakeTokenEndpoint] = []
 
-    async def factory(**yaml_parts: str) -> Stack:
+    async def factory(path: Path | None = None, **yaml_parts: str) -> Stack:
+        """A running stack; with ``path`` the config is written there and loaded
+        from the file (so that reloads can re-read it)."""
         tokens = FakeTokenEndpoint()
         await tokens.start()
         partner = FakePartner(tokens)
         await partner.start()
         servers.extend([partner, tokens])
-        config = parse_config(stack_yaml(tokens, partner, **yaml_parts), "test.yaml")
+        text = stack_yaml(tokens, partner, **yaml_parts)
+        if path is not None:
+            path.write_text(text)  # noqa: ASYNC240 - a small test file
+            config = load_config(str(path))
+        else:
+            config = parse_config(text, "test.yaml")
         proxy = ProxyServer(config, clock=clock)
         await proxy.start()
         http = aiohttp.ClientSession(auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
@@ -327,6 +335,11 @@ class ProxyProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def admin_url(self) -> str:
+        first = next(line for line in self.lines if line.get("admin_port"))
+        return f"http://127.0.0.1:{first['admin_port']}"
+
     async def stop(self) -> int:
         if self.process is None:
             return 0
@@ -354,3 +367,40 @@ async def proxy_processes(tmp_path: Path) -> AsyncIterator[Callable[[str], Proxy
     yield factory
     for process in made:
         await process.stop()
+
+
+# ------------------------------------------------------------ shared helpers
+
+
+async def fire(
+    urls: list[str], count: int, path: str = "/demo/x", method: str = "GET"
+) -> list[int]:
+    connector = aiohttp.TCPConnector(
+        limit=0, force_close=True
+    )  # new connections: spread by the kernel
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def one(i: int) -> int:
+            async with http.request(
+                method, urls[i % len(urls)] + path, data=b"body" if method == "POST" else None
+            ) as r:
+                await r.read()
+                return r.status
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples(text: str) -> Samples:
+    """Every sample of a scrape, keyed by (name, sorted labels)."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def value(scrape: Samples, name: str, **labels: str) -> float:
+    return scrape.get((name, tuple(sorted(labels.items()))), 0.0)

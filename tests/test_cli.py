@@ -119,3 +119,60 @@ routes:
             await process.wait()
         await partner.stop()
         await tokens.stop()
+
+
+def _token_config(
+    tmp_path: Path,
+    tokens: FakeTokenEndpoint,
+    secret: str = "demo-secret",  # noqa: S107
+) -> str:
+    path = tmp_path / "token.yaml"
+    path.write_text(f"""
+clients:
+  demo:
+    token_url: {tokens.token_url}
+    client_id: demo-client
+    client_secret: {secret}
+    scope: orders.read
+routes:
+  - match: {{path_prefix: /demo/}}
+    upstream: http://127.0.0.1:9/
+    client: demo
+""")
+    return str(path)
+
+
+async def test_token_command_prints_metadata_never_the_token(tmp_path: Path) -> None:
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    try:
+        tokens.expires_in = 120
+        path = _token_config(tmp_path, tokens)
+        code, out, err = await run("token", "--config", path, "demo", "--scope", "orders.write")
+        assert code == 0, err
+        info = json.loads(out)
+        (token,) = tokens.issued
+        assert token not in out and token not in err and "demo-secret" not in out + err
+        assert info["client"] == "demo" and info["token_type"] == "Bearer"
+        assert info["lifetime_s"] == 120
+        assert info["scopes_granted"] == ["orders.write"]
+        assert info["jwt"] is False and info["length"] == len(token)
+        assert tokens.requests[0].form["scope"] == "orders.write"
+        assert tokens.mint_count == 1
+    finally:
+        await tokens.stop()
+
+
+async def test_token_command_reports_a_rejection(tmp_path: Path) -> None:
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    try:
+        path = _token_config(tmp_path, tokens, secret="wrong-secret")
+        code, out, err = await run("token", "--config", path, "demo")
+        assert code == 1 and out == ""
+        assert "invalid_client" in err and "wrong-secret" not in err
+        assert tokens.calls == 1
+        code, _, err = await run("token", "--config", path, "nobody")
+        assert code == 1 and "no client named 'nobody' (clients: demo)" in err
+    finally:
+        await tokens.stop()

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Callable
 import aiohttp
 import pytest
 
-from conftest import ProxyProcess, RedisProcess, eventually
+from conftest import ProxyProcess, RedisProcess, eventually, fire
 from proxy.fakes import FakePartner, FakeTokenEndpoint
 
 Factory = Callable[[str], ProxyProcess]
@@ -57,24 +57,6 @@ routes:
     upstream: {partner.url}/v2/
     client: demo
 """
-
-
-async def fire(
-    urls: list[str], count: int, path: str = "/demo/x", method: str = "GET"
-) -> list[int]:
-    connector = aiohttp.TCPConnector(
-        limit=0, force_close=True
-    )  # new connections: spread by the kernel
-    async with aiohttp.ClientSession(connector=connector) as http:
-
-        async def one(i: int) -> int:
-            async with http.request(
-                method, urls[i % len(urls)] + path, data=b"body" if method == "POST" else None
-            ) as r:
-                await r.read()
-                return r.status
-
-        return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
 async def workers_serving(process: ProxyProcess, count: int) -> None:

@@ -1,0 +1,169 @@
+"""The proxy as a real process: draining stop, reload and metrics across workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import pytest
+
+from conftest import ProxyProcess, eventually, fire, samples, value
+from proxy.fakes import FakePartner, FakeTokenEndpoint
+
+Factory = Callable[[str], ProxyProcess]
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[tuple[FakeTokenEndpoint, FakePartner]]:
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    partner = FakePartner(tokens)
+    await partner.start()
+    yield tokens, partner
+    await partner.stop()
+    await tokens.stop()
+
+
+def config(tokens: FakeTokenEndpoint, partner: FakePartner, *, workers: int = 1) -> str:
+    return f"""
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+workers: {workers}
+shutdown_grace: 10s
+clients:
+  demo:
+    token_url: {tokens.token_url}
+    client_id: demo-client
+    client_secret: demo-secret
+routes:
+  - name: demo
+    match: {{path_prefix: /demo/}}
+    upstream: {partner.url}/v2/
+    client: demo
+"""
+
+
+NEW_ROUTE = """
+  - name: added
+    match: {{path_prefix: /added/}}
+    upstream: {partner}/v3/
+    client: demo
+"""
+
+
+async def admin_get(proxy: ProxyProcess, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        async with http.get(proxy.admin_url + path) as response:
+            return response.status, await response.text()
+
+
+async def test_sigterm_drains_a_long_stream_then_exits_0(
+    servers: tuple[FakeTokenEndpoint, FakePartner], proxy_processes: Factory
+) -> None:
+    tokens, partner = servers
+    proxy = proxy_processes(config(tokens, partner))
+    await proxy.start()
+    assert (await admin_get(proxy, "/readyz"))[0] == 200
+    assert proxy.process is not None
+    expected = b"".join(f"chunk-{i}\n".encode() for i in range(15))
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.url + "/demo/stream?n=15&delay=0.2") as streaming:  # 3 s
+            assert streaming.status == 200
+            first = await streaming.content.readline()
+            proxy.process.send_signal(signal.SIGTERM)
+            await proxy.wait_for("draining")
+            status, body = await admin_get(proxy, "/readyz")
+            assert status == 503 and "draining" in body
+            with pytest.raises(aiohttp.ClientConnectorError):  # no new connections
+                async with http.get(proxy.url + "/demo/x"):
+                    pass
+            rest = await streaming.read()
+    assert first + rest == expected
+    assert await proxy.stop() == 0
+    assert proxy.events("stopped")
+
+
+async def test_metrics_are_the_sum_of_all_workers(
+    servers: tuple[FakeTokenEndpoint, FakePartner], proxy_processes: Factory
+) -> None:
+    tokens, partner = servers
+    proxy = proxy_processes(config(tokens, partner, workers=2))
+    await proxy.start()
+    await proxy.wait_for("listening", 2)
+    assert await fire([proxy.url], 40) == [200] * 40
+    served_by = {line["pid"] for line in proxy.lines if line.get("event") == "access"}
+    assert len(served_by) == 2  # the kernel spread the connections over both workers
+    for _ in range(4):  # each scrape may land on either worker: all see the sum
+        status, text = await admin_get(proxy, "/metrics")
+        assert status == 200
+        m = samples(text)
+        assert value(m, "authproxy_requests_total", route="demo", status="200") == 40
+        assert value(m, "authproxy_token_mints_total", client="demo", outcome="success") == 1
+        assert value(m, "authproxy_inflight_requests") == 0
+    # A worker that dies keeps its counts in the sum; its replacement adds to them.
+    victim = proxy.events("supervisor_listening")[0]["pids"][0]
+    os.kill(victim, signal.SIGKILL)
+    await proxy.wait_for("worker_restarted")
+    await proxy.wait_for("listening", 3)
+    assert await fire([proxy.url], 10) == [200] * 10
+    m = samples((await admin_get(proxy, "/metrics"))[1])
+    assert value(m, "authproxy_requests_total", route="demo", status="200") == 50
+    assert tokens.mint_count == 1
+    assert await proxy.stop() == 0
+
+
+async def test_every_worker_reloads_on_sighup_and_on_post_reload(
+    servers: tuple[FakeTokenEndpoint, FakePartner], proxy_processes: Factory
+) -> None:
+    tokens, partner = servers
+    proxy = proxy_processes(config(tokens, partner, workers=2))
+    await proxy.start()
+    await proxy.wait_for("listening", 2)
+    assert await fire([proxy.url], 10) == [200] * 10
+    assert proxy.process is not None
+    proxy.config.write_text(proxy.config.read_text() + NEW_ROUTE.format(partner=partner.url))
+    proxy.process.send_signal(signal.SIGHUP)
+    await proxy.wait_for("reloaded", 2)
+    assert await fire([proxy.url], 20, path="/added/x") == [200] * 20
+    assert {line["pid"] for line in proxy.events("reloaded")} == set(
+        proxy.events("supervisor_listening")[0]["pids"]
+    )
+    # An invalid file: POST /reload says why, and nobody reloads.
+    good = proxy.config.read_text()
+    proxy.config.write_text(good.replace("client: demo\n", "client: ghost\n", 1))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(proxy.admin_url + "/reload") as response:
+            assert response.status == 400
+            assert "no client named 'ghost'" in (await response.json())["message"]
+        await asyncio.sleep(0.5)
+        assert len(proxy.events("reloaded")) == 2
+        # A valid one through POST /reload reloads every worker too.
+        proxy.config.write_text(good)
+        async with http.post(proxy.admin_url + "/reload") as response:
+            assert response.status == 200
+    await proxy.wait_for("reloaded", 4)
+    assert await fire([proxy.url], 10, path="/added/y") == [200] * 10
+    assert tokens.mint_count == 1  # reloads kept the token
+    assert await proxy.stop() == 0
+
+
+async def test_workers_drain_on_sigterm(
+    servers: tuple[FakeTokenEndpoint, FakePartner], proxy_processes: Factory
+) -> None:
+    tokens, partner = servers
+    proxy = proxy_processes(config(tokens, partner, workers=2))
+    await proxy.start()
+    await proxy.wait_for("listening", 2)
+    assert proxy.process is not None
+    async with aiohttp.ClientSession() as http:
+        async with http.get(proxy.url + "/demo/stream?n=10&delay=0.2") as streaming:
+            first = await streaming.content.readline()
+            proxy.process.send_signal(signal.SIGTERM)
+            await eventually(lambda: len(proxy.events("draining")) == 2)
+            rest = await streaming.read()
+    assert first + rest == b"".join(f"chunk-{i}\n".encode() for i in range(10))
+    assert await proxy.stop() == 0
+    assert proxy.events("supervisor_stopped")
