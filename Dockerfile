@@ -13,7 +13,7 @@ RUN pip install --no-cache-dir ".[speed,redis,metrics]" \
 
 USER authproxy
 WORKDIR /
-EXPOSE 8080
+EXPOSE 8080 9090
 # The shipped proxy.yaml listens on 127.0.0.1; in a container mount one that
 # listens on 0.0.0.0:8080 (and keep the port on a private network).
 ENTRYPOINT ["authproxy", "serve"]

@@ -41,7 +41,9 @@ ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it rese
 RUNTIME_DIR_ENV: Final = "AUTHPROXY_RUNTIME_DIR"
 WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that keeps failing
 # Keys that shape sockets, processes or the shared cache: read at start only.
-RESTART_ONLY: Final = ("listen_host", "listen_port", "admin", "workers", "cache")
+RESTART_ONLY: Final = (
+    "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace",
+)  # fmt: skip
 
 log = get_logger("proxy.server")
 
@@ -185,8 +187,10 @@ class ProxyServer:
         reuse_port: bool = False,
         runtime_dir: str | None = None,
         supervised: bool = False,
+        manage_logging: bool = False,
     ) -> None:
         self.config = config
+        self._manage_logging = manage_logging
         self._clock = clock
         self._reuse_port = reuse_port
         self._runtime_dir = runtime_dir
@@ -347,6 +351,8 @@ class ProxyServer:
             # Keep what cannot change live, so the running state stays coherent.
             new = _with_restart_only_keys(new, self.config)
         self.forwarder.table = build_table(new, self.sources, self.metrics)
+        if self._manage_logging and new.log != self.config.log:
+            configure_logging(new.log.level, log_format=new.log.format)
         self.config = new
         self._warm()
         self.metrics.config_reloads.labels("success").inc()
@@ -440,20 +446,15 @@ async def serve_forever(config: Config) -> None:
         reuse_port=worker_port is not None,
         runtime_dir=os.environ.get(RUNTIME_DIR_ENV),
         supervised=worker_port is not None,
+        manage_logging=True,
     )
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 
-    def on_hup() -> None:
-        result = server.reload_from_file()
-        if result.ok:
-            settings = server.config.log
-            configure_logging(settings.level, log_format=settings.format)
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_from_file)
     watcher = None
     if worker_port is not None:
         watcher = loop.create_task(_watch_parent(os.getppid(), stop))

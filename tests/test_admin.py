@@ -281,3 +281,18 @@ async def test_admin_only_on_its_own_port(make_stack: StackFactory) -> None:
     async with aiohttp.ClientSession() as http:
         async with http.get(stack.proxy.admin_url + "/healthz") as response:
             assert (await response.json()) == {"status": "ok"}
+
+
+async def test_reload_keeps_start_only_keys_and_says_so(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    path = tmp_path / "proxy.yaml"
+    stack = await make_stack(path=path, top=ADMIN)
+    port = stack.proxy.port
+    path.write_text(path.read_text().replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1"))
+    async with stack.http.post(stack.proxy.admin_url + "/reload") as response:
+        assert response.status == 200
+        body = await response.json()
+    assert body["restart_needed"] == ["listen_port"]
+    assert stack.proxy.config.listen_port == 0 and stack.proxy.port == port
+    assert await get(stack, "/demo/x") == 200

@@ -68,6 +68,19 @@ def test_good_config_parses_into_frozen_objects() -> None:
     assert "fallback" not in repr(client)
 
 
+def test_operations_keys() -> None:
+    config = parse_config(GOOD, "proxy.yaml", ENV)
+    assert config.admin is None and config.access_log is True
+    assert config.shutdown_grace == 20 and config.log.level == "info"
+    text = GOOD.replace("    timeout: 1500ms\n", "    timeout: 1500ms\n    warm: true\n")
+    text += "admin: 127.0.0.1:9090\nshutdown_grace: 5s\naccess_log: false\n"
+    text += "log: {level: WARNING, format: console}\n"
+    config = parse_config(text, "proxy.yaml", ENV)
+    assert config.admin == ("127.0.0.1", 9090) and config.shutdown_grace == 5
+    assert config.access_log is False and config.clients["acme"].warm is True
+    assert (config.log.level, config.log.format) == ("warning", "console")
+
+
 def replace(old: str, new: str) -> str:
     assert old in GOOD
     return GOOD.replace(old, new)
@@ -131,6 +144,13 @@ def replace(old: str, new: str) -> str:
             ),
             r"duplicate route name 'acme-orders'",
         ),
+        (GOOD + "admin: 127.0.0.1:8080\n", r"proxy.yaml:\d+: admin: must not be the same"),
+        (GOOD + "admin: somewhere\n", r"admin: expected host:port"),
+        (GOOD + "log: {level: loud}\n", r"log.level: expected one of debug, error, info"),
+        (GOOD + "log: {format: xml}\n", r"log.format: expected json or console, got 'xml'"),
+        (GOOD + "access_log: maybe\n", r"access_log: expected true or false"),
+        (GOOD + "shutdown_grace: forever\n", r"shutdown_grace: expected a duration"),
+        (replace("    timeout: 1500ms\n", "    timeout: 1500ms\n    warm: 1\n"), r"warm: expected"),
     ],
 )
 def test_bad_configs_name_the_key(text: str, message: str) -> None:

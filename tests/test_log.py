@@ -1,0 +1,56 @@
+"""Log rendering: JSON lines by default, a console format for people, secrets redacted."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import pytest
+
+from proxy.log import LineWriter, configure_logging, get_logger
+
+
+def test_json_lines_redact_secret_fields() -> None:
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    get_logger("t").info("hello", route="r", authorization="Bearer tok-1", password="pw")
+    get_logger("t").debug("hidden")
+    (line,) = stream.getvalue().splitlines()
+    event = json.loads(line)
+    assert event["event"] == "hello" and event["route"] == "r" and event["level"] == "info"
+    assert event["authorization"] == "[redacted]" and event["password"] == "[redacted]"
+    assert "tok-1" not in line and 'pw"' not in line
+
+
+def test_console_format_is_for_people() -> None:
+    stream = io.StringIO()
+    configure_logging("debug", stream, log_format="console")
+    get_logger("t").debug("hello", route="r", token="tok-2")
+    text = stream.getvalue()
+    assert "hello" in text and "route" in text and "=r" in text
+    assert "tok-2" not in text
+    assert not text.lstrip().startswith("{")
+    assert "\x1b[" not in text  # no colours when not a terminal
+
+
+def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share one stderr pipe: a line and its newline in two writes
+    could interleave with another worker's line."""
+    calls: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        calls.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr("proxy.log.os.write", counting_write)
+    read, write = os.pipe()
+    try:
+        with os.fdopen(write, "w", closefd=False) as stream:
+            LineWriter(stream).msg("x" * 1000)
+        assert calls == [b"x" * 1000 + b"\n"]
+        assert os.read(read, 4096) == b"x" * 1000 + b"\n"
+    finally:
+        os.close(read)
+        os.close(write)
