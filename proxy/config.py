@@ -32,6 +32,8 @@ DEFAULT_REFRESH_AHEAD: Final = 0.10  # re-mint in the background with 10% of lif
 DEFAULT_LIFETIME: Final = 300.0  # no expires_in and no JWT exp: assume 5 minutes
 DEFAULT_REMINT_MIN_INTERVAL: Final = 10.0  # quota guard for expiry-triggered re-mints
 DEFAULT_TOKEN_TIMEOUT: Final = 10.0  # whole mint exchange with the token endpoint
+DEFAULT_MINT_ATTEMPTS: Final = 3  # calls per mint for transient failures, within the timeout
+DEFAULT_FAILURE_COOLDOWN: Final = 30.0  # no call after rejected credentials (doubles on repeat)
 DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chunks
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
@@ -62,6 +64,8 @@ class ClientConfig:
     timeout: float = DEFAULT_TOKEN_TIMEOUT
     ca_file: str | None = None
     warm: bool = False  # mint at start; /readyz waits for it
+    mint_attempts: int = DEFAULT_MINT_ATTEMPTS
+    failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +366,9 @@ def _parse_client(name: str, reader: _Reader) -> ClientConfig:
     timeout = reader.convert("timeout", parse_duration, DEFAULT_TOKEN_TIMEOUT)
     if timeout <= 0:
         raise reader.error("timeout", "must be greater than 0")
+    cooldown = reader.convert("failure_cooldown", parse_duration, DEFAULT_FAILURE_COOLDOWN)
+    if cooldown <= 0:
+        raise reader.error("failure_cooldown", "must be greater than 0")
     client = ClientConfig(
         name=name,
         token_url=token_url,
@@ -379,9 +386,17 @@ def _parse_client(name: str, reader: _Reader) -> ClientConfig:
         timeout=timeout,
         ca_file=reader.convert("ca_file", _readable_file, None),
         warm=reader.boolean("warm", False),
+        mint_attempts=reader.convert("mint_attempts", _attempts, DEFAULT_MINT_ATTEMPTS),
+        failure_cooldown=cooldown,
     )
     reader.finish()
     return client
+
+
+def _attempts(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
+        raise ValueError(f"expected a whole number from 1 to 10, got {value!r}")
+    return value
 
 
 def _normalise_host(value: object) -> str:

@@ -110,12 +110,14 @@ class TokenEndpointRejected(TokenError):
         *,
         http_status: int,
         oauth_error: str | None = None,
+        retry_after: float | None = None,
         route: str | None = None,
         client: str | None = None,
     ) -> None:
         super().__init__(message, route=route, client=client)
         self.http_status = http_status
         self.oauth_error = oauth_error
+        self.retry_after = retry_after  # seconds the endpoint asked us to wait (429/503)
 
 
 class TokenEndpointUnreachable(TokenError):
@@ -128,6 +130,15 @@ class TokenEndpointTimeout(TokenError):
 
 class TokenResponseInvalid(TokenError):
     code = "token_response_invalid"
+
+
+class MintBlocked(TokenError):
+    """No call to the token endpoint was made: the client's circuit is open.
+    ``code`` is the code of the failure that opened it."""
+
+    def __init__(self, message: str, *, code: str, client: str | None = None) -> None:
+        super().__init__(message, client=client)
+        self.code = code
 
 
 class UpstreamError(RequestFailed):

@@ -66,8 +66,10 @@ class FakeTokenEndpoint(LocalServer):
     """A client-credentials token endpoint at ``/oauth2/token``.
 
     ``mode`` chooses its behaviour: ``ok`` (default), ``invalid_client``,
-    ``server_error``, ``html``, ``slow`` (sleeps ``delay``), ``no_access_token``,
-    ``wrong_token_type``, ``error_in_200``. ``expires_in`` may be a number, a
+    ``invalid_scope``, ``server_error``, ``throttled`` (429) and ``unavailable``
+    (503), both with ``retry_after`` as ``Retry-After`` when set, ``html``,
+    ``no_access_token``, ``wrong_token_type``, ``error_in_200``; ``delay``
+    slows every answer. ``script`` lists modes for the next calls, one each. ``expires_in`` may be a number, a
     numeric string or ``None`` (omitted). Issued tokens are random and start
     with ``tok-`` so tests can look for them in logs.
     """
@@ -77,6 +79,8 @@ class FakeTokenEndpoint(LocalServer):
         self.client_id = client_id
         self.client_secret = client_secret
         self.mode = "ok"
+        self.script: list[str] = []  # modes for the next calls, one each; then ``mode``
+        self.retry_after: str | None = None  # Retry-After sent with "throttled"/"unavailable"
         self.delay = 0.0
         self.expires_in: Any = 3600
         self.mint_count = 0  # successful mints
@@ -112,7 +116,13 @@ class FakeTokenEndpoint(LocalServer):
         self.requests.append(MintRequest(form, authorization))
         if self.delay:
             await asyncio.sleep(self.delay)
-        mode = self.mode
+        mode = self.script.pop(0) if self.script else self.mode
+        if mode in ("throttled", "unavailable"):
+            headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+            status = 429 if mode == "throttled" else 503
+            return web.json_response({"error": "slow_down"}, status=status, headers=headers)
+        if mode == "invalid_scope":
+            return web.json_response({"error": "invalid_scope"}, status=400)
         if mode == "invalid_client" or not self._authenticated(form, authorization):
             return web.json_response(
                 {"error": "invalid_client", "error_description": "Client authentication failed"},

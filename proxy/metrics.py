@@ -162,6 +162,14 @@ class Metrics:
             multiprocess_mode="livemin",
         )
         self.cache_backend_up.set(1)
+        self.circuit_state = Gauge(
+            "authproxy_token_circuit_state",
+            "The client's token-endpoint circuit: 0 closed, 1 half-open (probing), 2 open "
+            "(no calls: rejected credentials, Retry-After, or repeated failures).",
+            ["client"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.config_reloads = Counter(
             "authproxy_config_reloads",
             "Config reloads, by outcome (success, error).",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import random
 import time
 from collections.abc import Callable
 from typing import Final, Protocol
@@ -16,8 +17,11 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
+from .breaker import Failure, MintGuard
 from .config import ClientConfig
 from .errors import (
+    MintBlocked,
+    TokenEndpointRejected,
     TokenEndpointTimeout,
     TokenEndpointUnreachable,
     TokenError,
@@ -25,9 +29,10 @@ from .errors import (
 )
 from .log import get_logger
 from .session import ssl_context
-from .token import MAX_TOKEN_RESPONSE_BYTES, Token, parse_token_response
+from .token import MAX_TOKEN_RESPONSE_BYTES, Token, parse_retry_after, parse_token_response
 
 USER_AGENT: Final = "authproxy"
+RETRY_FIRST: Final = 0.2  # seconds before the first retry of a transient failure, doubling
 
 log = get_logger("proxy.minter")
 
@@ -132,6 +137,7 @@ class ClientCredentialsMinter:
                     body = await _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
                     status = response.status
                     content_type = response.headers.get("Content-Type", "")
+                    retry_after = response.headers.get("Retry-After")
         except TimeoutError:
             raise TokenEndpointTimeout(
                 f"token endpoint for client {name!r} did not answer within "
@@ -151,14 +157,99 @@ class ClientCredentialsMinter:
                 f"{MAX_TOKEN_RESPONSE_BYTES} bytes",
                 client=name,
             )
-        return parse_token_response(
-            status,
-            content_type,
-            body,
-            client=name,
-            now=sent_at,
-            default_lifetime=self.client.default_lifetime,
-            margin=self.client.expiry_margin,
-            refresh_ahead=self.client.refresh_ahead,
-            requested_scope=scope,
-        )
+        try:
+            return parse_token_response(
+                status,
+                content_type,
+                body,
+                client=name,
+                now=sent_at,
+                default_lifetime=self.client.default_lifetime,
+                margin=self.client.expiry_margin,
+                refresh_ahead=self.client.refresh_ahead,
+                requested_scope=scope,
+            )
+        except TokenEndpointRejected as exc:
+            if status in (429, 503):
+                exc.retry_after = parse_retry_after(retry_after, self._clock())
+            raise
+
+
+class GuardedMinter:
+    """Wraps a :class:`Minter` with the client's :class:`~proxy.breaker.MintGuard`
+    and bounded retries: transient failures (timeouts, connection errors, 5xx)
+    are retried with jittered exponential backoff while the budget (the
+    client's ``timeout``) lasts, at most ``attempts`` calls; rejections and
+    throttling are not retried, and while the guard is open no call goes out.
+    """
+
+    def __init__(
+        self,
+        inner: Minter,
+        guard: MintGuard,
+        *,
+        client: str,
+        budget: float,
+        attempts: int,
+        clock: Callable[[], float] = time.time,
+        on_state: Callable[[MintGuard], None] | None = None,
+    ) -> None:
+        self.inner = inner
+        self.guard = guard
+        self._client = client
+        self._budget = budget
+        self._attempts = attempts
+        self._clock = clock
+        self._on_state = on_state
+
+    async def mint(self, scope: str | None) -> Token:
+        deadline = time.monotonic() + self._budget
+        attempt = 0
+        while True:
+            blocked = self.guard.check(self._clock())
+            if blocked is not None:
+                wait = f" for another {blocked.wait:.0f}s" if blocked.wait >= 1 else ""
+                raise MintBlocked(
+                    f"client {self._client!r}: not calling the token endpoint{wait}: "
+                    f"{blocked.reason}",
+                    code=blocked.code,
+                    client=self._client,
+                )
+            remaining = deadline - time.monotonic()
+            try:
+                async with asyncio.timeout(remaining):
+                    token = await self.inner.mint(scope)
+            except TimeoutError:
+                exc: TokenError = TokenEndpointTimeout(
+                    f"token endpoint for client {self._client!r} did not answer within "
+                    f"the {self._budget:g}s budget ({attempt + 1} attempts)",
+                    client=self._client,
+                )
+            except TokenError as error:
+                exc = error
+            else:
+                self.guard.success()
+                self._changed()
+                return token
+            kind = self.guard.failure(self._clock(), exc)
+            self._changed()
+            attempt += 1
+            delay = RETRY_FIRST * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)  # noqa: S311
+            if (
+                kind is not Failure.TRANSIENT
+                or attempt >= self._attempts
+                or time.monotonic() + delay >= deadline
+            ):
+                raise exc
+            log.info(
+                "mint_retry",
+                client=self._client,
+                attempt=attempt + 1,
+                in_s=round(delay, 3),
+                reason=exc.code,
+            )
+            await asyncio.sleep(delay)
+
+    def _changed(self) -> None:
+        if self._on_state is not None:
+            self._on_state(self.guard)

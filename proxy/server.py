@@ -20,6 +20,7 @@ from typing import Any, Final, cast
 import aiohttp
 from aiohttp import web
 
+from .breaker import MintGuard, State
 from .cache import (
     FallbackTokenCache,
     MemoryTokenCache,
@@ -32,7 +33,7 @@ from .errors import CacheUnavailable, ConfigError, TokenError
 from .forward import Forwarder, RouteTable, route_runtime
 from .log import configure_logging, get_logger
 from .metrics import Metrics
-from .minter import ClientCredentialsMinter
+from .minter import ClientCredentialsMinter, GuardedMinter
 from .session import token_session, upstream_session
 from .source import SharedTokenSource
 
@@ -44,6 +45,8 @@ WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that k
 RESTART_ONLY: Final = (
     "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace",
 )  # fmt: skip
+
+CIRCUIT_GAUGE: Final = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
 log = get_logger("proxy.server")
 
@@ -74,6 +77,17 @@ class TokenSources:
         self._clock = clock
         self._metrics = metrics
         self._sources: dict[tuple[str, str], tuple[ClientConfig, SharedTokenSource]] = {}
+        self._guards: dict[str, tuple[ClientConfig, MintGuard]] = {}
+
+    def guard(self, client: ClientConfig) -> MintGuard:
+        """One circuit breaker per client, shared by its scopes; a new one when
+        the client's configuration changes (new credentials deserve a new try)."""
+        known = self._guards.get(client.name)
+        if known is not None and known[0] == client:
+            return known[1]
+        guard = MintGuard(cooldown=client.failure_cooldown)
+        self._guards[client.name] = (client, guard)
+        return guard
 
     def get(self, client: ClientConfig, scope: str | None) -> SharedTokenSource:
         name = (client.name, scope or "")
@@ -81,7 +95,16 @@ class TokenSources:
         if known is not None and known[0] == client:
             return known[1]
         key = cache_key(client.name, scope, client_fingerprint(client))
-        minter = ClientCredentialsMinter(client, self._session, self._clock)
+        gauge = self._metrics.circuit_state.labels(client.name)
+        minter = GuardedMinter(
+            ClientCredentialsMinter(client, self._session, self._clock),
+            self.guard(client),
+            client=client.name,
+            budget=client.timeout,
+            attempts=client.mint_attempts,
+            clock=self._clock,
+            on_state=lambda guard: gauge.set(CIRCUIT_GAUGE[guard.state]),
+        )
         source = SharedTokenSource(
             key,
             minter,
@@ -103,6 +126,9 @@ class TokenSources:
 
     def all(self) -> list[tuple[ClientConfig, SharedTokenSource]]:
         return list(self._sources.values())
+
+    def guards(self) -> dict[str, MintGuard]:
+        return {name: guard for name, (_, guard) in self._guards.items()}
 
 
 def client_fingerprint(client: ClientConfig) -> str:
@@ -321,6 +347,7 @@ class ProxyServer:
                 "cached": valid,
                 "last_error": source.last_error,
                 "mints_by_this_process": source.mints,
+                "circuit": self.sources.guard(client).describe(now),
             }
             if token is not None and valid:
                 entry.update(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import email.utils
 import json
 import math
 from dataclasses import dataclass, field
@@ -97,6 +98,23 @@ def jwt_claims(token: str) -> dict[str, object] | None:
     except (binascii.Error, ValueError):
         return None
     return claims if isinstance(claims, dict) else None
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (RFC 9110 §10.2.3): a
+    number of seconds or an HTTP date. ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
 def _lifetime_from(raw: object) -> float | None:

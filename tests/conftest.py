@@ -344,7 +344,8 @@ class ProxyProcess:
         if self.process is None:
             return 0
         if self.process.returncode is None:
-            self.process.send_signal(signal.SIGTERM)
+            if not self.events("shutting_down") and not self.events("supervisor_stopping"):
+                self.process.send_signal(signal.SIGTERM)  # else: already draining, just wait
             try:
                 await asyncio.wait_for(self.process.wait(), 40)
             except TimeoutError:

@@ -69,6 +69,7 @@ async def test_mint_errors_and_passed_through_replays_are_counted(
     stack.tokens.mode = "invalid_client"
     assert await get(stack, "/demo/x") == 502
     stack.tokens.mode = "ok"
+    stack.clock.advance(31)  # past the rejected-credentials cool-down
     assert await get(stack, "/demo/x") == 200
     stack.partner.expire_all()
     assert await get(stack, "/demo/x") == 200  # replayed
