@@ -8,10 +8,13 @@ YAML tells it) and the dotted key, e.g.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -81,6 +84,16 @@ class ExpiredTokenRule:
 
 
 @dataclass(frozen=True, slots=True)
+class InboundAuth:
+    """Keys an app must present in ``header`` to use a route (one key a line in
+    ``keys_file``). Only digests are held; the header never goes upstream."""
+
+    header: str
+    key_digests: tuple[bytes, ...] = field(repr=False)
+    keys_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """One partner route. ``scope`` is the effective scope (route's, else client's)."""
 
@@ -95,6 +108,11 @@ class RouteConfig:
     ca_file: str | None = None
     replay_limit: int = DEFAULT_REPLAY_LIMIT
     expired_token: ExpiredTokenRule = ExpiredTokenRule()
+    max_body: int | None = None  # bytes; None: unlimited (streamed)
+    max_concurrent: int | None = None  # requests in flight on this route; None: unlimited
+    retry_idempotent: bool = True  # retry GET/HEAD/OPTIONS/PUT/DELETE once on a failed connection
+    allow_from: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: anyone who reaches us
+    inbound_auth: InboundAuth | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +124,17 @@ class CacheConfig:
     url: str | None = field(default=None, repr=False)  # may hold a password
     key_prefix: str = "authproxy"
     lock_ttl: float = DEFAULT_LOCK_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class InboundLimits:
+    """``inbound:``: what the apps' side may cost the proxy."""
+
+    max_header_size: int = 8190  # bytes of the request line and of each header line
+    max_headers: int = 100
+    header_timeout: float = 10.0  # to receive a request's head (slowloris)
+    body_timeout: float = 60.0  # between two chunks of a request body
+    idle_timeout: float = 60.0  # a keep-alive connection with no request in flight
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +160,9 @@ class Config:
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log: LogConfig = LogConfig()
     access_log: bool = True
+    inbound: InboundLimits = InboundLimits()
     source: str = "<memory>"
+    warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)
 
 
 # --------------------------------------------------------------------------- YAML
@@ -218,6 +249,10 @@ class _Reader:
     def _error(self, key: str, line: int, message: str) -> ConfigError:
         where = f"{self.source}:{line}" if line else self.source
         return ConfigError(f"{where}: {key}: {message}")
+
+    def warning(self, key: str, message: str) -> str:
+        """A message for something allowed but unwise, in the errors' format."""
+        return str(self._error(self.key_path(key), self.lines.get(key, self.line), message))
 
     def key_path(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -322,13 +357,36 @@ def _bytes_regex(value: object) -> re.Pattern[bytes]:
         raise ValueError(f"invalid regular expression: {exc}") from None
 
 
-def _parse_client(name: str, reader: _Reader) -> ClientConfig:
+def _check_private(path: str, reader: _Reader, key: str, warnings: list[str]) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        warnings.append(
+            reader.warning(
+                key,
+                f"{path!r} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+                "chmod 600 it",
+            )
+        )
+
+
+def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConfig:
     token_url = reader.convert("token_url", _http_url, None)
     if token_url is None:
         raise reader.error("token_url", "is required")
     client_id = reader.string("client_id", required=True)
     assert client_id is not None
+    raw_secret = reader.raw("client_secret")
     secret = reader.string("client_secret")
+    if isinstance(raw_secret, str) and raw_secret and "${" not in raw_secret:
+        warnings.append(
+            reader.warning(
+                "client_secret",
+                "a literal secret in the config file; use ${VAR} or client_secret_file",
+            )
+        )
     secret_file = reader.string("client_secret_file")
     if secret is not None and secret_file is not None:
         raise reader.error(
@@ -343,6 +401,7 @@ def _parse_client(name: str, reader: _Reader) -> ClientConfig:
             ) from None
         if not secret:
             raise reader.error("client_secret_file", f"{secret_file!r} is empty")
+        _check_private(secret_file, reader, "client_secret_file", warnings)
     auth_method = reader.string("auth_method", "client_secret_basic")
     assert auth_method is not None
     if auth_method not in AUTH_METHODS:
@@ -399,6 +458,45 @@ def _attempts(value: object) -> int:
     return value
 
 
+def _positive_int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return value
+
+
+def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
+    items = value if isinstance(value, list) else [value]
+    networks = []
+    for item in items:
+        try:
+            networks.append(ip_network(str(item), strict=False))
+        except ValueError:
+            raise ValueError(f"expected CIDRs like 10.0.0.0/8 or ::1/128, got {item!r}") from None
+    return tuple(networks)
+
+
+def key_digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _parse_inbound_auth(reader: _Reader, warnings: list[str]) -> InboundAuth:
+    header = reader.string("header", "X-Proxy-Key") or "X-Proxy-Key"
+    if header.lower() in ("authorization", "host", "proxy-authorization"):
+        raise reader.error("header", f"{header} is the proxy's own to set; choose another name")
+    path = reader.string("keys_file", required=True)
+    assert path is not None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise reader.error("keys_file", f"cannot read {path!r}: {exc.strerror}") from None
+    keys = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    if not keys:
+        raise reader.error("keys_file", f"{path!r} holds no keys")
+    _check_private(path, reader, "keys_file", warnings)
+    reader.finish()
+    return InboundAuth(header, tuple(key_digest(k) for k in keys), path)
+
+
 def _normalise_host(value: object) -> str:
     if not isinstance(value, str) or not value or "/" in value or " " in value:
         raise ValueError(f"expected a host name like api.example.com, got {value!r}")
@@ -414,7 +512,11 @@ def _path_prefix(value: object) -> str:
 
 
 def _parse_route(
-    index: int, reader: _Reader, clients: Mapping[str, ClientConfig], names: set[str]
+    index: int,
+    reader: _Reader,
+    clients: Mapping[str, ClientConfig],
+    names: set[str],
+    warnings: list[str],
 ) -> RouteConfig:
     name = reader.string("name") or f"route-{index}"
     if name in names:
@@ -456,6 +558,13 @@ def _parse_route(
         ca_file=reader.convert("ca_file", _readable_file, None),
         replay_limit=reader.convert("replay_limit", parse_size, DEFAULT_REPLAY_LIMIT),
         expired_token=rule,
+        max_body=reader.convert("max_body", parse_size, None),
+        max_concurrent=reader.convert("max_concurrent", _positive_int, None),
+        retry_idempotent=reader.boolean("retry_idempotent", True),
+        allow_from=reader.convert("allow_from", _networks, ()),
+        inbound_auth=_parse_inbound_auth(reader.child("inbound_auth"), warnings)
+        if reader.has("inbound_auth")
+        else None,
     )
     reader.finish()
     return route
@@ -495,6 +604,26 @@ def _parse_cache(reader: _Reader) -> CacheConfig:
     return CacheConfig(backend=backend, url=url, key_prefix=prefix, lock_ttl=lock_ttl)
 
 
+def _parse_inbound(reader: _Reader) -> InboundLimits:
+    d = InboundLimits()
+
+    def positive(key: str, parse: Callable[[object], Any], default: Any) -> Any:
+        value = reader.convert(key, parse, default)
+        if value <= 0:
+            raise reader.error(key, "must be greater than 0")
+        return value
+
+    limits = InboundLimits(
+        max_header_size=positive("max_header_size", parse_size, d.max_header_size),
+        max_headers=positive("max_headers", _positive_int, d.max_headers),
+        header_timeout=positive("header_timeout", parse_duration, d.header_timeout),
+        body_timeout=positive("body_timeout", parse_duration, d.body_timeout),
+        idle_timeout=positive("idle_timeout", parse_duration, d.idle_timeout),
+    )
+    reader.finish()
+    return limits
+
+
 def _parse_log(reader: _Reader) -> LogConfig:
     level = (reader.string("level", "info") or "info").lower()
     if level not in LOG_LEVELS:
@@ -527,12 +656,13 @@ def parse_config(
     top = _Reader(data, "", source, env)
     listen = top.convert("listen", _parse_listen, _parse_listen(DEFAULT_LISTEN))
 
+    warnings: list[str] = []
     clients: dict[str, ClientConfig] = {}
     clients_reader = top.child("clients")
     if not clients_reader.data:
         raise top.error("clients", "define at least one client")
     for name in clients_reader.data:
-        clients[name] = _parse_client(name, clients_reader.child(name))
+        clients[name] = _parse_client(name, clients_reader.child(name), warnings)
         clients_reader.seen.add(name)
 
     raw_routes = top.raw("routes")
@@ -545,6 +675,7 @@ def parse_config(
             _Reader(item, f"routes[{i}]", source, env, top.lines.get("routes", 0)),
             clients,
             names,
+            warnings,
         )
         for i, item in enumerate(raw_routes)
     )
@@ -566,7 +697,9 @@ def parse_config(
         shutdown_grace=grace,
         log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
         access_log=top.boolean("access_log", True),
+        inbound=_parse_inbound(top.child("inbound")) if top.has("inbound") else InboundLimits(),
         source=source,
+        warnings=tuple(warnings),
     )
     top.finish()
     return config

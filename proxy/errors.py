@@ -14,8 +14,13 @@ contains a token, a client secret or an ``Authorization`` value.
     └── RequestFailed                  answered to the app as JSON
         ├── BadRequest            400  malformed request target
         │   └── PathEscapesRoute  400  dot-segments climb out of the route
+        ├── ProxyKeyRequired      401  the route's inbound_auth key is missing or wrong
+        ├── SourceNotAllowed      403  the app's address is not in the route's allow_from
         ├── NoRoute               404  no route matches host/path
         ├── MethodNotAllowed      405  CONNECT (the proxy does TLS itself)
+        ├── BodyTimeout           408  the app stopped sending its request body
+        ├── BodyTooLarge          413  the body is over the route's max_body
+        ├── RouteBusy             503  max_concurrent requests already in flight
         ├── TokenError            502  no token could be had
         │   ├── TokenEndpointRejected   the endpoint answered an RFC 6749 §5.2 error
         │   ├── TokenEndpointUnreachable connect/reset/TLS failure
@@ -54,6 +59,7 @@ class RequestFailed(AuthProxyError):
 
     status: int = 500
     code: str = "internal_error"
+    headers: tuple[tuple[str, str], ...] = ()  # extra response headers (Retry-After, ...)
 
     def __init__(
         self, message: str, *, route: str | None = None, client: str | None = None
@@ -79,6 +85,32 @@ class BadRequest(RequestFailed):
 
 class PathEscapesRoute(BadRequest):
     code = "path_escapes_route"
+
+
+class ProxyKeyRequired(RequestFailed):
+    status = 401
+    code = "proxy_key_required"
+
+
+class SourceNotAllowed(RequestFailed):
+    status = 403
+    code = "source_not_allowed"
+
+
+class BodyTimeout(RequestFailed):
+    status = 408
+    code = "body_timeout"
+
+
+class BodyTooLarge(RequestFailed):
+    status = 413
+    code = "body_too_large"
+
+
+class RouteBusy(RequestFailed):
+    status = 503
+    code = "route_busy"
+    headers = (("Retry-After", "1"),)
 
 
 class NoRoute(RequestFailed):

@@ -9,11 +9,14 @@ Outbound again with a new token".
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from ipaddress import ip_address
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -21,11 +24,16 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .challenge import MAX_401_BODY, says_expired
-from .config import Config, RouteConfig
+from .config import Config, InboundAuth, RouteConfig
 from .errors import (
     BadRequest,
+    BodyTimeout,
+    BodyTooLarge,
     NoRoute,
+    ProxyKeyRequired,
     RequestFailed,
+    RouteBusy,
+    SourceNotAllowed,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -53,6 +61,63 @@ class RouteRuntime:
     timeout: aiohttp.ClientTimeout
     reads_401_body: bool
     metrics: RouteMetrics
+    gate: Gate
+    drop_headers: frozenset[str]  # the inbound key header: never forwarded
+    body_timeout: float
+
+
+class Gate:
+    """Counts a route's requests in flight against its ``max_concurrent``."""
+
+    __slots__ = ("inflight", "limit")
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.inflight = 0
+
+    def enter(self, route: str) -> None:
+        if self.limit is not None and self.inflight >= self.limit:
+            raise RouteBusy(
+                f"route {route!r} has {self.limit} requests in flight (max_concurrent); "
+                "retry shortly",
+                route=route,
+            )
+        self.inflight += 1
+
+    def leave(self) -> None:
+        self.inflight -= 1
+
+
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+
+
+def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
+    """``allow_from`` and ``inbound_auth``, before anything else happens."""
+    if route.allow_from:
+        try:
+            address = ip_address((remote or "").split("%", 1)[0])
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in route.allow_from):
+            raise SourceNotAllowed(
+                f"route {route.name!r} does not accept requests from {remote}", route=route.name
+            )
+    if route.inbound_auth is not None and not _key_ok(route.inbound_auth, headers):
+        raise ProxyKeyRequired(
+            f"route {route.name!r} needs a valid key in the {route.inbound_auth.header} header",
+            route=route.name,
+        )
+
+
+def _key_ok(auth: InboundAuth, headers: Any) -> bool:
+    presented = headers.get(auth.header)
+    if not presented:
+        return False
+    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+    ok = False
+    for known in auth.key_digests:  # every key is compared: no early exit
+        ok |= hmac.compare_digest(digest, known)
+    return ok
 
 
 @dataclass(slots=True)
@@ -85,9 +150,20 @@ class BodyTee:
     memory stays bounded by aiohttp's read buffer.
     """
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int) -> None:
+    def __init__(
+        self,
+        content: aiohttp.StreamReader,
+        limit: int,
+        *,
+        max_body: int | None = None,
+        gap: float | None = None,
+    ) -> None:
         self._content = content
         self._limit = limit
+        self._max_body = max_body
+        self._gap = gap
+        self.too_large = False
+        self.timed_out = False
         self._chunks: list[bytes] = []
         self._size = 0
         self._running = False
@@ -95,6 +171,18 @@ class BodyTee:
         self.overflowed = False
         self.complete = False
         self.inbound_error: BaseException | None = None
+
+    async def _read(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._gap):
+                chunk = await self._content.readany()
+        except TimeoutError:
+            self.timed_out = True
+            raise
+        if self._max_body is not None and self._size + len(chunk) > self._max_body:
+            self.too_large = True
+            raise ValueError("request body over max_body")
+        return chunk
 
     def _keep(self, chunk: bytes) -> None:
         self._size += len(chunk)
@@ -111,8 +199,8 @@ class BodyTee:
         try:
             while True:
                 try:
-                    chunk = await self._content.readany()
-                except Exception as exc:  # the app's body broke (reset, bad chunking)
+                    chunk = await self._read()
+                except Exception as exc:  # the app's body broke (reset, bad chunking, limits)
                     self.inbound_error = exc
                     raise
                 if not chunk:
@@ -130,12 +218,17 @@ class BodyTee:
         if self._running:
             await self._stopped.wait()
         while not self.complete and not self.overflowed:
-            chunk = await self._content.readany()
+            chunk = await self._read()
             if not chunk:
                 self.complete = True
             else:
                 self._keep(chunk)
         return self.replayable
+
+    @property
+    def untouched(self) -> bool:
+        """Nothing of the body has been read yet (the upstream never connected)."""
+        return self._size == 0 and not self._running and not self.complete
 
     @property
     def replayable(self) -> bool:
@@ -159,11 +252,15 @@ def json_error(exc: RequestFailed, request_id: str | None = None) -> web.Respons
     body = exc.as_json()
     if request_id:
         body["request_id"] = request_id
-    return web.Response(
+    response = web.Response(
         status=exc.status,
         body=json.dumps(body).encode(),
         content_type="application/json",
+        headers=dict(exc.headers) if exc.headers else None,
     )
+    if exc.status in (400, 408, 413):
+        response.force_close()  # the rest of the request may still be on the wire
+    return response
 
 
 def _bearer(token: Token) -> str:
@@ -204,8 +301,19 @@ class Forwarder:
             route, runtime = matched
             facts.route = route.name
             route_metrics = runtime.metrics
+            check_access(route, request.remote, request.headers)
             url = upstream_url(route, runtime.base, target)
-            response = await self._exchange(request, runtime, url, target, table, facts)
+            if route.max_body is not None and (request.content_length or 0) > route.max_body:
+                raise BodyTooLarge(
+                    f"route {route.name!r} accepts bodies up to {route.max_body} bytes, "
+                    f"got Content-Length {request.content_length}",
+                    route=route.name,
+                )
+            runtime.gate.enter(route.name)
+            try:
+                response = await self._exchange(request, runtime, url, target, table, facts)
+            finally:
+                runtime.gate.leave()
         except RequestFailed as exc:
             response = json_error(exc, facts.request_id)
             facts.extra["error"] = exc.code
@@ -266,9 +374,19 @@ class Forwarder:
             inbound_host=target.authority,
             inbound_proto=request.scheme,
             trust_forwarded=table.config.trust_forwarded_headers,
+            drop=runtime.drop_headers,
         )
         outbound = Outbound(request.method, url, headers, request.body_exists)
-        tee = BodyTee(request.content, route.replay_limit) if outbound.has_body else None
+        tee = (
+            BodyTee(
+                request.content,
+                route.replay_limit,
+                max_body=route.max_body,
+                gap=runtime.body_timeout,
+            )
+            if outbound.has_body
+            else None
+        )
         upstream = await self._send(runtime, outbound, tee.stream() if tee else None, tee)
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
@@ -356,6 +474,38 @@ class Forwarder:
         data: Any,
         tee: BodyTee | None = None,
     ) -> aiohttp.ClientResponse:
+        """Send once; a request that failed to connect (or whose reused keep-alive
+        connection turned out dead) is sent once more on a fresh connection when it
+        is idempotent and its body, if any, is whole in hand."""
+        try:
+            return await self._send_once(runtime, outbound, data, tee)
+        except _ConnectionFailed as failed:
+            route = runtime.config
+            retry_body: Any = data if isinstance(data, bytes) or data is None else None
+            if tee is not None and retry_body is None:
+                if tee.untouched:  # never connected: the body was not read yet
+                    retry_body = tee.stream()
+                elif tee.replayable:
+                    retry_body = tee.body()
+            if (
+                route.retry_idempotent
+                and outbound.method in IDEMPOTENT
+                and (not outbound.has_body or retry_body is not None)
+            ):
+                events.info("upstream_retry", route=route.name, reason=failed.error.code)
+                try:
+                    return await self._send_once(runtime, outbound, retry_body, None)
+                except _ConnectionFailed as again:
+                    raise again.error from None
+            raise failed.error from None
+
+    async def _send_once(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        data: Any,
+        tee: BodyTee | None,
+    ) -> aiohttp.ClientResponse:
         route = runtime.config
         started = time.monotonic()
         try:
@@ -370,31 +520,32 @@ class Forwarder:
                 skip_auto_headers=("Content-Type",),
             )
         except TimeoutError:
+            _inbound_failure(route, tee)
             raise UpstreamTimeout(
                 f"route {route.name!r}: upstream did not answer within {route.timeout:g}s",
                 route=route.name,
                 client=route.client,
             ) from None
         except aiohttp.ClientConnectorError as exc:
-            raise UpstreamUnreachable(
-                f"route {route.name!r}: cannot connect to upstream {runtime.base.origin}: "
-                f"{exc.os_error.strerror or type(exc.os_error).__name__}",
-                route=route.name,
-                client=route.client,
-            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
-            if tee is not None and tee.inbound_error is not None:
-                raise BadRequest(
-                    f"route {route.name!r}: the request body ended early or was malformed",
+            raise _ConnectionFailed(
+                UpstreamUnreachable(
+                    f"route {route.name!r}: cannot connect to upstream {runtime.base.origin}: "
+                    f"{exc.os_error.strerror or type(exc.os_error).__name__}",
                     route=route.name,
                     client=route.client,
-                ) from None
-            raise UpstreamError(
+                )
+            ) from None
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            _inbound_failure(route, tee)
+            error = UpstreamError(
                 f"route {route.name!r}: upstream {runtime.base.origin} failed: "
                 f"{type(exc).__name__}",
                 route=route.name,
                 client=route.client,
-            ) from None
+            )
+            if isinstance(exc, aiohttp.ServerDisconnectedError):
+                raise _ConnectionFailed(error) from None  # a dead keep-alive connection
+            raise error from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
         return response
 
@@ -454,6 +605,35 @@ async def _read_up_to(upstream: aiohttp.ClientResponse, cap: int, route: str) ->
     return b"".join(chunks)
 
 
+class _ConnectionFailed(Exception):
+    """Internal: the request never reached the upstream's application."""
+
+    def __init__(self, error: UpstreamError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
+    """The exchange failed because the app's body did: say so, not "upstream"."""
+    if tee is None:
+        return
+    if tee.too_large:
+        raise BodyTooLarge(
+            f"route {route.name!r} accepts bodies up to {route.max_body} bytes", route=route.name
+        )
+    if tee.timed_out:
+        raise BodyTimeout(
+            f"route {route.name!r}: the request body stalled (no data within the body timeout)",
+            route=route.name,
+        )
+    if tee.inbound_error is not None:
+        raise BadRequest(
+            f"route {route.name!r}: the request body ended early or was malformed",
+            route=route.name,
+            client=route.client,
+        )
+
+
 def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
     """``timeout`` bounds the wait for headers and each gap between body chunks
     (sock_read), never the whole exchange: long downloads and event streams live
@@ -461,7 +641,9 @@ def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=route.connect_timeout, sock_read=route.timeout)
 
 
-def route_runtime(route: RouteConfig, source: SharedTokenSource, metrics: Metrics) -> RouteRuntime:
+def route_runtime(
+    route: RouteConfig, source: SharedTokenSource, metrics: Metrics, body_timeout: float
+) -> RouteRuntime:
     return RouteRuntime(
         config=route,
         base=UpstreamBase.parse(route.upstream),
@@ -470,4 +652,7 @@ def route_runtime(route: RouteConfig, source: SharedTokenSource, metrics: Metric
         timeout=route_timeout(route),
         reads_401_body=route.expired_token.body is not None,
         metrics=metrics.for_route(route.name),
+        gate=Gate(route.max_concurrent),
+        drop_headers=frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
+        body_timeout=body_timeout,
     )

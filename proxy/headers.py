@@ -71,6 +71,7 @@ def upstream_request_headers(
     inbound_host: str | None,
     inbound_proto: str,
     trust_forwarded: bool,
+    drop: frozenset[str] = frozenset(),
 ) -> list[tuple[str, str]]:
     """The headers to send upstream, in the app's order, repeats kept.
 
@@ -79,7 +80,7 @@ def upstream_request_headers(
     ``X-Forwarded-*`` and appends to ``Via``.
     """
     items = list(headers)
-    drop = HOP_BY_HOP | _REQUEST_OWNED | connection_named(items)
+    drop = HOP_BY_HOP | _REQUEST_OWNED | connection_named(items) | drop
     if not trust_forwarded:
         drop = drop | FORWARDING
     out: list[tuple[str, str]] = [("Host", upstream_host)]

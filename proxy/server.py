@@ -31,6 +31,7 @@ from .cache import (
 from .config import ClientConfig, Config, load_config
 from .errors import CacheUnavailable, ConfigError, TokenError
 from .forward import Forwarder, RouteTable, route_runtime
+from .inbound import InboundServer
 from .log import configure_logging, get_logger
 from .metrics import Metrics
 from .minter import ClientCredentialsMinter, GuardedMinter
@@ -43,7 +44,7 @@ RUNTIME_DIR_ENV: Final = "AUTHPROXY_RUNTIME_DIR"
 WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that keeps failing
 # Keys that shape sockets, processes or the shared cache: read at start only.
 RESTART_ONLY: Final = (
-    "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace",
+    "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace", "inbound",
 )  # fmt: skip
 
 CIRCUIT_GAUGE: Final = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
@@ -141,7 +142,10 @@ def client_fingerprint(client: ClientConfig) -> str:
 def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> RouteTable:
     runtimes = {
         route.name: route_runtime(
-            route, sources.get(config.clients[route.client], route.scope), metrics
+            route,
+            sources.get(config.clients[route.client], route.scope),
+            metrics,
+            config.inbound.body_timeout,
         )
         for route in config.routes
     }
@@ -249,8 +253,9 @@ class ProxyServer:
         )
         if self.config.admin is not None:
             await self._start_admin(self.config.admin[0])
-        server = web.Server(
+        server = InboundServer(
             self.forwarder.handle,
+            self.config.inbound,
             handler_cancellation=True,  # an app that goes away cancels its upstream request
             access_log=None,  # our own access line replaces aiohttp's
             auto_decompress=False,  # gzip request bodies pass through compressed
@@ -264,6 +269,8 @@ class ProxyServer:
         self.port = bound_port(site)
         self.listening = True
         self._warm()
+        for warning in self.config.warnings:
+            log.warning("config_warning", reason=warning)
         log.info(
             "listening",
             host=self.config.listen_host,
@@ -382,6 +389,8 @@ class ProxyServer:
             configure_logging(new.log.level, log_format=new.log.format)
         self.config = new
         self._warm()
+        for warning in new.warnings:
+            log.warning("config_warning", reason=warning)
         self.metrics.config_reloads.labels("success").inc()
         message = f"{new.source}: {len(new.routes)} routes, {len(new.clients)} clients"
         log.info(

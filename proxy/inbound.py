@@ -1,0 +1,83 @@
+"""The apps' side of the socket: aiohttp's low-level server with limits.
+
+aiohttp bounds header sizes and counts and closes idle keep-alive
+connections, but has no deadline for receiving a request's head: a client
+that trickles one header byte at a time (slowloris) holds a connection for
+ever. :class:`GuardedHandler` adds that deadline. (It reads two counters of
+aiohttp's ``RequestHandler``; tests/test_hardening.py fails if they change.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from .config import InboundLimits
+from .log import get_logger
+
+log = get_logger("proxy.inbound")
+
+
+class GuardedHandler(RequestHandler):
+    __slots__ = ("_head_count", "_head_timeout", "_head_timer")
+
+    def __init__(self, *args: Any, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timeout = head_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_count = 0
+
+    def data_received(self, data: bytes) -> None:
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()
+        elif self._head_timer is None and not self._request_in_progress and not self._messages:
+            # Bytes of a request head arrived, the head is not complete: start the clock.
+            self._head_count = before
+            self._head_timer = self._loop.call_later(self._head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._request_count == self._head_count and not self._request_in_progress:
+            log.warning("request_head_timeout", client=self._peer(), after_s=self._head_timeout)
+            if self.transport is not None:
+                self.transport.close()
+
+    def _peer(self) -> str | None:
+        if self.transport is None:
+            return None
+        peer = self.transport.get_extra_info("peername")
+        return str(peer[0]) if peer else None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+
+class InboundServer(web.Server):
+    """``web.Server`` whose connections get :class:`GuardedHandler` and the limits."""
+
+    def __init__(self, handler: Any, limits: InboundLimits, **kwargs: Any) -> None:
+        super().__init__(
+            handler,
+            max_line_size=limits.max_header_size,
+            max_field_size=limits.max_header_size,
+            max_headers=limits.max_headers,
+            keepalive_timeout=limits.idle_timeout,
+            **kwargs,
+        )
+        self._head_timeout = limits.header_timeout
+
+    def __call__(self) -> RequestHandler:
+        return GuardedHandler(
+            self, loop=self._loop, head_timeout=self._head_timeout, **self._kwargs
+        )
