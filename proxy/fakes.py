@@ -39,7 +39,9 @@ class LocalServer:
         raise NotImplementedError
 
     async def start(self) -> str:
-        server = web.Server(self.handle, access_log=None, auto_decompress=False)
+        server = web.Server(
+            self.handle, access_log=None, auto_decompress=False, handler_cancellation=True
+        )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

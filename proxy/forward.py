@@ -293,7 +293,11 @@ class Forwarder:
         facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         route_metrics = self._unrouted
         try:
-            target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
+            hosts = request.headers.getall("Host", ())
+            if len(hosts) > 1 or (not hosts and request.version >= (1, 1)):
+                # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
+                raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+            target = parse_target(request.method, request.raw_path, hosts[0] if hosts else None)
             matched = table.router.match(target)
             if matched is None:
                 where = f"host {target.host!r} " if target.host else ""

@@ -1,0 +1,231 @@
+"""Who may use a route, and what an app may cost: allow_from, inbound keys,
+body and concurrency limits, slow clients, header limits, idempotent retries,
+apps that go away. Real proxy, real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+from pathlib import Path
+
+from aiohttp import web
+
+from conftest import Stack, StackFactory, log_events, raw_exchange, raw_status
+from proxy.fakes import LocalServer
+
+
+async def status_of(stack: Stack, path: str = "/demo/x", **kwargs: object) -> int:
+    async with stack.http.get(stack.url(path), **kwargs) as response:  # type: ignore[arg-type]
+        await response.read()
+        return response.status
+
+
+async def test_allow_from_refuses_other_sources(make_stack: StackFactory) -> None:
+    stack = await make_stack(
+        route="    allow_from: [10.0.0.0/8, '::1/128']",
+        extra_routes="""  - name: local
+    match: {path_prefix: /local/}
+    upstream: {partner}/v2/
+    client: demo
+    allow_from: [127.0.0.0/8]
+""",
+    )
+    async with stack.http.get(stack.url("/demo/x")) as response:
+        assert response.status == 403
+        body = await response.json()
+    assert body["error"] == "source_not_allowed" and "127.0.0.1" in body["message"]
+    assert stack.tokens.calls == 0 and stack.partner.requests == []
+    assert await status_of(stack, "/local/x") == 200
+
+
+async def test_inbound_key_is_required_checked_and_never_forwarded(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# apps allowed on this route\nkey-of-app-one\nkey-of-app-two\n")
+    keys.chmod(0o600)
+    stack = await make_stack(route=f"    inbound_auth: {{header: X-Proxy-Key, keys_file: {keys}}}")
+    for headers in ({}, {"X-Proxy-Key": "wrong"}, {"X-Proxy-Key": ""}):
+        async with stack.http.get(stack.url("/demo/x"), headers=headers) as response:
+            assert response.status == 401
+            assert (await response.json())["error"] == "proxy_key_required"
+    assert stack.tokens.calls == 0 and stack.partner.requests == []
+    assert await status_of(stack, headers={"X-Proxy-Key": "key-of-app-two"}) == 200
+    (seen,) = stack.partner.requests
+    assert "x-proxy-key" not in {name.lower() for name, _ in seen.headers}
+    assert "key-of-app-two" not in str(seen.headers)
+
+
+async def test_literal_secret_and_readable_secret_file_are_warned_about(
+    make_stack: StackFactory, tmp_path: Path, log_stream: io.StringIO
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("demo-secret\n")
+    secret.chmod(0o644)
+    stack = await make_stack(
+        client=f"""  other:
+    token_url: http://127.0.0.1:9/token
+    client_id: other
+    client_secret_file: {secret}
+"""
+    )
+    assert stack.config.warnings
+    reasons = [e["reason"] for e in log_events(log_stream) if e["event"] == "config_warning"]
+    assert any("clients.demo.client_secret: a literal secret" in r for r in reasons)
+    assert any("clients.other.client_secret_file" in r and "mode 0644" in r for r in reasons)
+    assert "demo-secret" not in log_stream.getvalue()
+
+
+async def test_max_body_by_content_length_and_by_stream(make_stack: StackFactory) -> None:
+    stack = await make_stack(route="    max_body: 1KiB")
+    async with stack.http.post(stack.url("/demo/sink"), data=b"x" * 2000) as response:
+        assert response.status == 413
+        assert (await response.json())["error"] == "body_too_large"
+    assert stack.partner.sunk == [] and stack.tokens.calls == 0  # refused before anything
+
+    async def chunks() -> object:
+        for _ in range(20):
+            yield b"y" * 100
+
+    async with stack.http.post(stack.url("/demo/sink"), data=chunks()) as response:
+        assert response.status == 413
+    assert stack.partner.sunk == []  # the partner never got a whole (or truncated) body
+    async with stack.http.post(stack.url("/demo/sink"), data=b"z" * 1024) as response:
+        assert response.status == 200
+    assert stack.partner.sunk[-1][0] == 1024
+
+
+async def test_max_concurrent_answers_503_with_retry_after(make_stack: StackFactory) -> None:
+    stack = await make_stack(route="    max_concurrent: 2")
+
+    async def one() -> tuple[int, str | None]:
+        async with stack.http.get(stack.url("/demo/slow?delay=0.5")) as response:
+            await response.read()
+            return response.status, response.headers.get("Retry-After")
+
+    results = await asyncio.gather(*(one() for _ in range(6)))
+    assert sorted(results, key=str) == [(200, None)] * 2 + [(503, "1")] * 4
+    assert len(stack.partner.requests) == 2
+    assert await status_of(stack) == 200  # the slots are free again
+
+
+async def test_slow_request_head_is_cut_off(make_stack: StackFactory) -> None:
+    stack = await make_stack(top="inbound: {header_timeout: 300ms}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    writer.write(b"GET /demo/x HTTP/1.1\r\nHost: a\r\n")
+    await writer.drain()
+    closed_at = None
+    for _ in range(30):  # trickle a byte every 100 ms; a patient slowloris
+        try:
+            writer.write(b"X")
+            await writer.drain()
+        except ConnectionError:
+            break
+        data = await asyncio.wait_for(reader.read(100), 0.1) if reader.at_eof() else b""
+        if reader.at_eof() or data:
+            break
+        await asyncio.sleep(0.1)
+    try:
+        assert await asyncio.wait_for(reader.read(), 2) == b""
+        closed_at = loop.time()
+    finally:
+        writer.close()
+    assert closed_at is not None and closed_at - started < 1.5
+    assert stack.partner.requests == []
+    assert await status_of(stack) == 200  # ordinary requests are not affected
+
+
+async def test_stalled_request_body_gets_408(make_stack: StackFactory) -> None:
+    stack = await make_stack(top="inbound: {body_timeout: 300ms}")
+    head = (
+        b"POST /demo/sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+    )  # then nothing
+    response = await raw_exchange(stack.proxy.port, head, timeout=3)
+    assert raw_status(response) == 408
+    assert b"body_timeout" in response
+    assert stack.partner.sunk == []
+
+
+async def test_header_count_and_size_limits(make_stack: StackFactory) -> None:
+    stack = await make_stack(top="inbound: {max_headers: 20, max_header_size: 1KiB}")
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+    response = await raw_exchange(
+        stack.proxy.port, b"GET /demo/x HTTP/1.1\r\nHost: a\r\n" + many + b"\r\n"
+    )
+    assert raw_status(response) == 400
+    big = b"X-Big: " + b"v" * 2000 + b"\r\n"
+    response = await raw_exchange(
+        stack.proxy.port, b"GET /demo/x HTTP/1.1\r\nHost: a\r\n" + big + b"\r\n"
+    )
+    assert raw_status(response) in (400, 431)
+    assert stack.partner.requests == []
+
+
+class DroppingUpstream(LocalServer):
+    """Closes the first ``drops`` connections after reading a request, without an answer."""
+
+    def __init__(self, drops: int) -> None:
+        super().__init__()
+        self.drops = drops
+        self.seen: list[tuple[str, int]] = []  # (method, body length) of every request
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append((request.method, len(body)))
+        if self.drops:
+            self.drops -= 1
+            assert request.transport is not None
+            request.transport.close()
+        return web.Response(text="ok")
+
+
+async def test_idempotent_requests_are_retried_once_posts_never(make_stack: StackFactory) -> None:
+    upstream = DroppingUpstream(drops=1)
+    await upstream.start()
+    try:
+        stack = await make_stack(
+            extra_routes=f"""  - name: flaky
+    match: {{path_prefix: /flaky/}}
+    upstream: {upstream.url}/
+    client: demo
+"""
+        )
+        async with stack.http.get(stack.url("/flaky/a")) as response:
+            assert response.status == 200
+        assert upstream.seen == [("GET", 0), ("GET", 0)]
+        upstream.drops = 1
+        async with stack.http.post(stack.url("/flaky/b"), data=b"12345") as response:
+            assert response.status == 502
+            assert (await response.json())["error"] == "upstream_error"
+        assert upstream.seen[2:] == [("POST", 5)]  # exactly once
+        upstream.drops = 1
+        async with stack.http.put(stack.url("/flaky/c"), data=b"123") as response:
+            assert response.status == 200
+        assert upstream.seen[3:] == [("PUT", 3), ("PUT", 3)]
+    finally:
+        await upstream.stop()
+
+
+async def test_apps_that_go_away_cancel_upstream_and_leak_nothing(stack: Stack) -> None:
+    assert await status_of(stack) == 200
+    baseline = len(asyncio.all_tasks())
+    fds = len(os.listdir("/proc/self/fd"))
+
+    async def abort() -> None:
+        _, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+        writer.write(b"GET /demo/slow?delay=5 HTTP/1.1\r\nHost: a\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+    for _ in range(5):
+        await asyncio.gather(*(abort() for _ in range(40)))
+    await asyncio.sleep(0.3)
+    assert len(stack.partner.requests) == 201  # each aborted request went up once, none replayed
+    assert stack.tokens.mint_count == 1
+    assert len(asyncio.all_tasks()) <= baseline + 2
+    assert len(os.listdir("/proc/self/fd")) <= fds + 10
+    assert await status_of(stack) == 200
