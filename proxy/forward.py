@@ -297,6 +297,9 @@ class Forwarder:
             if len(hosts) > 1 or (not hosts and request.version >= (1, 1)):
                 # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
                 raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+            if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
+                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
             target = parse_target(request.method, request.raw_path, hosts[0] if hosts else None)
             matched = table.router.match(target)
             if matched is None:

@@ -13,7 +13,10 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from .config import InboundLimits
 from .log import get_logger
@@ -61,6 +64,48 @@ class GuardedHandler(RequestHandler):
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        """aiohttp's own error log would quote the offending request bytes (an
+        Authorization header among them); ours names the error, not the data."""
+        error = kw.get("exc_info")
+        if isinstance(error, BaseException) and isinstance(error, HttpProcessingError):
+            return  # a malformed request: logged by handle_error below
+        log.error("internal_error", exc_info=error if isinstance(error, BaseException) else True)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> StreamResponse:
+        if request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        reason = _short_reason(exc) if status < 500 else "internal error"
+        if status < 500:
+            log.warning(
+                "malformed_request",
+                client=request.remote,
+                status=status,
+                error=type(exc).__name__ if exc else None,
+                reason=reason,
+            )
+        else:
+            self.log_exception("request handler failed", exc_info=exc)
+        response = web.json_response(
+            {"error": "bad_request" if status < 500 else "internal_error", "message": reason},
+            status=status,
+        )
+        response.force_close()
+        return response
+
+
+def _short_reason(exc: BaseException | None) -> str:
+    """The parser's complaint without the bytes it quotes back."""
+    text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
+    first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
+    return "malformed request: " + first.rstrip(":")[:120]
 
 
 class InboundServer(web.Server):

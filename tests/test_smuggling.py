@@ -1,0 +1,82 @@
+"""A raw-socket corpus of request smuggling and parser abuse, each with its
+expected verdict. Every case must be refused (400, or the status named) and
+none may reach the partner in any form."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from conftest import Stack, log_events, raw_exchange, raw_status
+
+CASES: dict[str, bytes] = {
+    "cl_and_te": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "dup_cl_diff": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    "dup_cl_same": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 4\r\n\r\nabcd",
+    "cl_plus": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\nabcd",
+    "cl_list": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 4\r\n\r\nabcd",
+    "cl_alpha": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: four\r\n\r\nabcd",
+    "te_not_last": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te_xchunked": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "te_dup": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te_space_colon": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "te_http10": b"POST /demo/x HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "obs_fold": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: one\r\n two\r\n\r\n",
+    "nul_value": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: a\x00b\r\n\r\n",
+    "cr_value": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: a\rb\r\n\r\n",
+    "lf_value": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: a\nTransfer-Encoding: chunked\r\n\r\n",
+    "bad_chunk": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "huge_chunk": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\nabc\r\n0\r\n\r\n",
+    "chunk_no_crlf": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX0\r\n\r\n",
+    "name_space": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX A: b\r\n\r\n",
+    "name_bad_char": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX(A: b\r\n\r\n",
+    "no_host": b"GET /demo/x HTTP/1.1\r\n\r\n",
+    "two_hosts": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "long_line": b"GET /demo/" + b"a" * 10000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
+    "long_header": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: " + b"v" * 10000 + b"\r\n\r\n",
+    "many_headers": b"GET /demo/x HTTP/1.1\r\nHost: a\r\n"
+    + b"".join(b"X-%d: v\r\n" % i for i in range(200))
+    + b"\r\n",
+    "bad_method": b"G(T /demo/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "h2_preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "space_target": b"GET /demo/a b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "bad_version": b"GET /demo/x HTTP/9.9\r\nHost: a\r\n\r\n",
+    "bare_lf_lines": b"GET /demo/x HTTP/1.1\nHost: a\n\n",
+    "abs_other_host": b"GET http://evil.example/demo/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "connect": b"CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n",
+    "dotdot": b"GET /demo/../admin HTTP/1.1\r\nHost: a\r\n\r\n",
+    "enc_dotdot": b"GET /demo/%2e%2e/%2e%2e/x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "pipelined_smuggle": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\nGET /demo/smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+}
+
+EXPECTED = {"abs_other_host": 404, "connect": 405}  # every other case: 400
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+async def test_smuggling_corpus(stack: Stack, name: str) -> None:
+    response = await raw_exchange(stack.proxy.port, CASES[name], timeout=3)
+    assert raw_status(response) == EXPECTED.get(name, 400), response[:300]
+    assert stack.partner.requests == []
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"application/json" in head.lower()
+    assert json.loads(body)["error"]  # the JSON error shape, never a traceback
+    assert b"Traceback" not in response
+
+
+def test_corpus_is_large() -> None:
+    assert len(CASES) >= 20
+
+
+async def test_malformed_request_never_logs_or_echoes_its_authorization(
+    stack: Stack, log_stream: io.StringIO
+) -> None:
+    secret = b"Bearer app-secret-7d1f"
+    data = b"GET /demo/x HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\x00\r\n\r\n"
+    response = await raw_exchange(stack.proxy.port, data)
+    assert raw_status(response) == 400
+    assert secret not in response
+    assert "app-secret-7d1f" not in log_stream.getvalue()
+    (line,) = [e for e in log_events(log_stream) if e["event"] == "malformed_request"]
+    assert line["status"] == 400 and line["reason"].startswith("malformed request: ")
