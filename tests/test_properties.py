@@ -66,6 +66,7 @@ def live() -> Iterator[Live]:
     stack.run(stop())
     loop.call_soon_threadsafe(loop.stop)
     thread.join(5)
+    loop.close()
 
 
 SEGMENT_PIECES = [".", "..", "%2e", "%2E%2e", "%2f", "%2F", "%5c", "%00", "%25", "~", "+", ";", "=",
