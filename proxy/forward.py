@@ -64,6 +64,7 @@ class RouteRuntime:
     gate: Gate
     drop_headers: frozenset[str]  # the inbound key header: never forwarded
     body_timeout: float
+    guarded: bool  # allow_from or inbound_auth to check
 
 
 class Gate:
@@ -308,7 +309,8 @@ class Forwarder:
             route, runtime = matched
             facts.route = route.name
             route_metrics = runtime.metrics
-            check_access(route, request.remote, request.headers)
+            if runtime.guarded:
+                check_access(route, request.remote, request.headers)
             url = upstream_url(route, runtime.base, target)
             if route.max_body is not None and (request.content_length or 0) > route.max_body:
                 raise BodyTooLarge(
@@ -316,11 +318,15 @@ class Forwarder:
                     f"got Content-Length {request.content_length}",
                     route=route.name,
                 )
-            runtime.gate.enter(route.name)
-            try:
+            gate = runtime.gate
+            if gate.limit is None:
                 response = await self._exchange(request, runtime, url, target, table, facts)
-            finally:
-                runtime.gate.leave()
+            else:
+                gate.enter(route.name)
+                try:
+                    response = await self._exchange(request, runtime, url, target, table, facts)
+                finally:
+                    gate.leave()
         except RequestFailed as exc:
             response = json_error(exc, facts.request_id)
             facts.extra["error"] = exc.code
@@ -662,4 +668,5 @@ def route_runtime(
         gate=Gate(route.max_concurrent),
         drop_headers=frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
         body_timeout=body_timeout,
+        guarded=bool(route.allow_from) or route.inbound_auth is not None,
     )

@@ -1,0 +1,484 @@
+"""The benchmark: authproxy against nginx with a static header (the ceiling), a
+minimal aiohttp proxy (the par) and the upstream direct, on loopback.
+
+    bash bench/run            # installs wrk and nginx, a venv, then runs this
+    python bench/bench.py --duration 5 --rounds 3 --out bench/results/latest.json
+
+Every process is started by this script and stopped by PID. The proxy under
+test is pinned to CPU 0 with taskset; wrk and the upstream share CPU 1
+(except in the two-worker scenario, where nothing is pinned). Contenders
+alternate round by round, and per scenario the script prints median req/s,
+p50/p99 latency, CPU µs per request of the proxy (all its processes), the
+ratios to nginx, minimal and direct, the mint count and peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b'{"status":"ok","items":[1,2,3,4]}'  # 33 bytes, the upstream's answer
+assert len(BODY) == 33
+BIG = 512 * 1024 * 1024
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [pid], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    total = 0.0
+    for p in descendants(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+    return total
+
+
+def memory(pid: int, key: str) -> int:
+    """VmRSS or VmHWM summed over the process tree, in bytes."""
+    total = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+@dataclass
+class Proc:
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(15)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def spawn(cmd: list[str], cpus: str | None, **kw: Any) -> subprocess.Popen[bytes]:
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    return subprocess.Popen(cmd, preexec_fn=raise_nofile, **kw)  # noqa: S603,PLW1509
+
+
+NGINX_COMMON = """
+error_log {dir}/{name}.error.log warn;
+pid {dir}/{name}.pid;
+worker_rlimit_nofile 65536;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path {dir}/{name}.body; proxy_temp_path {dir}/{name}.proxy;
+  fastcgi_temp_path {dir}/{name}.fcgi; uwsgi_temp_path {dir}/{name}.uwsgi;
+  scgi_temp_path {dir}/{name}.scgi;
+  {body}
+}}
+"""
+
+
+def nginx(
+    name: str, workers: int, body: str, tmp: Path, cpus: str | None
+) -> subprocess.Popen[bytes]:
+    conf = tmp / f"{name}.conf"
+    text = f"worker_processes {workers};\n" + NGINX_COMMON.format(dir=tmp, name=name, body=body)
+    conf.write_text(text)
+    return spawn(["nginx", "-p", str(tmp), "-c", str(conf), "-g", "daemon off;"], cpus)
+
+
+def upstream(tmp: Path) -> Proc:
+    port = free_port()
+    big = tmp / "big.bin"
+    with open(big, "wb") as f:
+        f.truncate(BIG)  # sparse: served from the page cache, costs no disk
+    body = f"""
+  server {{
+    listen 127.0.0.1:{port} backlog=8192;
+    client_max_body_size 0;
+    location = /big {{ alias {big}; }}
+    location /expiring/ {{
+      if ($http_authorization = "Bearer tok-1") {{
+        add_header WWW-Authenticate 'Bearer error="invalid_token", error_description="The access token expired"' always;
+        return 401;
+      }}
+      default_type application/json; return 200 '{BODY.decode()}';
+    }}
+    location / {{ default_type application/json; return 200 '{BODY.decode()}'; }}
+  }}"""
+    proc = Proc("upstream", port, nginx("upstream", 1, body, tmp, "1"))
+    wait_port(port)
+    return proc
+
+
+def nginx_static(up: int, tmp: Path, workers: int, cpus: str | None) -> Proc:
+    port = free_port()
+    body = f"""
+  upstream partner {{ server 127.0.0.1:{up}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=8192;
+    client_max_body_size 0;
+    location / {{
+      proxy_pass http://partner;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Authorization "Bearer static-token";
+      proxy_buffering off;
+      proxy_request_buffering off;
+    }}
+  }}"""
+    proc = Proc("nginx", port, nginx(f"static{workers}", workers, body, tmp, cpus))
+    wait_port(port)
+    return proc
+
+
+def minimal(up: int, cpus: str | None) -> Proc:
+    port = free_port()
+    popen = spawn(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "minimal_proxy.py"),
+            str(port),
+            f"http://127.0.0.1:{up}",
+        ],
+        cpus,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # its tracebacks on reset connections are noise here
+    )
+    wait_port(port)
+    return Proc("minimal", port, popen)
+
+
+def token_endpoint() -> Proc:
+    port = free_port()
+    popen = spawn([sys.executable, str(ROOT / "bench" / "token_endpoint.py"), str(port)], "1",
+                  stdout=subprocess.DEVNULL)  # fmt: skip
+    wait_port(port)
+    return Proc("tokens", port, popen)
+
+
+def mints(tokens: Proc) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{tokens.port}/count", timeout=5) as r:  # noqa: S310
+        return int(json.load(r)["mints"])
+
+
+def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None) -> Proc:
+    port, admin = free_port(), free_port()
+    config = tmp / f"authproxy{workers}.yaml"
+    config.write_text(f"""
+listen: 127.0.0.1:{port}
+admin: 127.0.0.1:{admin}
+workers: {workers}
+access_log: false
+clients:
+  bench:
+    token_url: http://127.0.0.1:{tokens.port}/token
+    client_id: bench
+    client_secret: ${{BENCH_SECRET}}
+routes:
+  - name: partner
+    match: {{path_prefix: /}}
+    upstream: http://127.0.0.1:{up}/
+    client: bench
+""")
+    popen = spawn(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
+        cpus,
+        cwd=ROOT,
+        env={**os.environ, "BENCH_SECRET": "bench-secret"},
+        stderr=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    if workers > 1:
+        time.sleep(1.5)  # every worker listening
+    return Proc("authproxy", port, popen, {"admin": admin})
+
+
+WRK_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
+UNIT = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+def wrk(port: int, path: str, duration: float, connections: int, script: str | None,
+        cpus: str | None) -> dict[str, Any]:  # fmt: skip
+    cmd = [
+        "wrk",
+        "-t2",
+        f"-c{connections}",
+        f"-d{max(1, round(duration))}s",
+        "--latency",
+        "--timeout",
+        "5s",
+    ]
+    if script:
+        cmd += ["-s", script]
+    cmd.append(f"http://127.0.0.1:{port}{path}")
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, preexec_fn=raise_nofile
+    ).stdout  # noqa: S603,PLW1509
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    lat = {p: float(v) * UNIT[u] for p, v, u in WRK_LATENCY.findall(out)}
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m.group(1))
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return {"rps": rps, "requests": total, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
+            "errors": errors}  # fmt: skip
+
+
+def measured(proc: Proc | None, run: Any) -> dict[str, Any]:
+    before = cpu_seconds(proc.popen.pid) if proc and proc.popen else None
+    result = run()
+    if before is not None and proc and proc.popen:
+        used = cpu_seconds(proc.popen.pid) - before
+        result["cpu_us_per_req"] = round(used / max(1, result["requests"]) * 1e6, 1)
+        result["rss_mib"] = round(memory(proc.popen.pid, "VmRSS") / 2**20, 1)
+    return result
+
+
+def transfer(port: int, direction: str) -> dict[str, Any]:
+    """Stream 512 MiB through with curl (one connection), timing it."""
+    url = (
+        f"http://127.0.0.1:{port}/big"
+        if direction == "download"
+        else f"http://127.0.0.1:{port}/sink"
+    )
+    started = time.monotonic()
+    if direction == "download":
+        cmd = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url]
+    else:
+        cmd = ["sh", "-c", f"head -c {BIG} /dev/zero | curl -sS -o /dev/null -w '%{{http_code}} %{{size_upload}}' "
+                           f"-H 'Transfer-Encoding: chunked' -H 'Expect:' --data-binary @- {url}"]  # fmt: skip
+    out = subprocess.run(
+        ["taskset", "-c", "1", *cmd], capture_output=True, text=True, check=True
+    ).stdout  # noqa: S603
+    status, size = out.split()
+    seconds = time.monotonic() - started
+    return {"status": int(status), "bytes": int(float(size)), "seconds": round(seconds, 2),
+            "mib_per_s": round(BIG / 2**20 / seconds, 1), "requests": 1}  # fmt: skip
+
+
+def median_of(rounds: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in rounds if r.get(key) is not None]
+    return round(statistics.median(values), 2) if values else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="authproxy benchmark")
+    parser.add_argument("--duration", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
+    parser.add_argument("--skip-big", action="store_true", help="skip the 512 MiB transfers")
+    args = parser.parse_args()
+    for tool in ("wrk", "nginx", "taskset", "curl"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (bash bench/run installs it)", file=sys.stderr)
+            return 1
+    raise_nofile()
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    post = tmp / "post.lua"
+    post.write_text('wrk.method = "POST"\nwrk.body = string.rep("a", 16384)\n'
+                    'wrk.headers["Content-Type"] = "application/octet-stream"\n')  # fmt: skip
+    procs: list[Proc] = []
+    results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                               "duration_s": args.duration, "rounds": args.rounds, "scenarios": {}}  # fmt: skip
+    try:
+        up = upstream(tmp)
+        tokens = token_endpoint()
+        procs += [up, tokens]
+        contenders = {
+            "direct": None,
+            "nginx": nginx_static(up.port, tmp, 1, "0"),
+            "minimal": minimal(up.port, "0"),
+            "authproxy": authproxy(up.port, tokens, tmp, 1, "0"),
+        }
+        procs += [p for p in contenders.values() if p]
+        scenarios = {
+            "get": ("/api/x", 64, None),
+            "post_16k": ("/api/x", 64, str(post)),
+            "c1000": ("/api/x", 1000, None),
+        }
+        for name, (path, conns, script) in scenarios.items():
+            rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
+            for _ in range(args.rounds):
+                for cname, proc in contenders.items():
+                    port = proc.port if proc else up.port
+                    rounds[cname].append(
+                        measured(
+                            proc, lambda p=port: wrk(p, path, args.duration, conns, script, "1")
+                        )
+                    )
+            results["scenarios"][name] = summarise(rounds)
+            report(name, results["scenarios"][name])
+        results["rss_flat"] = {"after_get_c64_mib": results["scenarios"]["get"]["authproxy"]["rss_mib"],
+                               "after_c1000_mib": results["scenarios"]["c1000"]["authproxy"]["rss_mib"]}  # fmt: skip
+
+        if not args.skip_big:
+            for direction in ("download", "upload"):
+                rounds = {c: [] for c in contenders}
+                for cname, proc in contenders.items():
+                    port = proc.port if proc else up.port
+                    rounds[cname].append(measured(proc, lambda p=port: transfer(p, direction)))
+                    if proc and proc.popen:
+                        rounds[cname][-1]["peak_rss_mib"] = round(
+                            memory(proc.popen.pid, "VmHWM") / 2**20, 1
+                        )
+                results["scenarios"][f"{direction}_512mib"] = {c: r[0] for c, r in rounds.items()}
+                report(f"{direction}_512mib", results["scenarios"][f"{direction}_512mib"], big=True)
+
+        # Expiry storm: a fresh authproxy, a cold cache, and a partner that calls tok-1 expired.
+        before = mints(tokens)
+        storm = authproxy(up.port, tokens, tmp, 1, "0")
+        procs.append(storm)
+        result = wrk(storm.port, "/expiring/x", args.duration, 64, None, "1")
+        result["mints"] = mints(tokens) - before
+        results["scenarios"]["expiry_storm"] = {"authproxy": result}
+        print(f"\nexpiry_storm: {result['requests']} requests, {result['errors']} errors, "
+              f"{result['mints']} mints (1 first, 1 after the expiry)")  # fmt: skip
+        storm.stop()
+
+        # Two workers, nothing pinned: authproxy workers: 2 against nginx with 2 workers.
+        for p in list(contenders.values()):
+            if p:
+                p.stop()
+        two = {"nginx": nginx_static(up.port, tmp, 2, None), "authproxy": authproxy(up.port, tokens, tmp, 2, None),
+               "authproxy_1worker": authproxy(up.port, tokens, tmp, 1, None)}  # fmt: skip
+        procs += list(two.values())
+        rounds = {c: [] for c in two}
+        for _ in range(args.rounds):
+            for cname, proc in two.items():
+                rounds[cname].append(
+                    measured(
+                        proc, lambda p=proc.port: wrk(p, "/api/x", args.duration, 64, None, None)
+                    )
+                )
+        summary = summarise(rounds)
+        summary["scaling_2_over_1"] = round(
+            summary["authproxy"]["rps"] / summary["authproxy_1worker"]["rps"], 2
+        )
+        results["scenarios"]["workers_2"] = summary
+        report("workers_2", summary)
+        results["mints_total"] = mints(tokens)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def summarise(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for cname, rs in rounds.items():
+        summary[cname] = {
+            k: median_of(rs, k) for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "rss_mib")
+        }
+        summary[cname]["errors"] = sum(r["errors"] for r in rs)
+        summary[cname]["rounds_rps"] = [r["rps"] for r in rs]
+    if "authproxy" in rounds:
+        ours = rounds["authproxy"]
+        for other in ("nginx", "minimal", "direct"):
+            if other in rounds:
+                per_round = [
+                    round(a["rps"] / b["rps"], 3) for a, b in zip(ours, rounds[other], strict=True)
+                ]
+                summary[f"authproxy_over_{other}"] = {"per_round": per_round,
+                                                      "median": round(statistics.median(per_round), 3)}  # fmt: skip
+    return summary
+
+
+def report(name: str, summary: dict[str, Any], big: bool = False) -> None:
+    print(f"\n== {name}")
+    for cname, s in summary.items():
+        if cname.startswith("authproxy_over") or cname == "scaling_2_over_1":
+            print(f"   {cname}: {s}")
+            continue
+        if big:
+            print(f"   {cname:18} {s.get('mib_per_s')} MiB/s  status {s.get('status')}  "
+                  f"bytes {s.get('bytes')}  peak RSS {s.get('peak_rss_mib')} MiB")  # fmt: skip
+        else:
+            print(f"   {cname:18} {s['rps']:>10} req/s  p50 {s['p50_ms']} ms  p99 {s['p99_ms']} ms  "
+                  f"cpu {s['cpu_us_per_req']} us/req  rss {s['rss_mib']} MiB  errors {s['errors']}")  # fmt: skip
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    return f"{os.cpu_count()} cores, {cpu}, Python {sys.version.split()[0]}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

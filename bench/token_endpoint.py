@@ -1,0 +1,42 @@
+"""A counting client-credentials token endpoint for the bench.
+
+    python bench/token_endpoint.py PORT
+
+POST /token mints ``tok-<n>`` (expires_in 3600); GET /count says how many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+
+from aiohttp import web
+
+
+async def main(port: int) -> None:
+    serial = itertools.count(1)
+    minted = [0]
+
+    async def token(request: web.Request) -> web.Response:
+        await request.read()
+        minted[0] += 1
+        return web.json_response(
+            {"access_token": f"tok-{next(serial)}", "token_type": "Bearer", "expires_in": 3600}
+        )
+
+    async def count(request: web.Request) -> web.Response:
+        return web.json_response({"mints": minted[0]})
+
+    app = web.Application()
+    app.router.add_post("/token", token)
+    app.router.add_get("/count", count)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(int(sys.argv[1])))
