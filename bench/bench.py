@@ -156,6 +156,7 @@ def upstream(tmp: Path) -> Proc:
     big = tmp / "big.bin"
     with open(big, "wb") as f:
         f.truncate(BIG)  # sparse: served from the page cache, costs no disk
+    big.chmod(0o644)
     body = f"""
   server {{
     listen 127.0.0.1:{port} backlog=8192;
@@ -343,6 +344,7 @@ def main() -> int:
             return 1
     raise_nofile()
     tmp = Path(tempfile.mkdtemp(prefix="authproxy-bench-"))
+    tmp.chmod(0o755)  # nginx workers run unprivileged and serve the big file from here
     post = tmp / "post.lua"
     post.write_text('wrk.method = "POST"\nwrk.body = string.rep("a", 16384)\n'
                     'wrk.headers["Content-Type"] = "application/octet-stream"\n')  # fmt: skip
@@ -393,12 +395,14 @@ def main() -> int:
                 results["scenarios"][f"{direction}_512mib"] = {c: r[0] for c, r in rounds.items()}
                 report(f"{direction}_512mib", results["scenarios"][f"{direction}_512mib"], big=True)
 
-        # Expiry storm: a fresh authproxy, a cold cache, and a partner that calls tok-1 expired.
-        before = mints(tokens)
-        storm = authproxy(up.port, tokens, tmp, 1, "0")
-        procs.append(storm)
+        # Expiry storm: a fresh authproxy and token endpoint (its first token is tok-1),
+        # a cold cache, and a partner that calls tok-1 expired: every request of the
+        # first wave gets a 401, and one mint replaces the token for all of them.
+        storm_tokens = token_endpoint()
+        storm = authproxy(up.port, storm_tokens, tmp, 1, "0")
+        procs += [storm_tokens, storm]
         result = wrk(storm.port, "/expiring/x", args.duration, 64, None, "1")
-        result["mints"] = mints(tokens) - before
+        result["mints"] = mints(storm_tokens)
         results["scenarios"]["expiry_storm"] = {"authproxy": result}
         print(f"\nexpiry_storm: {result['requests']} requests, {result['errors']} errors, "
               f"{result['mints']} mints (1 first, 1 after the expiry)")  # fmt: skip
