@@ -475,7 +475,7 @@ def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
     return tuple(networks)
 
 
-def key_digest(key: str) -> bytes:
+def inbound_key_digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
 
 
@@ -494,7 +494,7 @@ def _parse_inbound_auth(reader: _Reader, warnings: list[str]) -> InboundAuth:
         raise reader.error("keys_file", f"{path!r} holds no keys")
     _check_private(path, reader, "keys_file", warnings)
     reader.finish()
-    return InboundAuth(header, tuple(key_digest(k) for k in keys), path)
+    return InboundAuth(header, tuple(inbound_key_digest(k) for k in keys), path)
 
 
 def _normalise_host(value: object) -> str:

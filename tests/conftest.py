@@ -278,6 +278,19 @@ def redis_url(tmp_path: Any) -> Iterator[str]:
 
 # ------------------------------------------------------ proxies as processes
 
+
+@pytest.fixture
+async def servers() -> AsyncIterator[tuple[FakeTokenEndpoint, FakePartner]]:
+    """A fake token endpoint and partner in this process, for proxies run as processes."""
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    partner = FakePartner(tokens)
+    await partner.start()
+    yield tokens, partner
+    await partner.stop()
+    await tokens.stop()
+
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -14,17 +14,6 @@ from conftest import ProxyProcess, eventually, fire, samples, value
 from proxy.fakes import FakePartner, FakeTokenEndpoint
 
 Factory = Callable[[str], ProxyProcess]
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[tuple[FakeTokenEndpoint, FakePartner]]:
-    tokens = FakeTokenEndpoint()
-    await tokens.start()
-    partner = FakePartner(tokens)
-    await partner.start()
-    yield tokens, partner
-    await partner.stop()
-    await tokens.stop()
 
 
 def config(tokens: FakeTokenEndpoint, partner: FakePartner, *, workers: int = 1) -> str:

@@ -7,7 +7,7 @@ import asyncio
 import os
 import secrets
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -16,17 +16,6 @@ from conftest import ProxyProcess, RedisProcess, eventually, fire
 from proxy.fakes import FakePartner, FakeTokenEndpoint
 
 Factory = Callable[[str], ProxyProcess]
-
-
-@pytest.fixture
-async def servers() -> AsyncIterator[tuple[FakeTokenEndpoint, FakePartner]]:
-    tokens = FakeTokenEndpoint()
-    await tokens.start()
-    partner = FakePartner(tokens)
-    await partner.start()
-    yield tokens, partner
-    await partner.stop()
-    await tokens.stop()
 
 
 def config(
