@@ -123,7 +123,7 @@ class Proc:
 def spawn(cmd: list[str], cpus: str | None, **kw: Any) -> subprocess.Popen[bytes]:
     if cpus is not None:
         cmd = ["taskset", "-c", cpus, *cmd]
-    return subprocess.Popen(cmd, preexec_fn=raise_nofile, **kw)  # noqa: S603,PLW1509
+    return subprocess.Popen(cmd, preexec_fn=raise_nofile, **kw)
 
 
 NGINX_COMMON = """
@@ -223,7 +223,7 @@ def token_endpoint() -> Proc:
 
 
 def mints(tokens: Proc) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{tokens.port}/count", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{tokens.port}/count", timeout=5) as r:
         return int(json.load(r)["mints"])
 
 
@@ -281,7 +281,7 @@ def wrk(port: int, path: str, duration: float, connections: int, script: str | N
         cmd = ["taskset", "-c", cpus, *cmd]
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, preexec_fn=raise_nofile
-    ).stdout  # noqa: S603,PLW1509
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
     lat = {p: float(v) * UNIT[u] for p, v, u in WRK_LATENCY.findall(out)}
@@ -319,7 +319,7 @@ def transfer(port: int, direction: str) -> dict[str, Any]:
                            f"-H 'Transfer-Encoding: chunked' -H 'Expect:' --data-binary @- {url}"]  # fmt: skip
     out = subprocess.run(
         ["taskset", "-c", "1", *cmd], capture_output=True, text=True, check=True
-    ).stdout  # noqa: S603
+    ).stdout
     status, size = out.split()
     seconds = time.monotonic() - started
     return {"status": int(status), "bytes": int(float(size)), "seconds": round(seconds, 2),

@@ -1,6 +1,6 @@
 """Plot bench JSON: req/s and p99 per contender and scenario.
 
-    python bench/plot.py bench/results/latest.json docs/performance.png
+python bench/plot.py bench/results/latest.json docs/performance.png
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 CONTENDERS = ["direct", "nginx", "minimal", "authproxy", "authproxy_1worker"]
 COLOURS = {"direct": "#999999", "nginx": "#2ca02c", "minimal": "#1f77b4", "authproxy": "#d62728",
