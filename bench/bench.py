@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 
 def raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
 
@@ -373,9 +374,7 @@ def main() -> int:
                 for cname, proc in contenders.items():
                     port = proc.port if proc else up.port
                     rounds[cname].append(
-                        measured(
-                            proc, lambda p=port: wrk(p, path, args.duration, conns, script, "1")
-                        )
+                        measured(proc, partial(wrk, port, path, args.duration, conns, script, "1"))
                     )
             results["scenarios"][name] = summarise(rounds)
             report(name, results["scenarios"][name])
@@ -387,7 +386,7 @@ def main() -> int:
                 rounds = {c: [] for c in contenders}
                 for cname, proc in contenders.items():
                     port = proc.port if proc else up.port
-                    rounds[cname].append(measured(proc, lambda p=port: transfer(p, direction)))
+                    rounds[cname].append(measured(proc, partial(transfer, port, direction)))
                     if proc and proc.popen:
                         rounds[cname][-1]["peak_rss_mib"] = round(
                             memory(proc.popen.pid, "VmHWM") / 2**20, 1

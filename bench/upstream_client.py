@@ -69,7 +69,7 @@ class LeanConnection(BaseProtocol):
         assert self.transport is not None
         self.waiter = self._loop.create_future()
         self.transport.write(head)
-        message, payload = await self.waiter
+        _, payload = await self.waiter
         return b"".join(payload._buffer)
 
 
