@@ -7,7 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir ".[speed,redis,metrics]" \
+RUN pip install --no-cache-dir ".[speed,redis,metrics,jwt]" \
     && rm -rf /src \
     && useradd --system --uid 10001 --no-create-home authproxy
 

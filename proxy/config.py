@@ -21,12 +21,18 @@ from typing import Any, Final, TypeVar
 import yaml
 from yarl import URL
 
+from .assertion import KEY_ALGORITHMS, SECRET_ALGORITHMS, load_private_key
 from .errors import ConfigError
 from .units import parse_duration, parse_share, parse_size
 
 T = TypeVar("T")
 
-AUTH_METHODS: Final = frozenset({"client_secret_basic", "client_secret_post"})
+AUTH_METHODS: Final = frozenset(
+    {"client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt", "none"}
+)
+SECRET_METHODS: Final = frozenset(
+    {"client_secret_basic", "client_secret_post", "client_secret_jwt"}
+)
 
 # Defaults, with the reason each has the value it has.
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"  # loopback: reaching the proxy means being trusted
@@ -67,6 +73,11 @@ class ClientConfig:
     timeout: float = DEFAULT_TOKEN_TIMEOUT
     ca_file: str | None = None
     warm: bool = False  # mint at start; /readyz waits for it
+    private_key: str | None = field(default=None, repr=False)  # PEM, for private_key_jwt
+    private_key_file: str | None = None
+    key_id: str | None = None  # the assertion's "kid"
+    algorithm: str | None = None  # of the assertion: HS256 (secret) or RS256/PS256/ES256 (key)
+    assertion_audience: str | None = None  # "aud" of the assertion; default the token_url
     mint_attempts: int = DEFAULT_MINT_ATTEMPTS
     failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
 
@@ -108,6 +119,8 @@ class RouteConfig:
     ca_file: str | None = None
     replay_limit: int = DEFAULT_REPLAY_LIMIT
     expired_token: ExpiredTokenRule = ExpiredTokenRule()
+    token_header: str = "Authorization"  # noqa: S105 - a header name: where the token goes
+    token_prefix: str = "Bearer "  # noqa: S105 - what precedes the token in that header
     max_body: int | None = None  # bytes; None: unlimited (streamed)
     max_concurrent: int | None = None  # requests in flight on this route; None: unlimited
     retry_idempotent: bool = True  # retry GET/HEAD/OPTIONS/PUT/DELETE once on a failed connection
@@ -408,8 +421,38 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         raise reader.error(
             "auth_method", f"expected one of {', '.join(sorted(AUTH_METHODS))}, got {auth_method!r}"
         )
-    if secret is None:
+    if secret is None and auth_method in SECRET_METHODS:
         raise reader.error("client_secret", f"is required for auth_method {auth_method}")
+    private_key_file = reader.string("private_key_file")
+    private_key = None
+    algorithm = reader.string("algorithm")
+    if auth_method == "private_key_jwt":
+        algorithm = algorithm or "RS256"
+        if algorithm not in KEY_ALGORITHMS:
+            raise reader.error("algorithm", f"expected RS256, PS256 or ES256, got {algorithm!r}")
+        if private_key_file is None:
+            raise reader.error("private_key_file", "is required for auth_method private_key_jwt")
+        try:
+            private_key = load_private_key(private_key_file, algorithm)
+        except ValueError as exc:
+            raise reader.error("private_key_file", str(exc)) from None
+        _check_private(private_key_file, reader, "private_key_file", warnings)
+    elif auth_method == "client_secret_jwt":
+        algorithm = algorithm or "HS256"
+        if algorithm not in SECRET_ALGORITHMS:
+            raise reader.error(
+                "algorithm", f"expected HS256 for client_secret_jwt, got {algorithm!r}"
+            )
+        if secret is not None and len(secret.encode()) < 32:
+            # RFC 7518 §3.2: an HS256 key must be at least 256 bits.
+            raise reader.error(
+                "client_secret", "client_secret_jwt (HS256) needs a secret of at least 32 bytes"
+            )
+    elif algorithm is not None or private_key_file is not None:
+        key = "algorithm" if algorithm is not None else "private_key_file"
+        raise reader.error(
+            key, f"applies to client_secret_jwt and private_key_jwt, not {auth_method}"
+        )
     params: list[tuple[str, str]] = []
     if reader.has("params"):
         params_reader = reader.child("params")
@@ -445,6 +488,11 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         timeout=timeout,
         ca_file=reader.convert("ca_file", _readable_file, None),
         warm=reader.boolean("warm", False),
+        private_key=private_key,
+        private_key_file=private_key_file,
+        key_id=reader.string("key_id"),
+        algorithm=algorithm,
+        assertion_audience=reader.convert("assertion_audience", _http_url, None),
         mint_attempts=reader.convert("mint_attempts", _attempts, DEFAULT_MINT_ATTEMPTS),
         failure_cooldown=cooldown,
     )
@@ -456,6 +504,24 @@ def _attempts(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
         raise ValueError(f"expected a whole number from 1 to 10, got {value!r}")
     return value
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
+
+
+def _header_name(value: object) -> str:
+    if not isinstance(value, str) or not _TOKEN.fullmatch(value):
+        raise ValueError(f"expected a header name like X-Api-Token, got {value!r}")
+    if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+        raise ValueError(f"{value} is not a header the token can go in")
+    return value
+
+
+def _header_text(value: object) -> str:
+    text = "" if value is None else str(value)
+    if any(c in text for c in "\r\n\x00"):
+        raise ValueError("must not contain CR, LF or NUL")
+    return text
 
 
 def _positive_int(value: object) -> int:
@@ -558,6 +624,8 @@ def _parse_route(
         ca_file=reader.convert("ca_file", _readable_file, None),
         replay_limit=reader.convert("replay_limit", parse_size, DEFAULT_REPLAY_LIMIT),
         expired_token=rule,
+        token_header=reader.convert("token_header", _header_name, "Authorization"),
+        token_prefix=reader.convert("token_prefix", _header_text, "Bearer "),
         max_body=reader.convert("max_body", parse_size, None),
         max_concurrent=reader.convert("max_concurrent", _positive_int, None),
         retry_idempotent=reader.boolean("retry_idempotent", True),

@@ -80,6 +80,9 @@ class FakeTokenEndpoint(LocalServer):
         super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
+        self.assertion_key: Any = None  # verify client assertions with it (PEM public key, secret)
+        self.public_clients = False  # accept a bare client_id (auth_method none)
+        self.assertions: list[dict[str, Any]] = []  # verified assertion claims
         self.mode = "ok"
         self.script: list[str] = []  # modes for the next calls, one each; then ``mode``
         self.retry_after: str | None = None  # Retry-After sent with "throttled"/"unavailable"
@@ -96,6 +99,37 @@ class FakeTokenEndpoint(LocalServer):
         return f"{self.url}/oauth2/token"
 
     def _authenticated(self, form: dict[str, str], authorization: str | None) -> bool:
+        if "client_assertion" in form and self.assertion_key is not None:
+            import jwt
+
+            try:
+                claims = jwt.decode(
+                    form["client_assertion"],
+                    self.assertion_key,
+                    algorithms=["RS256", "PS256", "ES256", "HS256"],
+                    audience=self.token_url,
+                    issuer=self.client_id,
+                    # Times are the proxy's (tests move its clock): check the window only.
+                    options={
+                        "require": ["exp", "iat", "jti", "sub"],
+                        "verify_exp": False,
+                        "verify_iat": False,
+                        "verify_nbf": False,
+                    },
+                )
+            except jwt.PyJWTError:
+                return False
+            if not 0 < claims["exp"] - claims["iat"] <= 300:
+                return False
+            header = jwt.get_unverified_header(form["client_assertion"])
+            self.assertions.append({**claims, "_header": header})
+            return bool(
+                claims["sub"] == self.client_id
+                and form.get("client_assertion_type")
+                == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            )
+        if self.public_clients and set(form) >= {"client_id"} and not authorization:
+            return form["client_id"] == self.client_id and "client_secret" not in form
         if authorization and authorization.startswith("Basic "):
             pair = base64.b64decode(authorization[6:]).decode()
             client_id, _, secret = pair.partition(":")
@@ -182,14 +216,17 @@ class FakePartner(LocalServer):
         self.requests: list[SeenRequest] = []
         self.sunk: list[tuple[int, str]] = []  # (size, sha256) of bodies sent to .../sink
         self.early_reject = False  # answer an expired token's 401 before reading the body
+        self.token_header = "Authorization"  # where this partner expects the token ...
+        self.token_prefix = "Bearer "  # ... and what comes before it
 
     def expire_all(self) -> None:
         """Declare every token issued so far expired."""
         self.expired.update(self.issuer.issued)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        authorization = request.headers.get("Authorization", "")
-        token = authorization[7:] if authorization.startswith("Bearer ") else None
+        presented = request.headers.get(self.token_header, "")
+        prefix = self.token_prefix
+        token = presented[len(prefix) :] if presented and presented.startswith(prefix) else None
         name = request.raw_path.split("?", 1)[0].rsplit("/", 1)[-1]
         body = b""
         rejecting_early = self.early_reject and token in self.expired

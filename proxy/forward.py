@@ -264,8 +264,8 @@ def json_error(exc: RequestFailed, request_id: str | None = None) -> web.Respons
     return response
 
 
-def _bearer(token: Token) -> str:
-    return "Bearer " + token.access_token
+def _credential(route: RouteConfig, token: Token) -> str:
+    return route.token_prefix + token.access_token
 
 
 class Forwarder:
@@ -381,7 +381,8 @@ class Forwarder:
         headers = upstream_request_headers(
             request.headers.items(),
             upstream_host=runtime.base.host_header,
-            authorization=_bearer(token),
+            authorization=_credential(route, token),
+            authorization_header=route.token_header,
             request_id=facts.request_id,
             client_ip=request.remote,
             inbound_host=target.authority,
@@ -472,7 +473,7 @@ class Forwarder:
         facts.waited_for_mint = runtime.source.mints != mints_before
         upstream.release()  # its connection goes back to the pool if the 401 was read whole
         headers = [
-            (name, _bearer(fresh) if name == "Authorization" else value)
+            (name, _credential(route, fresh) if name == route.token_header else value)
             for name, value in outbound.headers
         ]
         facts.replayed = True

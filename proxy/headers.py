@@ -76,6 +76,7 @@ def upstream_request_headers(
     inbound_proto: str,
     trust_forwarded: bool,
     drop: frozenset[str] = frozenset(),
+    authorization_header: str = "Authorization",
 ) -> list[tuple[str, str]]:
     """The headers to send upstream, in the app's order, repeats kept.
 
@@ -87,6 +88,8 @@ def upstream_request_headers(
     base = _DROP_TRUSTED if trust_forwarded else _DROP_UNTRUSTED
     if drop:
         base = base | drop
+    if authorization_header != "Authorization":  # an app's copy of the token header goes too
+        base = base | {authorization_header.lower()}
     for _, _, lower in items:
         if lower == "connection":  # rare: only then is a per-request set built
             base = base | connection_named((n, v) for n, v, _ in items)
@@ -108,7 +111,7 @@ def upstream_request_headers(
         if lower == "x-request-id":
             continue  # replaced by the checked one below
         out.append((name, value))
-    out.append(("Authorization", authorization))
+    out.append((authorization_header, authorization))
     out.append((REQUEST_ID_HEADER, request_id))
     if client_ip:
         out.append(("X-Forwarded-For", ", ".join([*prior_xff, client_ip])))

@@ -17,6 +17,7 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
+from .assertion import ASSERTION_TYPE, client_assertion
 from .breaker import Failure, MintGuard
 from .config import ClientConfig
 from .errors import (
@@ -50,14 +51,39 @@ def basic_credentials(client_id: str, client_secret: str) -> str:
     return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
 
 
-def token_request_form(client: ClientConfig, scope: str | None) -> list[tuple[str, str]]:
+def token_request_form(
+    client: ClientConfig, scope: str | None, now: float | None = None
+) -> list[tuple[str, str]]:
+    """The form body of RFC 6749 §4.4.2, with the client authentication that
+    goes in the body: ``client_secret_post`` (§2.3.1), ``client_secret_jwt`` and
+    ``private_key_jwt`` (RFC 7523 §2.2: a fresh assertion each call), ``none``."""
     form = [("grant_type", "client_credentials")]
     if scope:
         form.append(("scope", scope))
     form.extend(client.params)
-    if client.auth_method == "client_secret_post":
+    method = client.auth_method
+    if method == "client_secret_post":
         form.append(("client_id", client.client_id))
         form.append(("client_secret", client.client_secret or ""))
+    elif method in ("client_secret_jwt", "private_key_jwt"):
+        key = client.private_key if method == "private_key_jwt" else client.client_secret
+        form.append(("client_id", client.client_id))
+        form.append(("client_assertion_type", ASSERTION_TYPE))
+        form.append(
+            (
+                "client_assertion",
+                client_assertion(
+                    client_id=client.client_id,
+                    audience=client.assertion_audience or client.token_url,
+                    key=key or "",
+                    algorithm=client.algorithm or "RS256",
+                    key_id=client.key_id,
+                    now=time.time() if now is None else now,
+                ),
+            )
+        )
+    elif method == "none":
+        form.append(("client_id", client.client_id))
     return form
 
 
@@ -129,7 +155,7 @@ class ClientCredentialsMinter:
             async with asyncio.timeout(self.client.timeout):
                 async with self._session.post(
                     self.client.token_url,
-                    data=token_request_form(self.client, scope),
+                    data=token_request_form(self.client, scope, self._clock()),
                     headers=self._headers,
                     allow_redirects=False,
                     ssl=ssl_context(self.client.ca_file),

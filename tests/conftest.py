@@ -82,6 +82,7 @@ def stack_yaml(
     route: str = "",
     extra_routes: str = "",
     top: str = "",
+    secret: str = "demo-secret",  # noqa: S107 - the fakes' test secret
 ) -> str:
     return f"""
 listen: 127.0.0.1:0
@@ -90,7 +91,7 @@ clients:
   demo:
     token_url: {tokens.token_url}
     client_id: demo-client
-    client_secret: demo-secret
+    client_secret: {secret}
     scope: orders.read
 {client}
 routes:

@@ -1,0 +1,77 @@
+"""Client assertions for the token endpoint (RFC 7523 §2.2, OpenID Connect Core §9):
+``client_secret_jwt`` (HMAC with the client secret) and ``private_key_jwt``
+(a private key in a PEM file). Signing is PyJWT's (with ``cryptography``); this
+module only decides the claims and checks keys at config load.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Final
+
+ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+ASSERTION_LIFETIME: Final = 60  # seconds; RFC 7523 wants short, IdPs cap at 5 minutes
+KEY_ALGORITHMS: Final = frozenset({"RS256", "PS256", "ES256"})
+SECRET_ALGORITHMS: Final = frozenset({"HS256"})
+
+
+def _jwt() -> Any:
+    try:
+        import jwt
+    except ImportError:  # pragma: no cover - depends on the install
+        raise ValueError(
+            "JWT client authentication needs PyJWT with cryptography: pip install 'authproxy[jwt]'"
+        ) from None
+    return jwt
+
+
+def load_private_key(path: str, algorithm: str) -> str:
+    """The PEM text of ``path`` after checking it is a private key that fits
+    ``algorithm`` (RSA for RS256/PS256, EC P-256 for ES256). Raises ValueError
+    with a message that never quotes the key."""
+    _jwt()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{path!r} is not an unencrypted PEM private key") from None
+    if algorithm in ("RS256", "PS256") and not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError(f"{path!r} is not an RSA key, which {algorithm} needs")
+    if algorithm == "ES256" and not (
+        isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    ):
+        raise ValueError(f"{path!r} is not an EC P-256 key, which ES256 needs")
+    return data.decode("ascii")
+
+
+def client_assertion(
+    *,
+    client_id: str,
+    audience: str,
+    key: str,
+    algorithm: str,
+    key_id: str | None,
+    now: float,
+) -> str:
+    """A signed, single-use assertion: ``iss`` = ``sub`` = the client id, ``aud``
+    the token endpoint (or the configured audience), a random ``jti``, and an
+    ``exp`` one minute after ``iat``."""
+    issued = int(now)
+    claims = {
+        "iss": client_id,
+        "sub": client_id,
+        "aud": audience,
+        "jti": secrets.token_urlsafe(24),
+        "iat": issued,
+        "nbf": issued,
+        "exp": issued + ASSERTION_LIFETIME,
+    }
+    headers = {"kid": key_id} if key_id else None
+    return str(_jwt().encode(claims, key, algorithm=algorithm, headers=headers))
