@@ -51,6 +51,35 @@ def load_private_key(path: str, algorithm: str) -> str:
     return data.decode("ascii")
 
 
+def certificate_thumbprints(path: str) -> tuple[tuple[str, str], ...]:
+    """``x5t`` (SHA-1) and ``x5t#S256`` headers for the certificate of the signing
+    key (RFC 7515 §4.1.7-8), for IdPs that pick the key by certificate
+    (Microsoft Entra ID's certificate credentials)."""
+    _jwt()
+    import base64
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        with open(path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except OSError as exc:
+        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
+    except ValueError:
+        raise ValueError(f"{path!r} is not a PEM certificate") from None
+    der = cert.public_bytes(Encoding.DER)
+
+    def b64(digest: bytes) -> str:
+        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+    return (
+        ("x5t", b64(hashlib.sha1(der).digest())),  # noqa: S324 - a thumbprint, not security
+        ("x5t#S256", b64(hashlib.sha256(der).digest())),
+    )
+
+
 def client_assertion(
     *,
     client_id: str,
@@ -59,6 +88,7 @@ def client_assertion(
     algorithm: str,
     key_id: str | None,
     now: float,
+    extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> str:
     """A signed, single-use assertion: ``iss`` = ``sub`` = the client id, ``aud``
     the token endpoint (or the configured audience), a random ``jti``, and an
@@ -73,5 +103,7 @@ def client_assertion(
         "nbf": issued,
         "exp": issued + ASSERTION_LIFETIME,
     }
-    headers = {"kid": key_id} if key_id else None
-    return str(_jwt().encode(claims, key, algorithm=algorithm, headers=headers))
+    headers = dict(extra_headers)
+    if key_id:
+        headers["kid"] = key_id
+    return str(_jwt().encode(claims, key, algorithm=algorithm, headers=headers or None))

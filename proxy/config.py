@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import ssl
 import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -21,15 +22,28 @@ from typing import Any, Final, TypeVar
 import yaml
 from yarl import URL
 
-from .assertion import KEY_ALGORITHMS, SECRET_ALGORITHMS, load_private_key
+from .assertion import (
+    KEY_ALGORITHMS,
+    SECRET_ALGORITHMS,
+    certificate_thumbprints,
+    load_private_key,
+)
 from .errors import ConfigError
 from .units import parse_duration, parse_share, parse_size
 
 T = TypeVar("T")
 
 AUTH_METHODS: Final = frozenset(
-    {"client_secret_basic", "client_secret_post", "client_secret_jwt", "private_key_jwt", "none"}
+    {
+        "client_secret_basic",
+        "client_secret_post",
+        "client_secret_jwt",
+        "private_key_jwt",
+        "tls_client_auth",
+        "none",
+    }
 )
+TOKEN_REQUEST_FORMATS: Final = frozenset({"form", "json"})
 SECRET_METHODS: Final = frozenset(
     {"client_secret_basic", "client_secret_post", "client_secret_jwt"}
 )
@@ -78,6 +92,12 @@ class ClientConfig:
     key_id: str | None = None  # the assertion's "kid"
     algorithm: str | None = None  # of the assertion: HS256 (secret) or RS256/PS256/ES256 (key)
     assertion_audience: str | None = None  # "aud" of the assertion; default the token_url
+    assertion_headers: tuple[tuple[str, str], ...] = ()  # x5t / x5t#S256 from certificate_file
+    client_cert_file: str | None = None  # mTLS to the token endpoint (tls_client_auth)
+    client_key_file: str | None = None
+    tls_stamp: str = ""  # digest of ca/cert/key contents: a reload with new files differs
+    token_headers: tuple[tuple[str, str], ...] = ()  # extra headers on the token request
+    token_request_format: str = "form"  # noqa: S105 - or "json", for endpoints that want it
     mint_attempts: int = DEFAULT_MINT_ATTEMPTS
     failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
 
@@ -119,6 +139,9 @@ class RouteConfig:
     ca_file: str | None = None
     replay_limit: int = DEFAULT_REPLAY_LIMIT
     expired_token: ExpiredTokenRule = ExpiredTokenRule()
+    client_cert_file: str | None = None  # mTLS to the upstream
+    client_key_file: str | None = None
+    tls_stamp: str = ""
     token_header: str = "Authorization"  # noqa: S105 - a header name: where the token goes
     token_prefix: str = "Bearer "  # noqa: S105 - what precedes the token in that header
     max_body: int | None = None  # bytes; None: unlimited (streamed)
@@ -425,6 +448,7 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         raise reader.error("client_secret", f"is required for auth_method {auth_method}")
     private_key_file = reader.string("private_key_file")
     private_key = None
+    assertion_headers: tuple[tuple[str, str], ...] = ()
     algorithm = reader.string("algorithm")
     if auth_method == "private_key_jwt":
         algorithm = algorithm or "RS256"
@@ -437,6 +461,12 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         except ValueError as exc:
             raise reader.error("private_key_file", str(exc)) from None
         _check_private(private_key_file, reader, "private_key_file", warnings)
+        certificate = reader.string("certificate_file")
+        if certificate is not None:
+            try:
+                assertion_headers = certificate_thumbprints(certificate)
+            except ValueError as exc:
+                raise reader.error("certificate_file", str(exc)) from None
     elif auth_method == "client_secret_jwt":
         algorithm = algorithm or "HS256"
         if algorithm not in SECRET_ALGORITHMS:
@@ -468,6 +498,25 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
     timeout = reader.convert("timeout", parse_duration, DEFAULT_TOKEN_TIMEOUT)
     if timeout <= 0:
         raise reader.error("timeout", "must be greater than 0")
+    ca_file = reader.convert("ca_file", _readable_file, None)
+    cert_file, key_file, tls_stamp = _tls_files(reader, ca_file)
+    if auth_method == "tls_client_auth" and cert_file is None:
+        raise reader.error("client_cert_file", "is required for auth_method tls_client_auth")
+    token_headers: list[tuple[str, str]] = []
+    if reader.has("token_headers"):
+        headers_reader = reader.child("token_headers")
+        for name in headers_reader.data:
+            try:
+                _header_name(name)
+                text = _header_text(headers_reader.string(name))
+            except ValueError as exc:
+                raise headers_reader.error(name, str(exc)) from None
+            if name.lower() in ("authorization", "content-type"):
+                raise headers_reader.error(name, "is set by the proxy")
+            token_headers.append((name, text))
+    token_format = reader.string("token_request_format", "form") or "form"
+    if token_format not in TOKEN_REQUEST_FORMATS:
+        raise reader.error("token_request_format", f"expected form or json, got {token_format!r}")
     cooldown = reader.convert("failure_cooldown", parse_duration, DEFAULT_FAILURE_COOLDOWN)
     if cooldown <= 0:
         raise reader.error("failure_cooldown", "must be greater than 0")
@@ -486,13 +535,19 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
             "remint_min_interval", parse_duration, DEFAULT_REMINT_MIN_INTERVAL
         ),
         timeout=timeout,
-        ca_file=reader.convert("ca_file", _readable_file, None),
+        ca_file=ca_file,
+        client_cert_file=cert_file,
+        client_key_file=key_file,
+        tls_stamp=tls_stamp,
+        token_headers=tuple(token_headers),
+        token_request_format=token_format,
         warm=reader.boolean("warm", False),
         private_key=private_key,
         private_key_file=private_key_file,
         key_id=reader.string("key_id"),
         algorithm=algorithm,
         assertion_audience=reader.convert("assertion_audience", _http_url, None),
+        assertion_headers=assertion_headers,
         mint_attempts=reader.convert("mint_attempts", _attempts, DEFAULT_MINT_ATTEMPTS),
         failure_cooldown=cooldown,
     )
@@ -522,6 +577,28 @@ def _header_text(value: object) -> str:
     if any(c in text for c in "\r\n\x00"):
         raise ValueError("must not contain CR, LF or NUL")
     return text
+
+
+def _tls_files(reader: _Reader, ca_file: str | None) -> tuple[str | None, str | None, str]:
+    """``client_cert_file`` and ``client_key_file`` (both or neither), checked by
+    loading them, and a digest of the CA/cert/key contents for reloads."""
+    cert = reader.convert("client_cert_file", _readable_file, None)
+    key = reader.convert("client_key_file", _readable_file, None)
+    if (cert is None) != (key is None):
+        missing = "client_key_file" if key is None else "client_cert_file"
+        raise reader.error(missing, "client_cert_file and client_key_file go together")
+    if cert is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            raise reader.error(
+                "client_cert_file", f"cannot load the certificate and key: {exc.__class__.__name__}"
+            ) from None
+    digest = hashlib.sha256()
+    for path in (ca_file, cert, key):
+        if path is not None:
+            digest.update(Path(path).read_bytes())
+    return cert, key, digest.hexdigest()[:16] if (ca_file or cert) else ""
 
 
 def _positive_int(value: object) -> int:
@@ -612,6 +689,8 @@ def _parse_route(
             body=rule_reader.convert("body", _bytes_regex, None),
         )
         rule_reader.finish()
+    route_ca = reader.convert("ca_file", _readable_file, None)
+    route_cert, route_key, route_stamp = _tls_files(reader, route_ca)
     route = RouteConfig(
         name=name,
         upstream=upstream,
@@ -621,7 +700,10 @@ def _parse_route(
         scope=reader.string("scope") or clients[client_name].scope,
         timeout=reader.convert("timeout", parse_duration, DEFAULT_ROUTE_TIMEOUT),
         connect_timeout=reader.convert("connect_timeout", parse_duration, DEFAULT_CONNECT_TIMEOUT),
-        ca_file=reader.convert("ca_file", _readable_file, None),
+        ca_file=route_ca,
+        client_cert_file=route_cert,
+        client_key_file=route_key,
+        tls_stamp=route_stamp,
         replay_limit=reader.convert("replay_limit", parse_size, DEFAULT_REPLAY_LIMIT),
         expired_token=rule,
         token_header=reader.convert("token_header", _header_name, "Authorization"),

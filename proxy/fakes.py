@@ -12,6 +12,7 @@ import base64
 import gzip
 import hashlib
 import itertools
+import json
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ class LocalServer:
     def __init__(self) -> None:
         self._runner: web.ServerRunner | None = None
         self.port = 0
+        self.ssl_context: Any = None  # set before start() to serve HTTPS
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         raise NotImplementedError
@@ -44,14 +46,15 @@ class LocalServer:
         )
         self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
         await site.start()
         self.port = bound_port(site)
         return self.url
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -62,6 +65,9 @@ class LocalServer:
 class MintRequest:
     form: dict[str, str]
     authorization: str | None
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = ""
+    client_cert: Any = None  # the TLS peer certificate, when one was presented
 
 
 class FakeTokenEndpoint(LocalServer):
@@ -128,6 +134,12 @@ class FakeTokenEndpoint(LocalServer):
                 and form.get("client_assertion_type")
                 == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             )
+        if (
+            self.requests
+            and self.requests[-1].client_cert
+            and form.get("client_id") == self.client_id
+        ):
+            return "client_secret" not in form  # tls_client_auth: the certificate proves it
         if self.public_clients and set(form) >= {"client_id"} and not authorization:
             return form["client_id"] == self.client_id and "client_secret" not in form
         if authorization and authorization.startswith("Basic "):
@@ -147,9 +159,15 @@ class FakeTokenEndpoint(LocalServer):
         if request.path != "/oauth2/token" or request.method != "POST":
             return web.json_response({"error": "not_found"}, status=404)
         body = await request.read()
-        form = dict(parse_qsl(body.decode()))
+        if request.content_type == "application/json":
+            form = {k: str(v) for k, v in json.loads(body or b"{}").items()}
+        else:
+            form = dict(parse_qsl(body.decode()))
         authorization = request.headers.get("Authorization")
-        self.requests.append(MintRequest(form, authorization))
+        peer = request.transport.get_extra_info("peercert") if request.transport else None
+        self.requests.append(
+            MintRequest(form, authorization, dict(request.headers), request.content_type, peer)
+        )
         if self.delay:
             await asyncio.sleep(self.delay)
         mode = self.script.pop(0) if self.script else self.mode

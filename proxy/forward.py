@@ -662,7 +662,9 @@ def route_runtime(
         config=route,
         base=UpstreamBase.parse(route.upstream),
         source=source,
-        ssl=ssl_context(route.ca_file),
+        ssl=ssl_context(
+            route.ca_file, route.client_cert_file, route.client_key_file, route.tls_stamp
+        ),
         timeout=route_timeout(route),
         reads_401_body=route.expired_token.body is not None,
         metrics=metrics.for_route(route.name),

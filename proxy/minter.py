@@ -79,10 +79,12 @@ def token_request_form(
                     algorithm=client.algorithm or "RS256",
                     key_id=client.key_id,
                     now=time.time() if now is None else now,
+                    extra_headers=client.assertion_headers,
                 ),
             )
         )
-    elif method == "none":
+    elif method in ("none", "tls_client_auth"):
+        # RFC 8705 §2: with mutual TLS the client_id goes in the body; TLS proves it.
         form.append(("client_id", client.client_id))
     return form
 
@@ -116,6 +118,10 @@ class ClientCredentialsMinter:
         self._session = session
         self._clock = clock
         self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        self._headers.update(client.token_headers)
+        self._ssl = ssl_context(
+            client.ca_file, client.client_cert_file, client.client_key_file, client.tls_stamp
+        )
         if client.auth_method == "client_secret_basic":
             self._headers["Authorization"] = basic_credentials(
                 client.client_id, client.client_secret or ""
@@ -153,12 +159,15 @@ class ClientCredentialsMinter:
         sent_at = self._clock()
         try:
             async with asyncio.timeout(self.client.timeout):
+                form = token_request_form(self.client, scope, self._clock())
+                as_json = self.client.token_request_format == "json"  # noqa: S105
                 async with self._session.post(
                     self.client.token_url,
-                    data=token_request_form(self.client, scope, self._clock()),
+                    data=None if as_json else form,
+                    json=dict(form) if as_json else None,
                     headers=self._headers,
                     allow_redirects=False,
-                    ssl=ssl_context(self.client.ca_file),
+                    ssl=self._ssl,
                 ) as response:
                     body = await _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
                     status = response.status

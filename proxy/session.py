@@ -22,14 +22,25 @@ DNS_CACHE_TTL: Final = 60  # seconds; no DNS lookup per request
 
 
 @functools.lru_cache(maxsize=64)
-def ssl_context(ca_file: str | None) -> ssl.SSLContext | bool:
-    """Verification on; ``ca_file`` replaces the system trust store when given.
+def ssl_context(
+    ca_file: str | None,
+    cert_file: str | None = None,
+    key_file: str | None = None,
+    stamp: str = "",
+) -> ssl.SSLContext | bool:
+    """Verification on; ``ca_file`` replaces the system trust store when given;
+    ``cert_file``/``key_file`` present a client certificate (mTLS, RFC 8705).
 
-    Contexts are cached per file so that connections to one partner share a pool.
+    Contexts are cached so that connections to one partner share a pool;
+    ``stamp`` (a digest of the files' contents, taken at config load) makes a
+    reload with new certificates build a new context.
     """
-    if ca_file is None:
+    if ca_file is None and cert_file is None:
         return True
-    return ssl.create_default_context(cafile=ca_file)
+    context = ssl.create_default_context(cafile=ca_file)
+    if cert_file is not None:
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 def upstream_session() -> aiohttp.ClientSession:

@@ -109,12 +109,20 @@ async def make_stack(clock: FakeClock, log_stream: io.StringIO) -> AsyncIterator
     started: list[Stack] = []
     servers: list[FakePartner | FakeTokenEndpoint] = []
 
-    async def factory(path: Path | None = None, **yaml_parts: str) -> Stack:
+    async def factory(
+        path: Path | None = None,
+        tls_tokens: Any = None,
+        tls_partner: Any = None,
+        **yaml_parts: str,
+    ) -> Stack:
         """A running stack; with ``path`` the config is written there and loaded
-        from the file (so that reloads can re-read it)."""
+        from the file (so that reloads can re-read it); ``tls_tokens`` and
+        ``tls_partner`` are server SSL contexts that make the fakes HTTPS."""
         tokens = FakeTokenEndpoint()
+        tokens.ssl_context = tls_tokens
         await tokens.start()
         partner = FakePartner(tokens)
+        partner.ssl_context = tls_partner
         await partner.start()
         servers.extend([partner, tokens])
         text = stack_yaml(tokens, partner, **yaml_parts)

@@ -216,3 +216,40 @@ def test_assertion_claims(tmp_path: Path) -> None:
     )  # fmt: skip
     assert claims["iss"] == claims["sub"] == "c" and claims["iat"] == 1000
     assert claims["exp"] == 1060 and "kid" not in jwt.get_unverified_header(token)
+
+
+async def test_certificate_thumbprints_for_entra_style_keys(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    import base64
+    import datetime
+    import hashlib
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    path, public = write_key(tmp_path)
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "demo-client")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(1)
+        .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )  # fmt: skip
+    cert_path = tmp_path / "client.crt"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    stack = await make_stack(
+        client=f"""    auth_method: private_key_jwt
+    private_key_file: {path}
+    certificate_file: {cert_path}"""
+    )
+    stack.tokens.assertion_key = public
+    assert await get(stack) == 200
+    (claims,) = stack.tokens.assertions
+    der = cert.public_bytes(serialization.Encoding.DER)
+    expected = base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode().rstrip("=")
+    assert claims["_header"]["x5t#S256"] == expected
+    assert "x5t" in claims["_header"] and "kid" not in claims["_header"]

@@ -135,6 +135,7 @@ class VerifyingPartner(LocalServer):
 
 
 def rsa_key(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "client.pem"
     path.write_bytes(
@@ -267,6 +268,30 @@ async def test_oidc_provider_wrong_secret_is_named_and_not_stormed(
     assert "invalid_client" in body["message"] and "not-the-secret" not in json.dumps(body)
     assert relay.calls == 1  # cooled down: no retry storm against the real server
     assert partner.verified == [] and partner.rejected == 0
+
+
+async def test_oidc_provider_wrong_key_is_named_and_not_stormed(
+    tmp_path: Path, cleanup: list[Any]
+) -> None:
+    _, relay, partner, _ = await start_oidc_provider(tmp_path, cleanup)
+    other_key, _ = rsa_key(tmp_path / "other")
+    block = client_block(
+        "pkjwt",
+        f"{relay.url}/token",
+        "private_key_jwt",
+        f"    private_key_file: {other_key}\n    key_id: interop-key-1\n"
+        f"    assertion_audience: {relay.target.removesuffix('/token')}",
+    )
+    proxy, http = await start_proxy(
+        f"listen: 127.0.0.1:0\nclients:\n{block}" + routes(partner, ["pkjwt"]), cleanup
+    )
+    for _ in range(10):
+        async with http.get(f"{proxy.url}/pkjwt/orders") as response:
+            assert response.status == 502
+            body = await response.json()
+    assert "invalid_client" in body["message"]
+    assert relay.calls == 1
+    assert partner.verified == []
 
 
 async def test_oidc_provider_jwt_exp_used_without_expires_in(
