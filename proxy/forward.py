@@ -574,7 +574,9 @@ class Forwarder:
         out = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=CIMultiDict(downstream_response_headers(upstream.headers.items())),
+            headers=downstream_response_headers(
+                upstream.headers.items()
+            ),  # copied once, by aiohttp
         )
         await out.prepare(request)
         try:
