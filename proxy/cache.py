@@ -89,6 +89,10 @@ class TokenCache(Protocol):
         """Held around "check again, mint, store" so that only one holder per key
         mints at a time across everyone sharing this cache."""
 
+    shared: bool
+    """True when other processes write to this cache too (so a token in hand
+    may have been replaced or invalidated elsewhere)."""
+
 
 @asynccontextmanager
 async def _no_lock() -> AsyncIterator[None]:
@@ -98,6 +102,8 @@ async def _no_lock() -> AsyncIterator[None]:
 class MemoryTokenCache:
     """In-process backend: a dict. Single-flight within the process is done by
     the source, so its mint lock is a no-op."""
+
+    shared = False  # nobody else writes here: no need to look again
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._tokens: dict[CacheKey, Token] = {}
@@ -132,6 +138,8 @@ class FallbackTokenCache:
     outage therefore never becomes a 5xx while the token endpoint works.
     ``up`` tells the current state (a metric reads it).
     """
+
+    shared = True
 
     def __init__(
         self,

@@ -28,6 +28,8 @@ LOCK_POLL: Final = 0.01  # seconds between non-blocking flock attempts
 class FileTokenCache:
     """Safe for concurrent use by tasks of many processes on one host."""
 
+    shared = True
+
     def __init__(self, directory: str, clock: Callable[[], float] = time.time) -> None:
         self._dir = Path(directory)
         self._clock = clock

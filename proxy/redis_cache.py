@@ -52,6 +52,8 @@ _INVALIDATE = (
 class RedisTokenCache:
     """Safe for concurrent use by many tasks; one connection pool per process."""
 
+    shared = True
+
     def __init__(
         self,
         url: str,

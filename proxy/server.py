@@ -114,8 +114,10 @@ class TokenSources:
             clock=self._clock,
             events=self._metrics.for_client(client.name),
         )
-        if known is not None and known[1].key == key and known[1].current is not None:
-            source.current = known[1].current  # same credentials: keep the token in hand
+        if known is not None:
+            known[1].close()
+            if known[1].key == key and known[1].current is not None:
+                source.current = known[1].current  # same credentials: keep the token in hand
         self._sources[name] = (client, source)
         return source
 
@@ -123,7 +125,11 @@ class TokenSources:
         """Forget sources no route uses any more (after a reload)."""
         for name in list(self._sources):
             if name not in used:
-                del self._sources[name]
+                self._sources.pop(name)[1].close()
+
+    def close(self) -> None:
+        for _, source in self._sources.values():
+            source.close()
 
     def all(self) -> list[tuple[ClientConfig, SharedTokenSource]]:
         return list(self._sources.values())
@@ -435,6 +441,8 @@ class ProxyServer:
         log.info("draining", inflight=inflight, grace_s=self.config.shutdown_grace)
         for task in self._warming.values():
             task.cancel()
+        if self.sources is not None:
+            self.sources.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._admin_runner is not None:

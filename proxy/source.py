@@ -23,13 +23,16 @@ from collections.abc import Callable
 from typing import Final, Protocol
 
 from .cache import CacheKey, TokenCache
-from .errors import TokenError
+from .errors import CacheUnavailable, TokenError
 from .log import get_logger
 from .minter import Minter
 from .token import Token
 
 REFRESH_RETRY_FIRST: Final = 1.0  # seconds before retrying a failed background refresh
 REFRESH_RETRY_MAX: Final = 30.0  # ... doubling up to this, with jitter
+SHARED_RECHECK: Final = (
+    1.0  # seconds between looks at a shared cache for a token replaced elsewhere
+)
 
 log = get_logger("proxy.source")
 
@@ -94,6 +97,8 @@ class SharedTokenSource:
         self._refresh_not_before = 0.0
         self._last_expiry_remint: float | None = None
         self.events: SourceEvents = events or NoEvents()
+        self._shared = bool(getattr(cache, "shared", False))
+        self._watcher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ reads
 
@@ -114,6 +119,33 @@ class SharedTokenSource:
             self._start(reject=None, background=True)
         self.events.hit()
         return token
+
+    async def _watch(self) -> None:
+        """With a shared cache, another process may declare the token in hand
+        expired (deleting it there) or replace it: look every SHARED_RECHECK
+        seconds, in the background, so that this process stops using it soon,
+        busy or idle, without waiting for its own 401 from the partner."""
+        while True:
+            await asyncio.sleep(SHARED_RECHECK)
+            held = self.current
+            if held is None or self._inflight is not None:
+                continue
+            try:
+                shared = await self._cache.get(self.key)
+            except CacheUnavailable:
+                continue
+            if self.current is not held or self._inflight is not None:
+                continue  # this process moved on meanwhile
+            if shared is None:
+                self.current = None  # invalidated elsewhere: the next request fills from the cache
+            elif shared.access_token != held.access_token and shared.valid(self._clock()):
+                self.current = shared
+
+    def close(self) -> None:
+        """Stop background work (the shared-cache watcher)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
 
     async def token(self) -> Token:
         """A valid token: the cached one, or the result of the one shared mint.
@@ -196,6 +228,8 @@ class SharedTokenSource:
         """Adopt a usable token from the cache, else mint one and store it."""
         if reject is not None:
             await self._cache.invalidate(self.key, reject)
+        if self._shared and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
         shared = self._usable(await self._cache.get(self.key), reject)
         if shared is not None:
             self.current = shared

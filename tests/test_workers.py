@@ -178,3 +178,31 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_answering(
     assert await fire([proxy.url], 50) == [200] * 50
     assert tokens.mint_count == 1
     assert await proxy.stop() == 0
+
+
+async def test_an_expiry_learned_by_one_instance_reaches_the_others(
+    servers: tuple[FakeTokenEndpoint, FakePartner], redis_url: str, proxy_processes: Factory
+) -> None:
+    tokens, partner = servers
+    prefix = secrets.token_hex(4)
+    one, two = (
+        proxy_processes(config(tokens, partner, redis_url=redis_url, prefix=prefix))
+        for _ in range(2)
+    )
+    for instance in (one, two):
+        await instance.start()
+    assert await fire([one.url, two.url], 20) == [200] * 20
+    assert len(tokens.issued) == 1
+    partner.expire_all()
+    assert await fire([one.url], 1) == [200]  # one instance meets the 401 and replays
+    assert tokens.mint_count == 2
+    await asyncio.sleep(2.5)  # past SHARED_RECHECK: the other instance has looked again
+    seen = len(partner.requests)
+    assert await fire([two.url], 20) == [200] * 20
+    later = partner.requests[seen:]
+    assert [r.token for r in later] == [tokens.issued[1]] * 20, [
+        (line["event"], line.get("route"), line.get("status")) for line in two.lines[-30:]
+    ]  # never the expired one again
+    assert tokens.mint_count == 2
+    for instance in (one, two):
+        assert await instance.stop() == 0
