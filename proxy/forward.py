@@ -508,7 +508,7 @@ class Forwarder:
             ):
                 events.info("upstream_retry", route=route.name, reason=failed.error.code)
                 try:
-                    return await self._send_once(runtime, outbound, retry_body, None)
+                    return await self._send_once(runtime, outbound, retry_body, tee)
                 except _ConnectionFailed as again:
                     raise again.error from None
             raise failed.error from None
