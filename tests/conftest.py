@@ -184,6 +184,20 @@ def _complete(data: bytes) -> bool:
     return head.lower().find(b"transfer-encoding: chunked") == -1 or body.endswith(b"0\r\n\r\n")
 
 
+def write_private_key(path: Path, key: Any) -> None:
+    """A test key as unencrypted PKCS#8 PEM, readable by its owner only."""
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    path.chmod(0o600)
+
+
 async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     """Wait until `condition()` holds; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout

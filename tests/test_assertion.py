@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from conftest import Stack, StackFactory
+from conftest import Stack, StackFactory, write_private_key
 from proxy.assertion import client_assertion, load_private_key
 from proxy.config import parse_config
 from proxy.errors import ConfigError
@@ -30,14 +30,7 @@ def write_key(tmp_path: Path, kind: str = "rsa") -> tuple[Path, bytes]:
         else ec.generate_private_key(ec.SECP256R1())
     )
     path = tmp_path / f"{kind}.pem"
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+    write_private_key(path, key)
     public = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )

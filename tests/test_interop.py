@@ -21,10 +21,9 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from conftest import free_port
+from conftest import free_port, write_private_key
 from proxy.config import parse_config
 from proxy.fakes import LocalServer
 from proxy.server import ProxyServer
@@ -138,14 +137,7 @@ def rsa_key(tmp_path: Path) -> tuple[Path, dict[str, Any]]:
     tmp_path.mkdir(parents=True, exist_ok=True)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "client.pem"
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
+    write_private_key(path, key)
     public = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
     public.update(kid="interop-key-1", use="sig", alg="RS256")
     return path, public

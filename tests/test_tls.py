@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import StackFactory
+from conftest import StackFactory, write_private_key
 from proxy.config import parse_config
 from proxy.errors import ConfigError
 
@@ -36,17 +36,6 @@ class Pki:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(self.ca)
         return context
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    path.chmod(0o600)
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
@@ -92,8 +81,8 @@ def pki(tmp_path: Path) -> Pki:
     paths.client_cert.write_bytes(
         _cert("demo-client", client_key, issuer).public_bytes(serialization.Encoding.PEM)
     )
-    _write_key(paths.server_key, server_key)
-    _write_key(paths.client_key, client_key)
+    write_private_key(paths.server_key, server_key)
+    write_private_key(paths.client_key, client_key)
     return paths
 
 
