@@ -20,8 +20,7 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
+from aiohttp.http_exceptions import HttpProcessingError
 
 from .challenge import MAX_401_BODY, says_expired
 from .config import Config, InboundAuth, RouteConfig
@@ -45,6 +44,14 @@ from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream
 from .session import ssl_context
 from .source import SharedTokenSource
 from .token import Token
+from .upstream import (
+    BodyFailed,
+    ConnectFailed,
+    Dropped,
+    Endpoint,
+    UpstreamClient,
+    UpstreamResponse,
+)
 
 log = get_logger("proxy.access")
 events = get_logger("proxy.forward")
@@ -57,8 +64,7 @@ class RouteRuntime:
     config: RouteConfig
     base: UpstreamBase
     source: SharedTokenSource
-    ssl: Any
-    timeout: aiohttp.ClientTimeout
+    endpoint: Endpoint
     reads_401_body: bool
     metrics: RouteMetrics
     gate: Gate
@@ -128,6 +134,7 @@ class Outbound:
 
     method: str
     url: str
+    target: str  # the url's path and query: the request line's target
     headers: list[tuple[str, str]]
     has_body: bool
 
@@ -272,9 +279,9 @@ class Forwarder:
     """The proxy's request handler. ``table`` may be replaced at any time (reload);
     a request in flight keeps the table it started with."""
 
-    def __init__(self, table: RouteTable, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(self, table: RouteTable, client: UpstreamClient, metrics: Metrics) -> None:
         self.table = table
-        self._session = session
+        self._client = client
         self._metrics = metrics
         self._unrouted = metrics.for_route(UNROUTED)
         self.inflight = 0
@@ -390,7 +397,13 @@ class Forwarder:
             trust_forwarded=table.config.trust_forwarded_headers,
             drop=runtime.drop_headers,
         )
-        outbound = Outbound(request.method, url, headers, request.body_exists)
+        outbound = Outbound(
+            request.method,
+            url,
+            url[len(runtime.base.origin) :],
+            headers,
+            request.body_exists,
+        )
         tee = (
             BodyTee(
                 request.content,
@@ -431,9 +444,9 @@ class Forwarder:
         outbound: Outbound,
         tee: BodyTee | None,
         failed: Token,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         facts: Exchange,
-    ) -> aiohttp.ClientResponse | None:
+    ) -> UpstreamResponse | None:
         """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
         route = runtime.config
         body: bytes | None = None
@@ -478,7 +491,9 @@ class Forwarder:
         ]
         facts.replayed = True
         return await self._send(
-            runtime, Outbound(outbound.method, outbound.url, headers, outbound.has_body), body
+            runtime,
+            Outbound(outbound.method, outbound.url, outbound.target, headers, outbound.has_body),
+            body,
         )
 
     async def _send(
@@ -487,7 +502,7 @@ class Forwarder:
         outbound: Outbound,
         data: Any,
         tee: BodyTee | None = None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         """Send once; a request that failed to connect (or whose reused keep-alive
         connection turned out dead) is sent once more on a fresh connection when it
         is idempotent and its body, if any, is whole in hand."""
@@ -519,19 +534,17 @@ class Forwarder:
         outbound: Outbound,
         data: Any,
         tee: BodyTee | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> UpstreamResponse:
         route = runtime.config
         started = time.monotonic()
         try:
-            response = await self._session.request(
+            response = await self._client.request(
+                runtime.endpoint,
                 outbound.method,
-                URL(outbound.url, encoded=True),
-                headers=CIMultiDict(outbound.headers),
-                data=data,
-                allow_redirects=False,
-                ssl=runtime.ssl,
-                timeout=runtime.timeout,
-                skip_auto_headers=("Content-Type",),
+                outbound.url,
+                outbound.target,
+                outbound.headers,
+                data,
             )
         except TimeoutError:
             _inbound_failure(route, tee)
@@ -540,33 +553,40 @@ class Forwarder:
                 route=route.name,
                 client=route.client,
             ) from None
-        except aiohttp.ClientConnectorError as exc:
+        except ConnectFailed as exc:
             raise _ConnectionFailed(
                 UpstreamUnreachable(
                     f"route {route.name!r}: cannot connect to upstream {runtime.base.origin}: "
-                    f"{exc.os_error.strerror or type(exc.os_error).__name__}",
+                    f"{exc.reason}",
                     route=route.name,
                     client=route.client,
                 )
             ) from None
-        except (aiohttp.ClientError, OSError, ValueError) as exc:
+        except Dropped:
             _inbound_failure(route, tee)
-            error = UpstreamError(
+            raise _ConnectionFailed(  # e.g. a keep-alive connection the partner had closed
+                UpstreamError(
+                    f"route {route.name!r}: upstream {runtime.base.origin} closed the "
+                    "connection without answering",
+                    route=route.name,
+                    client=route.client,
+                )
+            ) from None
+        except (aiohttp.ClientError, HttpProcessingError, BodyFailed, OSError, ValueError) as exc:
+            _inbound_failure(route, tee)
+            raise UpstreamError(
                 f"route {route.name!r}: upstream {runtime.base.origin} failed: "
                 f"{type(exc).__name__}",
                 route=route.name,
                 client=route.client,
-            )
-            if isinstance(exc, aiohttp.ServerDisconnectedError):
-                raise _ConnectionFailed(error) from None  # a dead keep-alive connection
-            raise error from None
+            ) from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
         return response
 
     async def _relay(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         prefix: bytes | None,
         route: RouteConfig,
     ) -> web.StreamResponse:
@@ -602,7 +622,7 @@ class Forwarder:
         return out
 
 
-async def _read_up_to(upstream: aiohttp.ClientResponse, cap: int, route: str) -> bytes:
+async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:
     """Up to ``cap`` bytes of a 401 body, for the route's body rule; the rest
     stays unread and is streamed to the app after it."""
     chunks: list[bytes] = []
@@ -650,24 +670,25 @@ def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
         )
 
 
-def route_timeout(route: RouteConfig) -> aiohttp.ClientTimeout:
-    """``timeout`` bounds the wait for headers and each gap between body chunks
-    (sock_read), never the whole exchange: long downloads and event streams live
-    as long as data keeps coming."""
-    return aiohttp.ClientTimeout(total=None, connect=route.connect_timeout, sock_read=route.timeout)
-
-
 def route_runtime(
     route: RouteConfig, source: SharedTokenSource, metrics: Metrics, body_timeout: float
 ) -> RouteRuntime:
+    base = UpstreamBase.parse(route.upstream)
     return RouteRuntime(
         config=route,
-        base=UpstreamBase.parse(route.upstream),
+        base=base,
         source=source,
-        ssl=ssl_context(
-            route.ca_file, route.client_cert_file, route.client_key_file, route.tls_stamp
+        # ``timeout`` bounds the wait for the answer's head and each gap between
+        # body chunks, never the whole exchange: long downloads and event
+        # streams live as long as data keeps coming.
+        endpoint=Endpoint.build(
+            base.origin,
+            ssl_context(
+                route.ca_file, route.client_cert_file, route.client_key_file, route.tls_stamp
+            ),
+            route.connect_timeout,
+            route.timeout,
         ),
-        timeout=route_timeout(route),
         reads_401_body=route.expired_token.body is not None,
         metrics=metrics.for_route(route.name),
         gate=Gate(route.max_concurrent),

@@ -35,8 +35,9 @@ from .inbound import InboundServer
 from .log import configure_logging, get_logger
 from .metrics import Metrics
 from .minter import ClientCredentialsMinter, GuardedMinter
-from .session import token_session, upstream_session
+from .session import token_session
 from .source import SharedTokenSource
+from .upstream import UpstreamClient, upstream_client
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
 ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved
@@ -235,7 +236,7 @@ class ProxyServer:
         self.metrics = Metrics()
         self._runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
-        self._upstream: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamClient | None = None
         self._tokens: aiohttp.ClientSession | None = None
         self._warming: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.sources: TokenSources | None = None
@@ -248,7 +249,7 @@ class ProxyServer:
         self.listening = False
 
     async def start(self) -> None:
-        self._upstream = upstream_session()
+        self._upstream = upstream_client(self.config.upstream_client)
         self._tokens = token_session()
         self.cache = build_cache(
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
@@ -447,9 +448,10 @@ class ProxyServer:
             await self._runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        for session in (self._upstream, self._tokens):
-            if session is not None:
-                await session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
+        if self._tokens is not None:
+            await self._tokens.close()
         primary = getattr(self.cache, "primary", None)
         if primary is not None and hasattr(primary, "close"):
             await primary.close()

@@ -1,0 +1,514 @@
+"""HTTP/1.1 to the partner APIs: the upstream half of the forwarding path.
+
+Two clients behind one small interface (:class:`UpstreamClient`):
+
+- :class:`LeanClient` (the default): a keep-alive pool per origin and a request
+  writer of its own, on aiohttp's own response protocol and C parser
+  (``ResponseHandler``). It skips what ``ClientSession`` does per request that a
+  transparent proxy does not need (URL objects, cookie jars, redirects, tracing,
+  header normalisation, a response object with charset and content-type logic):
+  about a seventh of the client's CPU per request on the benchmark machine
+  (docs/performance.md).
+- :class:`SessionClient`: the same interface on ``aiohttp.ClientSession``, kept
+  as a fallback (``upstream_client: aiohttp``) and as the reference the
+  behaviour tests also run against.
+
+Both translate transport failures, once, into the three facts the forwarder
+acts on: :class:`ConnectFailed` (never connected), :class:`Dropped` (the
+connection closed before any answer: safe to resend an idempotent request) and
+``TimeoutError``. Anything else is an upstream protocol failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as ssl_module
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import UpstreamClientKind
+
+KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
+DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
+READ_BUFFER: Final = 2**16  # per response; aiohttp pauses the socket past twice this
+MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
+# RFC 9110 §9.3: methods whose requests carry no body by convention; the others
+# get "Content-Length: 0" when they have none (some servers answer 411 otherwise).
+_BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class ConnectFailed(Exception):
+    """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Dropped(Exception):
+    """The connection closed before any byte of an answer: the request may not
+    have reached the application, so an idempotent one can be sent again."""
+
+
+class BodyFailed(Exception):
+    """The request body's source (the app's inbound body) raised while being sent."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """Where a route's requests go and how long to wait; built at config load."""
+
+    origin: str  # scheme://host[:port], the pool key together with ``ssl``
+    host: str  # to connect to (no brackets)
+    port: int
+    ssl: ssl_module.SSLContext | None  # None: plain HTTP
+    connect_timeout: float
+    read_timeout: float  # for the answer's head and each gap in its body
+
+    @classmethod
+    def build(
+        cls,
+        origin: str,
+        tls: ssl_module.SSLContext | bool,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> Endpoint:
+        url = URL(origin)
+        https = url.scheme == "https"
+        context: ssl_module.SSLContext | None = None
+        if https:
+            context = tls if isinstance(tls, ssl_module.SSLContext) else default_tls()
+        return cls(
+            origin=origin,
+            host=url.raw_host or "",
+            port=url.port or (443 if https else 80),
+            ssl=context,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
+
+
+_DEFAULT_TLS: list[ssl_module.SSLContext] = []
+
+
+def default_tls() -> ssl_module.SSLContext:
+    """The system trust store, verification on; one context for every route."""
+    if not _DEFAULT_TLS:
+        _DEFAULT_TLS.append(ssl_module.create_default_context())
+    return _DEFAULT_TLS[0]
+
+
+class Content(Protocol):
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+    async def read(self, n: int = -1) -> bytes: ...
+
+
+class UpstreamResponse(Protocol):
+    """An answer whose body is still on the wire. ``release()`` hands a fully
+    read connection back to the pool (closing it otherwise); ``close()`` closes
+    it unless it was already handed back. Both are idempotent."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+
+    @property
+    def content(self) -> Any: ...
+
+    def release(self) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+class UpstreamClient(Protocol):
+    async def request(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        url: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+    ) -> UpstreamResponse:
+        """Send one request; ``url`` is absolute, ``target`` its path and query.
+        Raises ConnectFailed, Dropped, BodyFailed, TimeoutError, or another
+        exception for a broken answer."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def upstream_client(kind: UpstreamClientKind) -> UpstreamClient:
+    return LeanClient() if kind == "lean" else SessionClient()
+
+
+# --- the lean client ---------------------------------------------------------
+
+
+def request_head(
+    method: str, target: str, headers: Sequence[tuple[str, str]], extra: str = ""
+) -> bytes:
+    """The request line and header block. Values came from aiohttp's parser
+    (surrogate-escaped bytes), so they are encoded back byte for byte; a CR or
+    LF anywhere (a token endpoint's hostile "token", say) would split the head
+    and is refused."""
+    text = f"{method} {target} HTTP/1.1\r\n" + "".join(
+        [f"{name}: {value}\r\n" for name, value in headers]
+    )
+    lines = len(headers) + 1
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("a request header or the target contains CR or LF")
+    return (text + extra + "\r\n").encode("utf-8", "surrogateescape")
+
+
+def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tuple[str, bool]:
+    """The framing header to add, and whether the body goes chunked."""
+    for name, _ in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            return "", False
+    if body is None:
+        return ("" if method in _BODYLESS_METHODS else "Content-Length: 0\r\n"), False
+    if isinstance(body, bytes):
+        return f"Content-Length: {len(body)}\r\n", False
+    return "Transfer-Encoding: chunked\r\n", True
+
+
+class LeanResponse:
+    """An answer on a pooled connection. The connection goes back to the pool
+    by itself when the body's end has been parsed and the request was written
+    whole; ``close()`` before that closes it."""
+
+    __slots__ = (
+        "_client",
+        "_key",
+        "_protocol",
+        "_writer",
+        "content",
+        "headers",
+        "reason",
+        "status",
+    )
+
+    def __init__(
+        self,
+        client: LeanClient,
+        key: tuple[str, Any],
+        protocol: ResponseHandler,
+        message: Any,
+        payload: Any,
+        writer: asyncio.Task[None] | None,
+    ) -> None:
+        self.status: int = message.code
+        self.reason: str | None = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.content = payload
+        self._client = client
+        self._key = key
+        self._protocol: ResponseHandler | None = protocol
+        self._writer = writer
+        payload.on_eof(self._ended)
+
+    def _ended(self) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            return
+        writer = self._writer
+        if writer is not None and not (
+            writer.done() and not writer.cancelled() and writer.exception() is None
+        ):
+            return  # the partner answered before the body was sent: close() will close
+        self._protocol = None
+        self._client.give_back(self._key, protocol)
+
+    def release(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        protocol = self._protocol
+        if protocol is None:
+            return
+        self._protocol = None
+        if self._writer is not None and not self._writer.done():
+            self._writer.cancel()
+        protocol.close()
+
+
+class LeanClient:
+    """Keep-alive HTTP/1.1 connections per (origin, TLS context), most recently
+    used first; idle ones close after :data:`KEEPALIVE_TIMEOUT`. Safe for any
+    number of concurrent requests on one event loop; there is no cap on
+    connections (apps bound their own concurrency; routes have max_concurrent).
+    """
+
+    def __init__(self, keepalive: float = KEEPALIVE_TIMEOUT) -> None:
+        self._keepalive = keepalive
+        self._idle: dict[tuple[str, Any], list[tuple[ResponseHandler, float]]] = {}
+        self._names: dict[tuple[str, int], tuple[float, list[tuple[Any, ...]]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._writers: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def request(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        url: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+    ) -> UpstreamResponse:
+        extra, chunked = _framing(method, headers, body)
+        head = request_head(method, target, headers, extra)
+        key = (endpoint.origin, endpoint.ssl)
+        protocol = self._take(key)
+        if protocol is None:
+            protocol = await self._connect(endpoint)
+        protocol.set_response_params(
+            skip_payload=method == "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,
+            read_timeout=endpoint.read_timeout,
+            read_bufsize=READ_BUFFER,
+        )
+        transport = protocol.transport
+        assert transport is not None
+        writer: asyncio.Task[None] | None = None
+        if body is None:
+            transport.write(head)
+            protocol.start_timeout()
+        elif isinstance(body, bytes):
+            if len(body) < 16384:  # one write, one segment
+                transport.write(head + body)
+            else:
+                transport.write(head)
+                transport.write(body)
+            protocol.start_timeout()
+        else:
+            transport.write(head)
+            writer = asyncio.ensure_future(_write_body(protocol, body, chunked))
+            self._writers.add(writer)
+            writer.add_done_callback(self._writers.discard)
+        try:
+            while True:
+                message, payload = await protocol.read()
+                code = message.code
+                if code < 100 or code > 199 or code == 101:
+                    break  # 1xx (100 Continue, 103 Early Hints) belong to this hop
+        except BaseException as exc:
+            if writer is not None:
+                writer.cancel()
+            protocol.close()
+            if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+                raise Dropped(type(exc).__name__) from exc
+            raise
+        return LeanResponse(self, key, protocol, message, payload, writer)
+
+    def _take(self, key: tuple[str, Any]) -> ResponseHandler | None:
+        idle = self._idle.get(key)
+        if not idle:
+            return None
+        oldest = time.monotonic() - self._keepalive
+        while idle:
+            protocol, since = idle.pop()
+            if since > oldest and protocol.is_connected() and not protocol.should_close:
+                return protocol
+            protocol.close()
+        return None
+
+    def give_back(self, key: tuple[str, Any], protocol: ResponseHandler) -> None:
+        """Called when an answer has been read whole: keep the connection if
+        both sides allow it (no Connection: close, nothing left over)."""
+        if self._closed or protocol.should_close or not protocol.is_connected():
+            protocol.close()
+            return
+        idle = self._idle.setdefault(key, [])
+        if len(idle) >= MAX_IDLE_PER_ORIGIN:
+            protocol.close()
+            return
+        idle.append((protocol, time.monotonic()))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        oldest = time.monotonic() - self._keepalive
+        for key, idle in list(self._idle.items()):
+            kept = []
+            for protocol, since in idle:
+                if since > oldest and protocol.is_connected():
+                    kept.append((protocol, since))
+                else:
+                    protocol.close()
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle and not self._closed:
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive / 2, self._sweep)
+
+    async def _addresses(self, host: str, port: int) -> list[tuple[Any, ...]]:
+        try:
+            socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+        except OSError:
+            pass
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            return [(family, host, port)]
+        cached = self._names.get((host, port))
+        now = time.monotonic()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )
+        addresses = [(family, sockaddr[0], sockaddr[1]) for family, _, _, _, sockaddr in infos]
+        self._names[(host, port)] = (now + DNS_CACHE_TTL, addresses)
+        return addresses
+
+    async def _connect(self, endpoint: Endpoint) -> ResponseHandler:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(endpoint.connect_timeout):
+                try:
+                    addresses = await self._addresses(endpoint.host, endpoint.port)
+                except OSError as exc:
+                    raise ConnectFailed(exc.strerror or type(exc).__name__) from None
+                last: OSError | None = None
+                for family, address, port in addresses:
+                    try:
+                        _, protocol = await loop.create_connection(
+                            lambda: ResponseHandler(loop),
+                            address,
+                            port,
+                            family=family,
+                            ssl=endpoint.ssl,
+                            server_hostname=endpoint.host if endpoint.ssl else None,
+                        )
+                    except ssl_module.SSLError as exc:
+                        raise ConnectFailed(f"TLS handshake failed: {exc.reason}") from None
+                    except OSError as exc:
+                        last = exc
+                        continue
+                    return protocol
+                assert last is not None
+                raise ConnectFailed(last.strerror or type(last).__name__)
+        except TimeoutError:
+            raise TimeoutError(f"connect to {endpoint.origin} timed out") from None
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle.values():
+            for protocol, _ in idle:
+                protocol.close()
+        self._idle.clear()
+        for writer in list(self._writers):
+            writer.cancel()
+
+
+async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chunked: bool) -> None:
+    """Send a streamed body, waiting whenever the socket's buffer is full. If
+    the source fails, the request is left visibly incomplete (no last chunk,
+    short of Content-Length, connection closed) and the failure is put where
+    the answer is awaited."""
+    try:
+        async for chunk in body:
+            transport = protocol.transport
+            if transport is None or transport.is_closing():
+                raise ConnectionResetError("upstream connection closed while sending the body")
+            if not chunk:
+                continue
+            if chunked:
+                transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
+            else:
+                transport.write(chunk)
+            if protocol.writing_paused:
+                await protocol._drain_helper()
+        if chunked and protocol.transport is not None:
+            protocol.transport.write(b"0\r\n\r\n")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        failure: BaseException = exc if isinstance(exc, OSError) else BodyFailed(repr(exc))
+        protocol.set_exception(failure)
+        protocol.close()
+        return
+    protocol.start_timeout()
+
+
+# --- the ClientSession client -----------------------------------------------
+
+
+class SessionClient:
+    """The same interface on one ``aiohttp.ClientSession``: no cookie jar (a
+    shared jar would hand one app's partner cookies to another), no proxy or
+    netrc from the environment, no decompression, no redirects."""
+
+    def __init__(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=0,  # no global cap: routes are bounded by the apps' own concurrency
+            limit_per_host=0,
+            keepalive_timeout=KEEPALIVE_TIMEOUT,
+            ttl_dns_cache=int(DNS_CACHE_TTL),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            timeout=aiohttp.ClientTimeout(total=None),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        )
+        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
+
+    async def request(
+        self,
+        endpoint: Endpoint,
+        method: str,
+        url: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+    ) -> UpstreamResponse:
+        limits = (endpoint.connect_timeout, endpoint.read_timeout)
+        timeout = self._timeouts.get(limits)
+        if timeout is None:
+            # ``read_timeout`` bounds the wait for headers and each gap between
+            # body chunks (sock_read), never the whole exchange.
+            timeout = aiohttp.ClientTimeout(total=None, connect=limits[0], sock_read=limits[1])
+            self._timeouts[limits] = timeout
+        try:
+            return await self._session.request(
+                method,
+                URL(url, encoded=True),
+                headers=CIMultiDict(headers),
+                data=body,
+                allow_redirects=False,
+                timeout=timeout,
+                ssl=endpoint.ssl if endpoint.ssl is not None else True,
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise ConnectFailed(exc.os_error.strerror or type(exc.os_error).__name__) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise Dropped(type(exc).__name__) from exc
+
+    async def close(self) -> None:
+        await self._session.close()
