@@ -228,14 +228,16 @@ def mints(tokens: Proc) -> int:
         return int(json.load(r)["mints"])
 
 
-def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None) -> Proc:
+def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None,
+              client: str = "lean") -> Proc:  # fmt: skip
     port, admin = free_port(), free_port()
-    config = tmp / f"authproxy{workers}.yaml"
+    config = tmp / f"authproxy{workers}-{client}.yaml"
     config.write_text(f"""
 listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 workers: {workers}
 access_log: false
+upstream_client: {client}
 clients:
   bench:
     token_url: http://127.0.0.1:{tokens.port}/token
@@ -338,6 +340,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "latest.json"))
     parser.add_argument("--skip-big", action="store_true", help="skip the 512 MiB transfers")
+    parser.add_argument("--only", default="", help="comma-separated scenarios, e.g. get,post_16k")
     args = parser.parse_args()
     for tool in ("wrk", "nginx", "taskset", "curl"):
         if shutil.which(tool) is None:
@@ -361,6 +364,8 @@ def main() -> int:
             "nginx": nginx_static(up.port, tmp, 1, "0"),
             "minimal": minimal(up.port, "0"),
             "authproxy": authproxy(up.port, tokens, tmp, 1, "0"),
+            # the same proxy on aiohttp's ClientSession: what the lean client buys
+            "authproxy_aiohttp": authproxy(up.port, tokens, tmp, 1, "0", "aiohttp"),
         }
         procs += [p for p in contenders.values() if p]
         scenarios = {
@@ -368,7 +373,11 @@ def main() -> int:
             "post_16k": ("/api/x", 64, str(post)),
             "c1000": ("/api/x", 1000, None),
         }
+        only = set(filter(None, args.only.split(",")))
+        wanted = (lambda name: not only or name in only)  # fmt: skip
         for name, (path, conns, script) in scenarios.items():
+            if not wanted(name):
+                continue
             rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders}
             for _ in range(args.rounds):
                 for cname, proc in contenders.items():
@@ -378,11 +387,12 @@ def main() -> int:
                     )
             results["scenarios"][name] = summarise(rounds)
             report(name, results["scenarios"][name])
-        results["rss_flat"] = {"after_get_c64_mib": results["scenarios"]["get"]["authproxy"]["rss_mib"],
-                               "after_c1000_mib": results["scenarios"]["c1000"]["authproxy"]["rss_mib"]}  # fmt: skip
+        if wanted("get") and wanted("c1000"):
+            results["rss_flat"] = {"after_get_c64_mib": results["scenarios"]["get"]["authproxy"]["rss_mib"],
+                                   "after_c1000_mib": results["scenarios"]["c1000"]["authproxy"]["rss_mib"]}  # fmt: skip
 
-        if not args.skip_big:
-            for direction in ("download", "upload"):
+        for direction in ("download", "upload"):
+            if not args.skip_big and wanted(f"{direction}_512mib"):
                 rounds = {c: [] for c in contenders}
                 for cname, proc in contenders.items():
                     port = proc.port if proc else up.port
@@ -394,40 +404,42 @@ def main() -> int:
                 results["scenarios"][f"{direction}_512mib"] = {c: r[0] for c, r in rounds.items()}
                 report(f"{direction}_512mib", results["scenarios"][f"{direction}_512mib"], big=True)
 
-        # Expiry storm: a fresh authproxy and token endpoint (its first token is tok-1),
-        # a cold cache, and a partner that calls tok-1 expired: every request of the
-        # first wave gets a 401, and one mint replaces the token for all of them.
-        storm_tokens = token_endpoint()
-        storm = authproxy(up.port, storm_tokens, tmp, 1, "0")
-        procs += [storm_tokens, storm]
-        result = wrk(storm.port, "/expiring/x", args.duration, 64, None, "1")
-        result["mints"] = mints(storm_tokens)
-        results["scenarios"]["expiry_storm"] = {"authproxy": result}
-        print(f"\nexpiry_storm: {result['requests']} requests, {result['errors']} errors, "
-              f"{result['mints']} mints (1 first, 1 after the expiry)")  # fmt: skip
-        storm.stop()
+        if wanted("expiry_storm"):
+            # Expiry storm: a fresh authproxy and token endpoint (its first token is tok-1),
+            # a cold cache, and a partner that calls tok-1 expired: every request of the
+            # first wave gets a 401, and one mint replaces the token for all of them.
+            storm_tokens = token_endpoint()
+            storm = authproxy(up.port, storm_tokens, tmp, 1, "0")
+            procs += [storm_tokens, storm]
+            result = wrk(storm.port, "/expiring/x", args.duration, 64, None, "1")
+            result["mints"] = mints(storm_tokens)
+            results["scenarios"]["expiry_storm"] = {"authproxy": result}
+            print(f"\nexpiry_storm: {result['requests']} requests, {result['errors']} errors, "
+                  f"{result['mints']} mints (1 first, 1 after the expiry)")  # fmt: skip
+            storm.stop()
 
-        # Two workers, nothing pinned: authproxy workers: 2 against nginx with 2 workers.
-        for p in list(contenders.values()):
-            if p:
-                p.stop()
-        two = {"nginx": nginx_static(up.port, tmp, 2, None), "authproxy": authproxy(up.port, tokens, tmp, 2, None),
-               "authproxy_1worker": authproxy(up.port, tokens, tmp, 1, None)}  # fmt: skip
-        procs += list(two.values())
-        rounds = {c: [] for c in two}
-        for _ in range(args.rounds):
-            for cname, proc in two.items():
-                rounds[cname].append(
-                    measured(
-                        proc, lambda p=proc.port: wrk(p, "/api/x", args.duration, 64, None, None)
+        if wanted("workers_2"):
+            # Two workers, nothing pinned: authproxy workers: 2 against nginx with 2 workers.
+            for p in list(contenders.values()):
+                if p:
+                    p.stop()
+            two = {"nginx": nginx_static(up.port, tmp, 2, None), "authproxy": authproxy(up.port, tokens, tmp, 2, None),
+                   "authproxy_1worker": authproxy(up.port, tokens, tmp, 1, None)}  # fmt: skip
+            procs += list(two.values())
+            rounds = {c: [] for c in two}
+            for _ in range(args.rounds):
+                for cname, proc in two.items():
+                    rounds[cname].append(
+                        measured(
+                            proc, lambda p=proc.port: wrk(p, "/api/x", args.duration, 64, None, None)
+                        )
                     )
-                )
-        summary = summarise(rounds)
-        summary["scaling_2_over_1"] = round(
-            summary["authproxy"]["rps"] / summary["authproxy_1worker"]["rps"], 2
-        )
-        results["scenarios"]["workers_2"] = summary
-        report("workers_2", summary)
+            summary = summarise(rounds)
+            summary["scaling_2_over_1"] = round(
+                summary["authproxy"]["rps"] / summary["authproxy_1worker"]["rps"], 2
+            )
+            results["scenarios"]["workers_2"] = summary
+            report("workers_2", summary)
         results["mints_total"] = mints(tokens)
     finally:
         for proc in reversed(procs):
