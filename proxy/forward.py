@@ -97,6 +97,12 @@ class Gate:
 
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
+# A body with a Content-Length up to this many bytes (and within the route's
+# replay_limit) is read whole and sent in one write, as nginx buffers request
+# bodies by default: no streaming task per request, and the replay copy is the
+# body itself. Larger and chunked bodies stream as they arrive.
+BUFFERED_BODY: Final = 64 * 1024
+
 
 def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
     """``allow_from`` and ``inbound_auth``, before anything else happens."""
@@ -137,6 +143,7 @@ class Outbound:
     target: str  # the url's path and query: the request line's target
     headers: list[tuple[str, str]]
     has_body: bool
+    body: bytes | None = None  # a small body read whole before sending (BUFFERED_BODY)
 
 
 @dataclass(slots=True)
@@ -404,17 +411,22 @@ class Forwarder:
             headers,
             request.body_exists,
         )
-        tee = (
-            BodyTee(
+        tee: BodyTee | None = None
+        data: bytes | AsyncIterator[bytes] | None = None
+        length = request.content_length
+        if not outbound.has_body:
+            pass
+        elif length is not None and length <= BUFFERED_BODY and length <= route.replay_limit:
+            data = outbound.body = await _read_whole(request, length, runtime)
+        else:
+            tee = BodyTee(
                 request.content,
                 route.replay_limit,
                 max_body=route.max_body,
                 gap=runtime.body_timeout,
             )
-            if outbound.has_body
-            else None
-        )
-        upstream = await self._send(runtime, outbound, tee.stream() if tee else None, tee)
+            data = tee.stream()
+        upstream = await self._send(runtime, outbound, data, tee)
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
@@ -449,7 +461,7 @@ class Forwarder:
     ) -> UpstreamResponse | None:
         """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
         route = runtime.config
-        body: bytes | None = None
+        body = outbound.body
         if tee is not None:
             if not tee.complete:
                 # The partner answered before reading the whole body: this
@@ -492,7 +504,14 @@ class Forwarder:
         facts.replayed = True
         return await self._send(
             runtime,
-            Outbound(outbound.method, outbound.url, outbound.target, headers, outbound.has_body),
+            Outbound(
+                outbound.method,
+                outbound.url,
+                outbound.target,
+                headers,
+                outbound.has_body,
+                outbound.body,
+            ),
             body,
         )
 
@@ -620,6 +639,26 @@ class Forwarder:
             return out
         await out.write_eof()
         return out
+
+
+async def _read_whole(request: web.BaseRequest, length: int, runtime: RouteRuntime) -> bytes:
+    """A small body of known ``length``, within the body timeout."""
+    route = runtime.config
+    try:
+        async with asyncio.timeout(runtime.body_timeout):
+            return await request.content.readexactly(length)
+    except TimeoutError:
+        raise BodyTimeout(
+            f"route {route.name!r}: the request body stalled (no data within the body timeout)",
+            route=route.name,
+        ) from None
+    except (asyncio.IncompleteReadError, aiohttp.ClientError, OSError, ValueError):
+        # aiohttp's payload errors are ClientError/ValueError subclasses
+        raise BadRequest(
+            f"route {route.name!r}: the request body ended early or was malformed",
+            route=route.name,
+            client=route.client,
+        ) from None
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:

@@ -39,6 +39,10 @@ FORWARDING: Final = frozenset(
 
 VIA: Final = "1.1 authproxy"
 
+# "Connection: keep-alive" (every nginx answer) and "close" name nothing beyond
+# the hop-by-hop set, so they need no per-message set.
+_PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
+
 # Precomputed at import: the hot path only unions in what a request adds.
 _DROP_TRUSTED: Final = HOP_BY_HOP | _REQUEST_OWNED
 _DROP_UNTRUSTED: Final = _DROP_TRUSTED | FORWARDING
@@ -90,8 +94,9 @@ def upstream_request_headers(
         base = base | drop
     if authorization_header != "Authorization":  # an app's copy of the token header goes too
         base = base | {authorization_header.lower()}
-    for _, _, lower in items:
-        if lower == "connection":  # rare: only then is a per-request set built
+    for _, value, lower in items:
+        if lower == "connection" and value.lower() not in _PLAIN_CONNECTION:
+            # rare: only then is a per-request set built
             base = base | connection_named((n, v) for n, v, _ in items)
             break
     out: list[tuple[str, str]] = [("Host", upstream_host)]
@@ -126,8 +131,9 @@ def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tupl
     """The upstream's response headers minus hop-by-hop ones, repeats and order kept."""
     items = [(name, value, name.lower()) for name, value in headers]
     drop = HOP_BY_HOP
-    for _, _, lower in items:
-        if lower == "connection":  # rare: only then is a per-response set built
+    for _, value, lower in items:
+        if lower == "connection" and value.lower() not in _PLAIN_CONNECTION:
+            # rare: only then is a per-response set built
             drop = HOP_BY_HOP | connection_named((n, v) for n, v, _ in items)
             break
     return [(name, value) for name, value, lower in items if lower not in drop]

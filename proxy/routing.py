@@ -94,6 +94,8 @@ def climbs_out(remainder: str) -> bool:
     RFC 3986 §5.2.4 removal, applied to the decoded forms too (``%2e%2e``,
     ``%2f``, backslashes): what an upstream might decode must not escape either.
     """
+    if "." not in remainder and "%" not in remainder:
+        return False  # no dot-segment, plain or encoded, can be in it
     depth = 0
     for segment in _SEGMENT_SPLIT.split(remainder):
         segment = _DOT.sub(".", segment)

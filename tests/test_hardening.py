@@ -151,6 +151,22 @@ async def test_stalled_request_body_gets_408(make_stack: StackFactory) -> None:
     assert stack.partner.sunk == []
 
 
+async def test_a_small_body_cut_short_never_reaches_the_partner(make_stack: StackFactory) -> None:
+    # Small bodies are read whole before sending (BUFFERED_BODY). An app that
+    # stops after 10 of 100 bytes and goes away leaves nothing at the partner,
+    # and the proxy keeps serving.
+    stack = await make_stack()
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"POST /demo/sink HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+    writer.write_eof()
+    response = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert response == b"" or raw_status(response) == 400  # nobody left to answer
+    await asyncio.sleep(0.2)
+    assert stack.partner.sunk == [] and stack.partner.requests == []
+    assert await status_of(stack) == 200
+
+
 async def test_header_count_and_size_limits(make_stack: StackFactory) -> None:
     stack = await make_stack(top="inbound: {max_headers: 20, max_header_size: 1KiB}")
     many = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
