@@ -237,7 +237,7 @@ listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 workers: {workers}
 access_log: false
-upstream_client: {client}
+engine: {client}
 clients:
   bench:
     token_url: http://127.0.0.1:{tokens.port}/token

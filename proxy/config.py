@@ -67,12 +67,13 @@ LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
 MAX_WORKERS: Final = 64
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
-# The client for partner APIs: "lean" (proxy/upstream.py's own pool on aiohttp's
-# parser) or "aiohttp" (ClientSession). The variable sets the default for files
-# that do not say, so the whole test suite can run on either.
-UpstreamClientKind = Literal["lean", "aiohttp"]
-UPSTREAM_CLIENTS: Final = ("lean", "aiohttp")
-UPSTREAM_CLIENT_ENV_VAR: Final = "AUTHPROXY_UPSTREAM_CLIENT"
+# The HTTP/1.1 engine on both sides: "lean" (proxy/listener.py and
+# proxy/upstream.py: our own connections on aiohttp's C parsers) or "aiohttp"
+# (its web.Server and ClientSession). The variable sets the default for files
+# that do not say, so the whole test suite runs on either.
+Engine = Literal["lean", "aiohttp"]
+ENGINES: Final = ("lean", "aiohttp")
+ENGINE_ENV_VAR: Final = "AUTHPROXY_ENGINE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +204,7 @@ class Config:
     log: LogConfig = LogConfig()
     access_log: bool = True
     inbound: InboundLimits = InboundLimits()
-    upstream_client: UpstreamClientKind = "lean"
+    engine: Engine = "lean"
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)
 
@@ -842,11 +843,9 @@ def parse_config(
     if admin is not None and admin == listen and admin[1] != 0:
         raise top.error("admin", "must not be the same address as listen")
     grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
-    client_kind = top.string("upstream_client", env.get(UPSTREAM_CLIENT_ENV_VAR) or "lean")
-    if client_kind not in UPSTREAM_CLIENTS:
-        raise top.error(
-            "upstream_client", f"expected one of {', '.join(UPSTREAM_CLIENTS)}, got {client_kind!r}"
-        )
+    engine = top.string("engine", env.get(ENGINE_ENV_VAR) or "lean")
+    if engine not in ENGINES:
+        raise top.error("engine", f"expected one of {', '.join(ENGINES)}, got {engine!r}")
     config = Config(
         listen_host=listen[0],
         listen_port=listen[1],
@@ -860,7 +859,7 @@ def parse_config(
         log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
         access_log=top.boolean("access_log", True),
         inbound=_parse_inbound(top.child("inbound")) if top.has("inbound") else InboundLimits(),
-        upstream_client=cast(UpstreamClientKind, client_kind),
+        engine=cast(Engine, engine),
         source=source,
         warnings=tuple(warnings),
     )

@@ -16,11 +16,11 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from ipaddress import ip_address
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
-from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from multidict import CIMultiDictProxy
 
 from .challenge import MAX_401_BODY, says_expired
 from .config import Config, InboundAuth, RouteConfig
@@ -263,19 +263,49 @@ class RouteTable:
         )
 
 
-def json_error(exc: RequestFailed, request_id: str | None = None) -> web.Response:
+class AppSide(Protocol):
+    """One app request and the means to answer it, as the forwarder sees it on
+    either engine (proxy/listener.py's AppExchange, proxy/inbound.py's
+    AiohttpExchange). The request side is read-only."""
+
+    method: str
+    raw_path: str
+    version: tuple[int, int]
+    headers: CIMultiDictProxy[str]
+    remote: str | None
+    scheme: str
+    content_length: int | None
+    body_exists: bool
+    status: int  # of the answer, once started
+
+    @property
+    def content(self) -> Any: ...
+
+    async def start(
+        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+    ) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    async def respond(
+        self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
+    ) -> None: ...
+
+
+async def json_error(app: AppSide, exc: RequestFailed, request_id: str | None = None) -> None:
     body = exc.as_json()
     if request_id:
         body["request_id"] = request_id
-    response = web.Response(
-        status=exc.status,
-        body=json.dumps(body).encode(),
-        content_type="application/json",
-        headers=dict(exc.headers) if exc.headers else None,
+    await app.respond(
+        exc.status,
+        json.dumps(body).encode(),
+        dict(exc.headers) if exc.headers else None,
+        close=exc.status in (400, 408, 413),  # the rest of the request may still be on the wire
     )
-    if exc.status in (400, 408, 413):
-        response.force_close()  # the rest of the request may still be on the wire
-    return response
 
 
 def _credential(route: RouteConfig, token: Token) -> str:
@@ -293,17 +323,18 @@ class Forwarder:
         self._unrouted = metrics.for_route(UNROUTED)
         self.inflight = 0
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def serve(self, request: AppSide) -> None:
+        """Answer ``request``: forwarded, or a JSON error of the proxy's own."""
         started = time.monotonic()
         self.inflight += 1
         self._metrics.inflight.inc()
         try:
-            return await self._handle(request, started)
+            await self._handle(request, started)
         finally:
             self.inflight -= 1
             self._metrics.inflight.dec()
 
-    async def _handle(self, request: web.BaseRequest, started: float) -> web.StreamResponse:
+    async def _handle(self, request: AppSide, started: float) -> None:
         table = self.table  # a reload swaps self.table; this request keeps its own
         facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         route_metrics = self._unrouted
@@ -334,15 +365,15 @@ class Forwarder:
                 )
             gate = runtime.gate
             if gate.limit is None:
-                response = await self._exchange(request, runtime, url, target, table, facts)
+                await self._exchange(request, runtime, url, target, table, facts)
             else:
                 gate.enter(route.name)
                 try:
-                    response = await self._exchange(request, runtime, url, target, table, facts)
+                    await self._exchange(request, runtime, url, target, table, facts)
                 finally:
                     gate.leave()
         except RequestFailed as exc:
-            response = json_error(exc, facts.request_id)
+            await json_error(request, exc, facts.request_id)
             facts.extra["error"] = exc.code
             if exc.status >= 500:
                 events.warning(
@@ -354,32 +385,33 @@ class Forwarder:
                     request_id=facts.request_id,
                 )
         duration = time.monotonic() - started
-        route_metrics.finished(response.status, duration)
+        route_metrics.finished(request.status, duration)
         if table.config.access_log:
             log.info(
                 "access",
                 request_id=facts.request_id,
                 route=facts.route,
                 method=request.method,
-                path=request.path if not request.raw_path.startswith("http") else None,
-                status=response.status,
+                path=request.raw_path.partition("?")[0]
+                if not request.raw_path.startswith("http")
+                else None,
+                status=request.status,
                 upstream_status=facts.upstream_status,
                 duration_ms=round(duration * 1000, 2),
                 replayed=facts.replayed,
                 minted=facts.waited_for_mint,
                 **facts.extra,
             )
-        return response
 
     async def _exchange(
         self,
-        request: web.BaseRequest,
+        request: AppSide,
         runtime: RouteRuntime,
         url: str,
         target: RequestTarget,
         table: RouteTable,
         facts: Exchange,
-    ) -> web.StreamResponse:
+    ) -> None:
         route = runtime.config
         source = runtime.source
         token = source.cached()
@@ -446,7 +478,7 @@ class Forwarder:
                         upstream = replay
                         prefix = None
                         facts.upstream_status = upstream.status
-            return await self._relay(request, upstream, prefix, route)
+            await self._relay(request, upstream, prefix, route)
         finally:
             upstream.close()
 
@@ -604,25 +636,20 @@ class Forwarder:
 
     async def _relay(
         self,
-        request: web.BaseRequest,
+        request: AppSide,
         upstream: UpstreamResponse,
         prefix: bytes | None,
         route: RouteConfig,
-    ) -> web.StreamResponse:
+    ) -> None:
         """Stream the upstream's answer to the app as it arrives."""
-        out = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=downstream_response_headers(
-                upstream.headers.items()
-            ),  # copied once, by aiohttp
+        await request.start(
+            upstream.status, upstream.reason, downstream_response_headers(upstream.headers.items())
         )
-        await out.prepare(request)
         try:
             if prefix:
-                await out.write(prefix)
+                await request.write(prefix)
             async for chunk in upstream.content.iter_any():
-                await out.write(chunk)
+                await request.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the
             # app's connection, so a Content-Length or chunked framing shows the
@@ -633,20 +660,18 @@ class Forwarder:
                 client=route.client,
                 reason=type(exc).__name__,
             )
-            out.force_close()
-            if request.transport is not None:
-                request.transport.close()
-            return out
-        await out.write_eof()
-        return out
+            request.abort()
+            return
+        await request.finish()
 
 
-async def _read_whole(request: web.BaseRequest, length: int, runtime: RouteRuntime) -> bytes:
+async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> bytes:
     """A small body of known ``length``, within the body timeout."""
     route = runtime.config
     try:
         async with asyncio.timeout(runtime.body_timeout):
-            return await request.content.readexactly(length)
+            body: bytes = await request.content.readexactly(length)
+            return body
     except TimeoutError:
         raise BodyTimeout(
             f"route {route.name!r}: the request body stalled (no data within the body timeout)",

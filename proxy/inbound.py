@@ -17,6 +17,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
+from multidict import CIMultiDictProxy
 
 from .config import InboundLimits
 from .log import get_logger
@@ -99,6 +100,85 @@ class GuardedHandler(RequestHandler):
         )
         response.force_close()
         return response
+
+
+class AiohttpExchange:
+    """The forwarder's view of one request (forward.AppSide) on aiohttp's
+    ``web.Server``: the request is aiohttp's, the answer a StreamResponse or,
+    for the proxy's own errors, a Response that aiohttp sends after the handler."""
+
+    __slots__ = (
+        "body_exists",
+        "content_length",
+        "headers",
+        "method",
+        "raw_path",
+        "remote",
+        "request",
+        "response",
+        "scheme",
+        "status",
+        "version",
+    )
+
+    def __init__(self, request: BaseRequest) -> None:
+        self.request = request
+        self.method: str = request.method
+        self.raw_path: str = request.raw_path
+        self.version: tuple[int, int] = request.version
+        self.headers: CIMultiDictProxy[str] = request.headers
+        self.remote = request.remote
+        self.scheme: str = request.scheme
+        self.content_length = request.content_length
+        self.body_exists = request.body_exists
+        self.status = 0
+        self.response: StreamResponse | None = None
+
+    @property
+    def content(self) -> Any:
+        return self.request.content
+
+    async def start(self, status: int, reason: str | None, headers: list[tuple[str, str]]) -> None:
+        self.status = status
+        self.response = StreamResponse(status=status, reason=reason, headers=headers)
+        await self.response.prepare(self.request)
+
+    async def write(self, data: bytes) -> None:
+        assert self.response is not None
+        await self.response.write(data)
+
+    async def finish(self) -> None:
+        assert self.response is not None
+        await self.response.write_eof()
+
+    def abort(self) -> None:
+        if self.response is not None:
+            self.response.force_close()
+        if self.request.transport is not None:
+            self.request.transport.close()
+
+    async def respond(
+        self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
+    ) -> None:
+        self.status = status
+        response = web.Response(
+            status=status, body=body, content_type="application/json", headers=headers
+        )
+        if close:
+            response.force_close()
+        self.response = response
+
+
+def aiohttp_handler(serve: Any) -> Any:
+    """A ``web.Server`` handler around ``Forwarder.serve``."""
+
+    async def handle(request: BaseRequest) -> StreamResponse:
+        exchange = AiohttpExchange(request)
+        await serve(exchange)
+        assert exchange.response is not None
+        return exchange.response
+
+    return handle
 
 
 def _short_reason(exc: BaseException | None) -> str:

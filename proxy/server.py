@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, cast
@@ -31,7 +31,8 @@ from .cache import (
 from .config import ClientConfig, Config, load_config
 from .errors import CacheUnavailable, ConfigError, TokenError
 from .forward import Forwarder, RouteTable, route_runtime
-from .inbound import InboundServer
+from .inbound import InboundServer, aiohttp_handler
+from .listener import AppExchange, Listener
 from .log import configure_logging, get_logger
 from .metrics import Metrics
 from .minter import ClientCredentialsMinter, GuardedMinter
@@ -235,6 +236,7 @@ class ProxyServer:
         self.cache: TokenCache | None = None
         self.metrics = Metrics()
         self._runner: web.ServerRunner | None = None
+        self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._upstream: UpstreamClient | None = None
         self._tokens: aiohttp.ClientSession | None = None
@@ -249,7 +251,7 @@ class ProxyServer:
         self.listening = False
 
     async def start(self) -> None:
-        self._upstream = upstream_client(self.config.upstream_client)
+        self._upstream = upstream_client(self.config.engine)
         self._tokens = token_session()
         self.cache = build_cache(
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
@@ -260,20 +262,30 @@ class ProxyServer:
         )
         if self.config.admin is not None:
             await self._start_admin(self.config.admin[0])
-        server = InboundServer(
-            self.forwarder.handle,
-            self.config.inbound,
-            handler_cancellation=True,  # an app that goes away cancels its upstream request
-            access_log=None,  # our own access line replaces aiohttp's
-            auto_decompress=False,  # gzip request bodies pass through compressed
-        )
-        self._runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
-        await self._runner.setup()
-        site = web.TCPSite(
-            self._runner, self.config.listen_host, self.port, reuse_port=self._reuse_port or None
-        )
-        await site.start()
-        self.port = bound_port(site)
+        if self.config.engine == "lean":
+            serve: Callable[[AppExchange], Awaitable[None]] = self.forwarder.serve  # AppSide check
+            self._listener = Listener(serve, self.config.inbound)
+            self.port = await self._listener.start(
+                self.config.listen_host, self.port, reuse_port=self._reuse_port
+            )
+        else:
+            server = InboundServer(
+                aiohttp_handler(self.forwarder.serve),
+                self.config.inbound,
+                handler_cancellation=True,  # an app that goes away cancels its upstream request
+                access_log=None,  # our own access line replaces aiohttp's
+                auto_decompress=False,  # gzip request bodies pass through compressed
+            )
+            self._runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
+            await self._runner.setup()
+            site = web.TCPSite(
+                self._runner,
+                self.config.listen_host,
+                self.port,
+                reuse_port=self._reuse_port or None,
+            )
+            await site.start()
+            self.port = bound_port(site)
         self.listening = True
         self._warm()
         for warning in self.config.warnings:
@@ -444,6 +456,8 @@ class ProxyServer:
             task.cancel()
         if self.sources is not None:
             self.sources.close()
+        if self._listener is not None:
+            await self._listener.shutdown(self.config.shutdown_grace)
         if self._runner is not None:
             await self._runner.cleanup()
         if self._admin_runner is not None:

@@ -10,7 +10,7 @@ Two clients behind one small interface (:class:`UpstreamClient`):
   about a seventh of the client's CPU per request on the benchmark machine
   (docs/performance.md).
 - :class:`SessionClient`: the same interface on ``aiohttp.ClientSession``, kept
-  as a fallback (``upstream_client: aiohttp``) and as the reference the
+  as a fallback (``engine: aiohttp``) and as the reference the
   behaviour tests also run against.
 
 Both translate transport failures, once, into the three facts the forwarder
@@ -34,7 +34,7 @@ from aiohttp.client_proto import ResponseHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .config import UpstreamClientKind
+from .config import Engine
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
@@ -154,8 +154,8 @@ class UpstreamClient(Protocol):
     async def close(self) -> None: ...
 
 
-def upstream_client(kind: UpstreamClientKind) -> UpstreamClient:
-    return LeanClient() if kind == "lean" else SessionClient()
+def upstream_client(engine: Engine) -> UpstreamClient:
+    return LeanClient() if engine == "lean" else SessionClient()
 
 
 # --- the lean client ---------------------------------------------------------

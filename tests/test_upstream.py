@@ -1,7 +1,7 @@
 """The lean upstream client against a scripted HTTP/1.1 server on a real
 loopback socket: every byte on the wire is the test's choice, so framing,
 keep-alive and failure handling are checked exactly. (The whole behaviour
-suite also runs on both clients: .ci/run sets AUTHPROXY_UPSTREAM_CLIENT.)"""
+suite also runs on both engines: .ci/run sets AUTHPROXY_ENGINE.)"""
 
 from __future__ import annotations
 

@@ -1,0 +1,508 @@
+"""The apps' side of the socket on the lean engine: HTTP/1.1 connections parsed
+by aiohttp's own C request parser, answered by the forwarder directly.
+
+What aiohttp's ``web.Server`` does per request that a proxy does not need
+(a ``BaseRequest`` with its URL, cookies, match info and lazy properties; a
+``StreamResponse`` with content-type, charset and compression logic) is
+skipped: about half of the proxy's CPU per request on the benchmark machine
+(docs/performance.md). The limits are the same as on the aiohttp engine
+(``inbound:``): request-line and header sizes, header count, a deadline for a
+request's head (slowloris), idle keep-alive connections closed, a bounded
+queue of pipelined requests; malformed requests get a JSON 400 that never
+quotes their bytes.
+
+Connections are served one request at a time, in order (pipelined requests
+wait in the queue). A request whose body was not read to its end closes the
+connection after the answer, gracefully: our side is shut for writing and the
+rest of the body is read and dropped for up to :data:`LINGER` seconds, so the
+app sees the answer rather than a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import hdrs
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser  # the C parser when aiohttp has it
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
+
+from .config import InboundLimits
+from .log import get_logger
+
+log = get_logger("proxy.inbound")
+
+LINGER: Final = 2.0  # seconds to drain an unread request body before closing
+MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection
+READ_BUFFER: Final = 2**16
+
+Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
+
+_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    second = -1
+    value = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = formatdate(second, usegmt=True)
+        return cls.value
+
+
+def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, str]]) -> bytes:
+    """Status line and header block; a CR or LF in any of it is refused."""
+    if not reason or "\r" in reason or "\n" in reason:
+        reason = _REASONS.get(status, "Unknown")
+    text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(
+        [f"{name}: {value}\r\n" for name, value in headers]
+    )
+    lines = len(headers) + 1
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("a response header contains CR or LF")
+    return (text + "\r\n").encode("utf-8", "surrogateescape")
+
+
+class AppExchange:
+    """One request from an app and the means to answer it. The request side is
+    read-only; the answer is started once, then written, then finished (or the
+    connection is cut with :meth:`abort` when its body cannot be completed)."""
+
+    __slots__ = (
+        "_body_read",
+        "_chunked",
+        "_connection",
+        "_continue",
+        "_no_body",
+        "_payload",
+        "body_exists",
+        "closes",
+        "content_length",
+        "headers",
+        "method",
+        "raw_path",
+        "remote",
+        "scheme",
+        "started",
+        "status",
+        "version",
+    )
+
+    def __init__(self, connection: AppConnection, message: Any, payload: Any) -> None:
+        self._connection = connection
+        self.method: str = message.method
+        self.raw_path: str = message.path
+        self.version: tuple[int, int] = message.version
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.remote = connection.remote
+        self.scheme = "http"  # the apps' side is plain HTTP (docs/security.md)
+        self._payload = payload
+        length = self.headers.get(hdrs.CONTENT_LENGTH)
+        self.content_length: int | None = int(length) if length is not None else None
+        self.body_exists: bool = message.chunked or bool(self.content_length)
+        self.closes: bool = message.should_close or connection.closing
+        # RFC 9110 §10.1.1: answer "100-continue" only when the body is wanted.
+        self._continue = (
+            self.body_exists
+            and self.version >= (1, 1)
+            and self.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
+        )
+        self._body_read = False
+        self.started = False
+        self.status = 0
+        self._chunked = False
+        self._no_body = False
+
+    @property
+    def content(self) -> Any:
+        """The body as aiohttp's StreamReader; first access sends 100 Continue."""
+        if self._continue:
+            self._continue = False
+            self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._body_read = True
+        return self._payload
+
+    @property
+    def body_complete(self) -> bool:
+        return not self.body_exists or self._payload.is_eof()
+
+    def _finish_headers(self, headers: list[tuple[str, str]], has_length: bool) -> None:
+        status = self.status
+        self._no_body = self.method == "HEAD" or status in (204, 304) or status < 200
+        if not self._no_body and not has_length:
+            if self.version >= (1, 1):
+                headers.append(("Transfer-Encoding", "chunked"))
+                self._chunked = True
+            else:
+                self.closes = True  # HTTP/1.0: the body ends when the connection does
+        if self.closes:
+            headers.append(("Connection", "close"))
+        elif self.version < (1, 1):
+            headers.append(("Connection", "keep-alive"))
+
+    async def start(self, status: int, reason: str | None, headers: list[tuple[str, str]]) -> None:
+        """Send the status line and ``headers`` (hop-by-hop ones already gone);
+        framing and ``Connection`` are this hop's and are added here."""
+        self.started = True
+        self.status = status
+        if self._connection.closing:
+            self.closes = True  # draining: tell the app this connection ends
+        has_length = False
+        has_date = False
+        for name, _ in headers:
+            if len(name) == 14 and name.lower() == "content-length":
+                has_length = True
+            elif len(name) == 4 and name.lower() == "date":
+                has_date = True
+        if not has_date:
+            headers.append(("Date", _Date.now()))
+        if not self.body_complete:
+            self.closes = True
+        self._finish_headers(headers, has_length)
+        self._connection.write(response_head(status, reason, headers))
+
+    async def write(self, data: bytes) -> None:
+        if not data or self._no_body:
+            return
+        connection = self._connection
+        if self._chunked:
+            connection.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            connection.write(data)
+        if connection.writing_paused:
+            await connection.drained()
+
+    async def finish(self) -> None:
+        if self._chunked:
+            self._connection.write(b"0\r\n\r\n")
+        if self._connection.writing_paused:
+            await self._connection.drained()
+
+    def abort(self) -> None:
+        """Cut the connection: the answer cannot be completed, and an app must
+        see a short body as an error, never as a whole one."""
+        self.closes = True
+        self._connection.close()
+
+    async def respond(
+        self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
+    ) -> None:
+        """A whole answer of the proxy's own (a JSON error)."""
+        if close:
+            self.closes = True
+        fields = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if headers:
+            fields.extend(headers.items())
+        await self.start(status, None, fields)
+        await self.write(body)
+
+
+class AppConnection(BaseProtocol):
+    """One app connection: parses requests, runs the handler for each in turn."""
+
+    __slots__ = (
+        "_current",
+        "_head_timer",
+        "_idle_timer",
+        "_lingering",
+        "_listener",
+        "_messages",
+        "_task",
+        "_waiter",
+        "closing",
+        "remote",
+    )
+
+    def __init__(self, listener: Listener) -> None:
+        loop = listener.loop
+        super().__init__(loop)
+        limits = listener.limits
+        self._parser = HttpRequestParser(
+            self,
+            loop,
+            READ_BUFFER,
+            max_line_size=limits.max_header_size,
+            max_headers=limits.max_headers,
+            max_field_size=limits.max_header_size,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,  # gzip request bodies pass through compressed
+            max_msg_queue_size=MAX_PIPELINED,
+        )
+        self._listener = listener
+        self._messages: deque[tuple[Any, Any]] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._current: AppExchange | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._lingering = False
+        self.closing = False
+        self.remote: str | None = None
+
+    # --- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if peer else None
+        self._listener.connections.add(self)
+        self._arm_idle()
+        self._task = self._loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._lingering or (self.closing and self._current is None):
+            return
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        messages: Sequence[tuple[Any, Any]]
+        try:
+            messages, _, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            messages = [(exc, None)]
+            self.closing = True  # nothing after a malformed request can be trusted
+            current = self._current
+            if current is not None and not current.body_complete:
+                current._payload.set_exception(RequestPayloadError(short_reason(exc)))
+        if messages:
+            self._disarm_head()
+            self._messages.extend(messages)
+            if len(self._messages) >= MAX_PIPELINED and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            waiter = self._waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        elif data and self._current is None and not self._messages and self._head_timer is None:
+            # Bytes of a request head arrived, the head is not complete: start the clock.
+            self._head_timer = self._loop.call_later(
+                self._listener.limits.header_timeout, self._head_expired
+            )
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._listener.forget(self)
+        self._disarm_head()
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        current = self._current
+        if current is not None and not current.body_complete:
+            current._payload.set_exception(ConnectionResetError("the app closed the connection"))
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # an app that goes away cancels its upstream request
+        self._parser = None
+
+    # --- writing ------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    async def drained(self) -> None:
+        await self._drain_helper()
+
+    def close(self) -> None:
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    # --- timers -------------------------------------------------------------
+
+    def _disarm_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if self._current is None and not self._messages:
+            log.warning(
+                "request_head_timeout",
+                client=self.remote,
+                after_s=self._listener.limits.header_timeout,
+            )
+            self.close()
+
+    def _arm_idle(self) -> None:
+        self._idle_timer = self._loop.call_later(
+            self._listener.limits.idle_timeout, self._idle_expired
+        )
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self._current is None and not self._messages and self._head_timer is None:
+            self.close()
+
+    # --- the request loop ---------------------------------------------------
+
+    async def _serve(self) -> None:
+        handler = self._listener.handler
+        try:
+            while not self.closing or self._messages:
+                if not self._messages:
+                    self._waiter = self._loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                    continue
+                message, payload = self._messages.popleft()
+                if self._parser is not None:
+                    self._parser.message_consumed()
+                if self._buffer_paused and len(self._messages) < MAX_PIPELINED // 2:
+                    self._resume_reading_for_buffer()
+                if isinstance(message, HttpProcessingError):
+                    self._malformed(message)
+                    return
+                exchange = AppExchange(self, message, payload)
+                self._current = exchange
+                try:
+                    await handler(exchange)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a bug: the app gets a 500, not a traceback
+                    log.error("internal_error", exc_info=exc)
+                    if not exchange.started:
+                        await exchange.respond(
+                            500,
+                            b'{"error": "internal_error", "message": "internal error"}',
+                            None,
+                            close=True,
+                        )
+                    else:
+                        exchange.abort()
+                self._current = None
+                if exchange.closes or self.transport is None:
+                    self._end(exchange)
+                    return
+                if not self._messages:
+                    self._arm_idle()
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # a bug outside the handler: never a hung connection
+            log.error("internal_error", exc_info=exc)
+            self.close()
+            return
+        if not self._lingering:
+            self.close()  # drained, or the loop ended for a shutdown
+
+    def _malformed(self, exc: HttpProcessingError) -> None:
+        reason = short_reason(exc)
+        log.warning(
+            "malformed_request",
+            client=self.remote,
+            status=400,
+            error=type(exc).__name__,
+            reason=reason,
+        )
+        body = json.dumps({"error": "bad_request", "message": reason}).encode()
+        self.write(
+            response_head(
+                400,
+                None,
+                [
+                    ("Content-Type", "application/json"),
+                    ("Content-Length", str(len(body))),
+                    ("Date", _Date.now()),
+                    ("Connection", "close"),
+                ],
+            )
+            + body
+        )
+        self._linger()
+
+    def _end(self, exchange: AppExchange) -> None:
+        if exchange.body_complete:
+            self.close()
+        else:
+            self._linger()
+
+    def _linger(self) -> None:
+        """Shut our side, drop what the app still sends, close on its EOF or
+        after LINGER seconds: an app still sending its body then reads the
+        answer instead of a connection reset."""
+        transport = self.transport
+        self.closing = True
+        if transport is None or transport.is_closing():
+            return
+        self._lingering = True
+        if self._reading_paused or self._buffer_paused:
+            try:
+                transport.resume_reading()
+            except (AttributeError, NotImplementedError, RuntimeError):
+                pass
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._loop.call_later(LINGER, transport.close)
+
+
+def short_reason(exc: BaseException | None) -> str:
+    """The parser's complaint without the bytes it quotes back."""
+    text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
+    first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
+    return "malformed request: " + first.rstrip(":")[:120]
+
+
+class Listener:
+    """A listening socket and its app connections; :meth:`shutdown` drains."""
+
+    def __init__(self, handler: Handler, limits: InboundLimits) -> None:
+        self.handler = handler
+        self.limits = limits
+        self.loop = asyncio.get_running_loop()
+        self.connections: set[AppConnection] = set()
+        self._server: asyncio.Server | None = None
+        self._none_left = asyncio.Event()
+
+    def forget(self, connection: AppConnection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            self._none_left.set()
+
+    def __call__(self) -> AppConnection:
+        return AppConnection(self)
+
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> int:
+        """Listen; return the bound port (the chosen one for port 0)."""
+        self._server = await self.loop.create_server(
+            self, host, port, reuse_port=reuse_port or None, backlog=4096
+        )
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def shutdown(self, grace: float) -> None:
+        """Stop accepting; close idle connections now and busy ones after their
+        answer; after ``grace`` seconds, cut whatever is left."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.closing = True
+            if connection._current is None and not connection._messages:
+                connection.close()
+            elif connection._waiter is not None and not connection._waiter.done():
+                connection._waiter.set_result(None)
+        if self.connections:
+            self._none_left.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._none_left.wait(), grace)
+        for connection in list(self.connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()
