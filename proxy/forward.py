@@ -282,7 +282,12 @@ class AppSide(Protocol):
     def content(self) -> Any: ...
 
     async def start(
-        self, status: int, reason: str | None, headers: list[tuple[str, str]]
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        *,
+        hold: bool = False,
     ) -> None: ...
 
     async def write(self, data: bytes) -> None: ...
@@ -643,7 +648,10 @@ class Forwarder:
     ) -> None:
         """Stream the upstream's answer to the app as it arrives."""
         await request.start(
-            upstream.status, upstream.reason, downstream_response_headers(upstream.headers.items())
+            upstream.status,
+            upstream.reason,
+            downstream_response_headers(upstream.headers.items()),
+            hold=upstream.content.is_eof(),  # a small answer is whole in hand: one write
         )
         try:
             if prefix:

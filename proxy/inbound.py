@@ -138,7 +138,14 @@ class AiohttpExchange:
     def content(self) -> Any:
         return self.request.content
 
-    async def start(self, status: int, reason: str | None, headers: list[tuple[str, str]]) -> None:
+    async def start(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        *,
+        hold: bool = False,  # aiohttp sends the head with the first body bytes anyway
+    ) -> None:
         self.status = status
         self.response = StreamResponse(status=status, reason=reason, headers=headers)
         await self.response.prepare(self.request)

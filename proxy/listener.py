@@ -89,6 +89,7 @@ class AppExchange:
         "_chunked",
         "_connection",
         "_continue",
+        "_head",
         "_no_body",
         "_payload",
         "body_exists",
@@ -128,6 +129,7 @@ class AppExchange:
         self.status = 0
         self._chunked = False
         self._no_body = False
+        self._head: bytes | None = None
 
     @property
     def content(self) -> Any:
@@ -156,9 +158,18 @@ class AppExchange:
         elif self.version < (1, 1):
             headers.append(("Connection", "keep-alive"))
 
-    async def start(self, status: int, reason: str | None, headers: list[tuple[str, str]]) -> None:
+    async def start(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        *,
+        hold: bool = False,
+    ) -> None:
         """Send the status line and ``headers`` (hop-by-hop ones already gone);
-        framing and ``Connection`` are this hop's and are added here."""
+        framing and ``Connection`` are this hop's and are added here. With
+        ``hold`` (the body is already in hand) the head waits for the first
+        body bytes, so that a small answer leaves in one write."""
         self.started = True
         self.status = status
         if self._connection.closing:
@@ -175,22 +186,32 @@ class AppExchange:
         if not self.body_complete:
             self.closes = True
         self._finish_headers(headers, has_length)
-        self._connection.write(response_head(status, reason, headers))
+        head = response_head(status, reason, headers)
+        if hold:
+            self._head = head
+        else:
+            self._connection.write(head)
 
     async def write(self, data: bytes) -> None:
         if not data or self._no_body:
             return
         connection = self._connection
         if self._chunked:
-            connection.write(b"%x\r\n%b\r\n" % (len(data), data))
-        else:
-            connection.write(data)
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head is not None:
+            data = self._head + data
+            self._head = None
+        connection.write(data)
         if connection.writing_paused:
             await connection.drained()
 
     async def finish(self) -> None:
-        if self._chunked:
-            self._connection.write(b"0\r\n\r\n")
+        tail = b"0\r\n\r\n" if self._chunked else b""
+        if self._head is not None:
+            tail = self._head + tail
+            self._head = None
+        if tail:
+            self._connection.write(tail)
         if self._connection.writing_paused:
             await self._connection.drained()
 
@@ -209,8 +230,9 @@ class AppExchange:
         fields = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
         if headers:
             fields.extend(headers.items())
-        await self.start(status, None, fields)
+        await self.start(status, None, fields, hold=True)
         await self.write(body)
+        await self.finish()
 
 
 class AppConnection(BaseProtocol):
@@ -220,6 +242,7 @@ class AppConnection(BaseProtocol):
         "_current",
         "_head_timer",
         "_idle_timer",
+        "_last_active",
         "_lingering",
         "_listener",
         "_messages",
@@ -252,6 +275,7 @@ class AppConnection(BaseProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._lingering = False
+        self._last_active = loop.time()
         self.closing = False
         self.remote: str | None = None
 
@@ -269,9 +293,6 @@ class AppConnection(BaseProtocol):
         parser = self._parser
         if parser is None or self._lingering or (self.closing and self._current is None):
             return
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         messages: Sequence[tuple[Any, Any]]
         try:
             messages, _, _ = parser.feed_data(data)
@@ -342,14 +363,21 @@ class AppConnection(BaseProtocol):
             self.close()
 
     def _arm_idle(self) -> None:
-        self._idle_timer = self._loop.call_later(
-            self._listener.limits.idle_timeout, self._idle_expired
+        """One timer per connection, re-armed only when it fires: a busy
+        connection costs a timestamp per request, not a timer."""
+        self._idle_timer = self._loop.call_at(
+            self._last_active + self._listener.limits.idle_timeout, self._idle_expired
         )
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
-        if self._current is None and not self._messages and self._head_timer is None:
+        idle = self._current is None and not self._messages and self._head_timer is None
+        if idle and self._loop.time() >= self._last_active + self._listener.limits.idle_timeout:
             self.close()
+        elif self.transport is not None:
+            if not idle:
+                self._last_active = self._loop.time()
+            self._arm_idle()
 
     # --- the request loop ---------------------------------------------------
 
@@ -393,8 +421,7 @@ class AppConnection(BaseProtocol):
                 if exchange.closes or self.transport is None:
                     self._end(exchange)
                     return
-                if not self._messages:
-                    self._arm_idle()
+                self._last_active = self._loop.time()
         except asyncio.CancelledError:
             return
         except Exception as exc:  # a bug outside the handler: never a hung connection

@@ -189,6 +189,14 @@ def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tup
     return "Transfer-Encoding: chunked\r\n", True
 
 
+class _Connection(ResponseHandler):
+    """aiohttp's response protocol, remembering the parameters its parser was
+    made with: a keep-alive connection keeps its parser (llhttp parses one
+    answer after another) until a request needs different ones (HEAD)."""
+
+    params: tuple[bool, float] | None = None
+
+
 class LeanResponse:
     """An answer on a pooled connection. The connection goes back to the pool
     by itself when the body's end has been parsed and the request was written
@@ -209,7 +217,7 @@ class LeanResponse:
         self,
         client: LeanClient,
         key: tuple[str, Any],
-        protocol: ResponseHandler,
+        protocol: _Connection,
         message: Any,
         payload: Any,
         writer: asyncio.Task[None] | None,
@@ -220,7 +228,7 @@ class LeanResponse:
         self.content = payload
         self._client = client
         self._key = key
-        self._protocol: ResponseHandler | None = protocol
+        self._protocol: _Connection | None = protocol
         self._writer = writer
         payload.on_eof(self._ended)
 
@@ -258,7 +266,7 @@ class LeanClient:
 
     def __init__(self, keepalive: float = KEEPALIVE_TIMEOUT) -> None:
         self._keepalive = keepalive
-        self._idle: dict[tuple[str, Any], list[tuple[ResponseHandler, float]]] = {}
+        self._idle: dict[tuple[str, Any], list[tuple[_Connection, float]]] = {}
         self._names: dict[tuple[str, int], tuple[float, list[tuple[Any, ...]]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._writers: set[asyncio.Task[None]] = set()
@@ -279,13 +287,16 @@ class LeanClient:
         protocol = self._take(key)
         if protocol is None:
             protocol = await self._connect(endpoint)
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            read_until_eof=True,
-            auto_decompress=False,
-            read_timeout=endpoint.read_timeout,
-            read_bufsize=READ_BUFFER,
-        )
+        params = (method == "HEAD", endpoint.read_timeout)
+        if protocol.params != params:
+            protocol.set_response_params(
+                skip_payload=params[0],
+                read_until_eof=True,
+                auto_decompress=False,
+                read_timeout=params[1],
+                read_bufsize=READ_BUFFER,
+            )
+            protocol.params = params
         transport = protocol.transport
         assert transport is not None
         writer: asyncio.Task[None] | None = None
@@ -319,7 +330,7 @@ class LeanClient:
             raise
         return LeanResponse(self, key, protocol, message, payload, writer)
 
-    def _take(self, key: tuple[str, Any]) -> ResponseHandler | None:
+    def _take(self, key: tuple[str, Any]) -> _Connection | None:
         idle = self._idle.get(key)
         if not idle:
             return None
@@ -331,7 +342,7 @@ class LeanClient:
             protocol.close()
         return None
 
-    def give_back(self, key: tuple[str, Any], protocol: ResponseHandler) -> None:
+    def give_back(self, key: tuple[str, Any], protocol: _Connection) -> None:
         """Called when an answer has been read whole: keep the connection if
         both sides allow it (no Connection: close, nothing left over)."""
         if self._closed or protocol.should_close or not protocol.is_connected():
@@ -381,7 +392,7 @@ class LeanClient:
         self._names[(host, port)] = (now + DNS_CACHE_TTL, addresses)
         return addresses
 
-    async def _connect(self, endpoint: Endpoint) -> ResponseHandler:
+    async def _connect(self, endpoint: Endpoint) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(endpoint.connect_timeout):
@@ -393,7 +404,7 @@ class LeanClient:
                 for family, address, port in addresses:
                     try:
                         _, protocol = await loop.create_connection(
-                            lambda: ResponseHandler(loop),
+                            lambda: _Connection(loop),
                             address,
                             port,
                             family=family,
