@@ -278,8 +278,9 @@ class AppSide(Protocol):
     body_exists: bool
     status: int  # of the answer, once started
 
-    @property
-    def content(self) -> Any: ...
+    async def open_body(self) -> Any:
+        """The body (aiohttp's StreamReader); answers Expect: 100-continue first."""
+        ...
 
     async def start(
         self,
@@ -457,7 +458,7 @@ class Forwarder:
             data = outbound.body = await _read_whole(request, length, runtime)
         else:
             tee = BodyTee(
-                request.content,
+                await request.open_body(),
                 route.replay_limit,
                 max_body=route.max_body,
                 gap=runtime.body_timeout,
@@ -678,7 +679,8 @@ async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> b
     route = runtime.config
     try:
         async with asyncio.timeout(runtime.body_timeout):
-            body: bytes = await request.content.readexactly(length)
+            content = await request.open_body()
+            body: bytes = await content.readexactly(length)
             return body
     except TimeoutError:
         raise BodyTimeout(

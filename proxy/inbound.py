@@ -134,9 +134,17 @@ class AiohttpExchange:
         self.status = 0
         self.response: StreamResponse | None = None
 
-    @property
-    def content(self) -> Any:
-        return self.request.content
+    async def open_body(self) -> Any:
+        """The body as aiohttp's StreamReader; answers ``Expect: 100-continue``
+        first (aiohttp's low-level server leaves that to the handler)."""
+        request = self.request
+        if (
+            request.version >= (1, 1)
+            and request.headers.get("Expect", "").lower() == "100-continue"
+            and request.body_exists
+        ):
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return request.content
 
     async def start(
         self,

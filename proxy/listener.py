@@ -85,7 +85,6 @@ class AppExchange:
     connection is cut with :meth:`abort` when its body cannot be completed)."""
 
     __slots__ = (
-        "_body_read",
         "_chunked",
         "_connection",
         "_continue",
@@ -124,20 +123,17 @@ class AppExchange:
             and self.version >= (1, 1)
             and self.headers.get(hdrs.EXPECT, "").lower() == "100-continue"
         )
-        self._body_read = False
         self.started = False
         self.status = 0
         self._chunked = False
         self._no_body = False
         self._head: bytes | None = None
 
-    @property
-    def content(self) -> Any:
-        """The body as aiohttp's StreamReader; first access sends 100 Continue."""
+    async def open_body(self) -> Any:
+        """The body as aiohttp's StreamReader; the first call sends 100 Continue."""
         if self._continue:
             self._continue = False
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._body_read = True
         return self._payload
 
     @property

@@ -47,6 +47,7 @@ WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that k
 # Keys that shape sockets, processes or the shared cache: read at start only.
 RESTART_ONLY: Final = (
     "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace", "inbound",
+    "engine",
 )  # fmt: skip
 
 CIRCUIT_GAUGE: Final = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}

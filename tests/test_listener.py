@@ -1,0 +1,149 @@
+"""HTTP/1.1 on the apps' side, byte for byte over a real socket: framing,
+keep-alive, pipelining, 100-continue, answers to bodies not read. These hold
+on both engines (.ci/run runs them with AUTHPROXY_ENGINE=aiohttp too); the
+lean engine's own module is proxy/listener.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from conftest import Stack, StackFactory, raw_status
+from proxy.listener import response_head
+
+
+@pytest.fixture
+async def stack(make_stack: StackFactory) -> Stack:
+    return await make_stack()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One response: head and body, framed by Content-Length or chunked."""
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    lower = head.lower()
+    if b"content-length:" in lower:
+        length = int(lower.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        return head, await asyncio.wait_for(reader.readexactly(length), 5)
+    if b"transfer-encoding: chunked" in lower:
+        body = b""
+        while True:
+            size = int((await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).strip(), 16)
+            if size == 0:
+                await reader.readuntil(b"\r\n")
+                return head, body
+            body += await reader.readexactly(size)
+            await reader.readexactly(2)
+    return head, b""
+
+
+async def test_pipelined_requests_are_answered_in_order(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"GET /demo/first HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"POST /demo/second HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /demo/third HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    paths = []
+    for _ in range(3):
+        head, body = await read_response(reader)
+        assert raw_status(head) == 200
+        paths.append(json.loads(body)["raw_path"])
+    writer.close()
+    assert paths == ["/v2/first", "/v2/second", "/v2/third"]
+    assert [r.body for r in stack.partner.requests] == [b"", b"hello", b""]
+
+
+async def test_expect_100_continue_is_answered_before_the_body(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"PUT /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\nExpect: 100-continue\r\n\r\n"
+    )
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert interim.startswith(b"HTTP/1.1 100")
+    assert stack.partner.requests == []  # nothing went upstream before the body
+    writer.write(b"hello world")
+    head, body = await read_response(reader)
+    writer.close()
+    assert raw_status(head) == 200 and json.loads(body)["body_length"] == 11
+    assert stack.partner.requests[0].body == b"hello world"
+    assert all(name.lower() != "expect" for name, _ in stack.partner.requests[0].headers)
+
+
+async def test_http_1_0_keep_alive_and_close(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/a HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n")
+    head, body = await read_response(reader)
+    assert raw_status(head) == 200 and b"connection: keep-alive" in head.lower()
+    writer.write(b"GET /demo/b HTTP/1.0\r\nHost: a\r\n\r\n")  # 1.0 default: close after
+    head, body = await read_response(reader)
+    assert raw_status(head) == 200 and json.loads(body)["raw_path"] == "/v2/b"
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the proxy
+    writer.close()
+    assert len(stack.partner.requests) == 2
+
+
+async def test_a_streamed_answer_is_chunked_for_1_1_and_close_delimited_for_1_0(
+    stack: Stack,
+) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/stream?n=3&delay=0.01 HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, body = await read_response(reader)
+    writer.close()
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"chunk-0\nchunk-1\nchunk-2\n"
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/stream?n=3&delay=0.01 HTTP/1.0\r\nHost: a\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 5)  # HTTP/1.0: the body ends at close
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"transfer-encoding" not in head.lower()
+    assert body == b"chunk-0\nchunk-1\nchunk-2\n"
+
+
+async def test_an_answer_to_an_unread_body_reaches_the_app(make_stack: StackFactory) -> None:
+    # The proxy refuses a 4 MiB upload on Content-Length alone (max_body) while
+    # the app is still sending it: the app must read the 413, not a reset.
+    stack = await make_stack(route="    max_body: 1MiB")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    size = 4 * 1024 * 1024
+    writer.write(b"POST /demo/sink HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % size)
+
+    async def send_body() -> None:
+        block = b"u" * 65536
+        try:
+            for _ in range(size // len(block)):
+                writer.write(block)
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.create_task(send_body())
+    head, body = await read_response(reader)
+    await sending
+    writer.close()
+    assert raw_status(head) == 413 and b"body_too_large" in body
+    assert b"connection: close" in head.lower()
+    assert stack.partner.sunk == []
+
+
+async def test_idle_keep_alive_connections_are_closed(make_stack: StackFactory) -> None:
+    stack = await make_stack(top="inbound: {idle_timeout: 300ms}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/x HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, _ = await read_response(reader)
+    assert raw_status(head) == 200
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert 0.2 < asyncio.get_running_loop().time() - started < 3
+
+
+def test_response_heads_refuse_cr_and_lf() -> None:
+    assert response_head(200, "OK", [("A", "b")]) == b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
+    assert response_head(404, "", []).startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert response_head(200, "OK\r\nX: y", []).startswith(b"HTTP/1.1 200 OK\r\n\r\n")
+    with pytest.raises(ValueError, match="CR or LF"):
+        response_head(200, "OK", [("Set-Cookie", "a=1\r\nX-Injected: 1")])
