@@ -3,6 +3,9 @@
     python bench/token_endpoint.py PORT
 
 POST /token mints ``tok-<n>`` (expires_in 3600); GET /count says how many.
+POST /sink reads a body of any size and answers ``{"bytes": n}``: the nginx
+upstream passes its /sink there, so that an upload is consumed to its end (an
+upstream that answers before reading would let a proxy stop early).
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ async def main(port: int) -> None:
     async def count(request: web.Request) -> web.Response:
         return web.json_response({"mints": minted[0]})
 
-    app = web.Application()
+    async def sink(request: web.Request) -> web.Response:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        return web.json_response({"bytes": size})
+
+    app = web.Application(client_max_size=0)
+    app.router.add_post("/sink", sink)
     app.router.add_post("/token", token)
     app.router.add_get("/count", count)
     runner = web.AppRunner(app, access_log=None)

@@ -648,17 +648,22 @@ class Forwarder:
         route: RouteConfig,
     ) -> None:
         """Stream the upstream's answer to the app as it arrives."""
+        content = upstream.content
+        whole = content.is_eof()  # a small answer is often whole in hand already
         await request.start(
             upstream.status,
             upstream.reason,
             downstream_response_headers(upstream.headers.items()),
-            hold=upstream.content.is_eof(),  # a small answer is whole in hand: one write
+            hold=whole,  # then head and body leave in one write
         )
         try:
             if prefix:
                 await request.write(prefix)
-            async for chunk in upstream.content.iter_any():
-                await request.write(chunk)
+            if whole:
+                await request.write(content.read_nowait())
+            else:
+                async for chunk in content.iter_any():
+                    await request.write(chunk)
         except (aiohttp.ClientError, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the
             # app's connection, so a Content-Length or chunked framing shows the
