@@ -13,22 +13,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-CONTENDERS = ["direct", "nginx", "minimal", "authproxy", "authproxy_1worker"]
+CONTENDERS = ["direct", "nginx", "minimal", "authproxy", "authproxy_aiohttp", "authproxy_1worker"]
 COLOURS = {"direct": "#999999", "nginx": "#2ca02c", "minimal": "#1f77b4", "authproxy": "#d62728",
-           "authproxy_1worker": "#ff9896"}  # fmt: skip
+           "authproxy_aiohttp": "#9467bd", "authproxy_1worker": "#ff9896"}  # fmt: skip
 
 
 def main(source: str, target: str) -> None:
     data = json.load(open(source))
     scenarios = [s for s in ("get", "post_16k", "c1000", "workers_2") if s in data["scenarios"]]
     fig, (rps_ax, p99_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
-    width = 0.18
+    width = 0.14
     for i, contender in enumerate(CONTENDERS):
         xs, rps, p99 = [], [], []
         for j, scenario in enumerate(scenarios):
             entry = data["scenarios"][scenario].get(contender)
             if isinstance(entry, dict) and entry.get("rps"):
-                xs.append(j + (i - 2) * width)
+                xs.append(j + (i - 2.5) * width)
                 rps.append(entry["rps"])
                 p99.append(entry["p99_ms"] or 0)
         if xs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import time
@@ -510,6 +511,11 @@ async def serve_forever(config: Config) -> None:
         manage_logging=True,
     )
     await server.start()
+    # Everything built at start (modules, config, route table) lives as long as
+    # the process: move it out of the collector's way, so that a full
+    # collection walks only what requests allocate (shorter pauses, lower p99).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
 

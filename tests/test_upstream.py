@@ -327,6 +327,25 @@ async def test_read_timeout(scripted: Any, client: LeanClient) -> None:
     assert 0.25 < loop.time() - started < 3
 
 
+async def test_read_timeout_on_a_reused_connection(scripted: Any, client: LeanClient) -> None:
+    # The deadline moves with every read and one timer checks it: after a
+    # quick exchange on a connection, a silent second one must still time out.
+    async def first_fast_then_silent(seen: Seen) -> bytes:
+        if len(server.requests) > 1:
+            await asyncio.sleep(30)
+        return ok(b"fast")
+
+    server = await scripted(first_fast_then_silent)
+    assert (await get(client, server, read_timeout=0.3))[:2] == (200, b"fast")
+    await asyncio.sleep(0.2)  # part of the first deadline passes while idle
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await get(client, server, read_timeout=0.3)
+    assert 0.25 < loop.time() - started < 3
+    assert server.connections == 1
+
+
 async def test_a_stalled_body_times_out_between_chunks(scripted: Any, client: LeanClient) -> None:
     async def stall(_: Seen) -> bytes:
         return b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"

@@ -1,0 +1,101 @@
+"""Where a proxied request's CPU goes: py-spy on the pinned proxy under wrk.
+
+    bench/.venv/bin/python bench/profile.py [get|post] [--engine lean|aiohttp] [--seconds 8]
+
+Starts the bench's nginx upstream and token endpoint, one authproxy pinned to
+CPU 0, drives it with wrk (64 connections) and samples it with py-spy. Prints
+the share of samples per function (self time: where the interpreter was) and
+per area. Python lines that make a system call (``transport.write``) carry
+the time of that call; "event loop" is uvloop's C code (reads, epoll, timers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench  # noqa: E402
+
+AREAS = (  # first match wins
+    ("system calls: writes", re.compile(r"\.write \(proxy/listener|LeanClient\.request \(proxy/upstream.py:\d+\)$|_write \(aiohttp/http_writer")),  # noqa: E501
+    ("event loop (uvloop: reads, epoll, timers)", re.compile(r"runners\.py|base_events")),
+    ("aiohttp parsers and protocols", re.compile(r"aiohttp/(client_proto|streams|http_parser|base_protocol|web_protocol|http_writer|web_response|web_request|web_server|helpers)")),  # noqa: E501
+    ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
+    ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
+    ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),  # noqa: E501
+    ("metrics (prometheus_client)", re.compile(r"prometheus_client|proxy/metrics")),
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post"))
+    parser.add_argument("--engine", default="lean", choices=("lean", "aiohttp"))
+    parser.add_argument("--seconds", type=float, default=8)
+    args = parser.parse_args()
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("profile: py-spy is not installed (bash bench/run installs it)", file=sys.stderr)
+        return 1
+    bench.raise_nofile()
+    tmp = Path(tempfile.mkdtemp(prefix="authproxy-profile-"))
+    tmp.chmod(0o755)
+    script = None
+    if args.scenario == "post":
+        post = tmp / "post.lua"
+        post.write_text('wrk.method = "POST"\nwrk.body = string.rep("a", 16384)\n')
+        script = str(post)
+    raw = tmp / "profile.txt"
+    procs: list[bench.Proc] = []
+    try:
+        tokens = bench.token_endpoint()
+        up = bench.upstream(tmp, tokens.port)
+        procs += [tokens, up]
+        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0", args.engine)
+        procs.append(proxy)
+        assert proxy.popen is not None
+        bench.wrk(proxy.port, "/api/x", 2, 64, script, "1")  # warm up
+        sampler = subprocess.Popen(
+            [spy, "record", "-r", "200", "-d", str(int(args.seconds)), "-f", "raw", "-o", str(raw),
+             "-p", str(proxy.popen.pid), "--nonblocking"],  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        result = bench.wrk(proxy.port, "/api/x", args.seconds + 1, 64, script, "1")
+        sampler.wait()
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    by_function: collections.Counter[str] = collections.Counter()
+    by_area: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        leaf = stack.split(";")[-1]
+        by_function[re.sub(r":\d+\)$", ")", leaf)] += n
+        area = next((name for name, pattern in AREAS if pattern.search(leaf)), "other")
+        by_area[area] += n
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"{args.scenario} on the {args.engine} engine: {result['rps']} req/s under py-spy, "
+          f"{total} samples\n")  # fmt: skip
+    for name, n in by_area.most_common():
+        print(f"{100 * n / total:5.1f} %  {name}")
+    print()
+    for name, n in by_function.most_common(25):
+        print(f"{100 * n / total:5.1f} %  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
