@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import linecache
 import re
 import shutil
 import subprocess
@@ -20,18 +21,31 @@ import sys
 import tempfile
 from pathlib import Path
 
+import aiohttp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
 
-AREAS = (  # first match wins
-    ("system calls: writes", re.compile(r"\.write \(proxy/listener|LeanClient\.request \(proxy/upstream.py:\d+\)$|_write \(aiohttp/http_writer")),  # noqa: E501
+AREAS = (  # first match wins; lines that call transport.write are "system calls" first
     ("event loop (uvloop: reads, epoll, timers)", re.compile(r"runners\.py|base_events")),
-    ("aiohttp parsers and protocols", re.compile(r"aiohttp/(client_proto|streams|http_parser|base_protocol|web_protocol|http_writer|web_response|web_request|web_server|helpers)")),  # noqa: E501
+    ("aiohttp: parsers, protocols (and on its engine, server and client)", re.compile(r"aiohttp/")),
     ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
     ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
     ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),  # noqa: E501
     ("metrics (prometheus_client)", re.compile(r"prometheus_client|proxy/metrics")),
 )
+
+
+SOURCES = {"proxy": bench.ROOT / "proxy", "aiohttp": Path(aiohttp.__file__).parent}
+
+
+def writes(frame: str) -> bool:
+    """Is this sampled line a ``transport.write`` (its time is the system call)?"""
+    found = re.search(r"\((\w+)/([\w.]+):(\d+)\)$", frame)
+    if not found or found.group(1) not in SOURCES:
+        return False
+    line = linecache.getline(str(SOURCES[found.group(1)] / found.group(2)), int(found.group(3)))
+    return "transport.write" in line or "writelines(" in line or "connection.write(" in line
 
 
 def main() -> int:
@@ -84,7 +98,10 @@ def main() -> int:
         total += n
         leaf = stack.split(";")[-1]
         by_function[re.sub(r":\d+\)$", ")", leaf)] += n
-        area = next((name for name, pattern in AREAS if pattern.search(leaf)), "other")
+        if writes(leaf):
+            area = "system calls: socket writes"
+        else:
+            area = next((name for name, pattern in AREAS if pattern.search(leaf)), "other")
         by_area[area] += n
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"{args.scenario} on the {args.engine} engine: {result['rps']} req/s under py-spy, "
