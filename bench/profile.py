@@ -24,14 +24,14 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench  # noqa: E402
+import bench
 
 AREAS = (  # first match wins; lines that call transport.write are "system calls" first
     ("event loop (uvloop: reads, epoll, timers)", re.compile(r"runners\.py|base_events")),
     ("aiohttp: parsers, protocols (and on its engine, server and client)", re.compile(r"aiohttp/")),
     ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
     ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
-    ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),  # noqa: E501
+    ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),
     ("metrics (prometheus_client)", re.compile(r"prometheus_client|proxy/metrics")),
 )
 
@@ -78,7 +78,7 @@ def main() -> int:
         bench.wrk(proxy.port, "/api/x", 2, 64, script, "1")  # warm up
         sampler = subprocess.Popen(
             [spy, "record", "-r", "200", "-d", str(int(args.seconds)), "-f", "raw", "-o", str(raw),
-             "-p", str(proxy.popen.pid), "--nonblocking"],  # fmt: skip
+             "-p", str(proxy.popen.pid), "--nonblocking"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
