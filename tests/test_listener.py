@@ -147,3 +147,20 @@ def test_response_heads_refuse_cr_and_lf() -> None:
     assert response_head(200, "OK\r\nX: y", []).startswith(b"HTTP/1.1 200 OK\r\n\r\n")
     with pytest.raises(ValueError, match="CR or LF"):
         response_head(200, "OK", [("Set-Cookie", "a=1\r\nX-Injected: 1")])
+
+
+async def test_an_upgrade_request_is_answered_without_upgrading(stack: Stack) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"GET /demo/ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    head, _ = await read_response(reader)
+    assert raw_status(head) == 200
+    seen = {name.lower() for name, _ in stack.partner.requests[0].headers}
+    assert "upgrade" not in seen and "connection" not in seen
+    # The connection then either serves the next request or is closed; it never hangs.
+    writer.write(b"GET /demo/next HTTP/1.1\r\nHost: a\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(65536), 5)
+    writer.close()
+    assert rest == b"" or raw_status(rest) == 200
