@@ -233,6 +233,7 @@ class FakePartner(LocalServer):
         self.revoked: set[str] = set()
         self.requests: list[SeenRequest] = []
         self.sunk: list[tuple[int, str]] = []  # (size, sha256) of bodies sent to .../sink
+        self.download_sent = 0  # bytes of .../download written so far (back-pressure tests)
         self.early_reject = False  # answer an expired token's 401 before reading the body
         self.token_header = "Authorization"  # where this partner expects the token ...
         self.token_prefix = "Bearer "  # ... and what comes before it
@@ -321,6 +322,7 @@ class FakePartner(LocalServer):
                 piece = block[: min(len(block), size - sent)]
                 await out.write(piece)
                 sent += len(piece)
+                self.download_sent += len(piece)
             await out.write_eof()
             return out
         if name == "cut":

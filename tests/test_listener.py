@@ -164,3 +164,25 @@ async def test_an_upgrade_request_is_answered_without_upgrading(stack: Stack) ->
     rest = await asyncio.wait_for(reader.read(65536), 5)
     writer.close()
     assert rest == b"" or raw_status(rest) == 200
+
+
+async def test_a_slow_app_slows_the_partner_instead_of_filling_memory(stack: Stack) -> None:
+    # Back-pressure end to end: while the app reads nothing, the partner can only
+    # get as far as the socket buffers and the proxy's bounded read buffer allow.
+    size = 256 * 1024 * 1024
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port, limit=2**16)
+    writer.write(b"GET /demo/download?size=%d HTTP/1.1\r\nHost: a\r\n\r\n" % size)
+    await asyncio.sleep(1.0)
+    stalled_at = stack.partner.download_sent
+    await asyncio.sleep(0.5)
+    assert stack.partner.download_sent < 64 * 1024 * 1024, stack.partner.download_sent
+    assert stack.partner.download_sent - stalled_at < 4 * 1024 * 1024  # it is waiting on us
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert raw_status(head) == 200
+    received = 0
+    while received < size:
+        chunk = await asyncio.wait_for(reader.read(2**20), 10)
+        assert chunk
+        received += len(chunk)
+    writer.close()
+    assert received == size and stack.partner.download_sent == size
