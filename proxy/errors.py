@@ -185,3 +185,10 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+def malformed_reason(exc: BaseException | None) -> str:
+    """An HTTP parser's complaint without the request bytes it quotes back."""
+    text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
+    first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
+    return "malformed request: " + first.rstrip(":")[:120]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 # RFC 9110 §7.6.1: hop-by-hop fields belong to one connection and must not be
@@ -137,3 +137,16 @@ def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tupl
             drop = HOP_BY_HOP | connection_named((n, v) for n, v, _ in items)
             break
     return [(name, value) for name, value, lower in items if lower not in drop]
+
+
+def message_head(first_line: str, headers: Sequence[tuple[str, str]], extra: str = "") -> bytes:
+    """An HTTP/1.1 head: ``first_line``, the headers, ``extra`` (ready-made
+    lines) and the blank line. Values came from aiohttp's parser as
+    surrogate-escaped bytes, so they are encoded back byte for byte. A CR or LF
+    inside the first line or any header would split the message and raises
+    ValueError: counting line ends checks every byte in two C-speed passes."""
+    text = first_line + "\r\n" + "".join([f"{name}: {value}\r\n" for name, value in headers])
+    lines = len(headers) + 1
+    if text.count("\n") != lines or text.count("\r") != lines:
+        raise ValueError("a header or the start line contains CR or LF")
+    return (text + extra + "\r\n").encode("utf-8", "surrogateescape")

@@ -20,6 +20,7 @@ from aiohttp.web_response import StreamResponse
 from multidict import CIMultiDictProxy
 
 from .config import InboundLimits
+from .errors import malformed_reason
 from .log import get_logger
 
 log = get_logger("proxy.inbound")
@@ -83,7 +84,7 @@ class GuardedHandler(RequestHandler):
     ) -> StreamResponse:
         if request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
-        reason = _short_reason(exc) if status < 500 else "internal error"
+        reason = malformed_reason(exc) if status < 500 else "internal error"
         if status < 500:
             log.warning(
                 "malformed_request",
@@ -194,13 +195,6 @@ def aiohttp_handler(serve: Any) -> Any:
         return exchange.response
 
     return handle
-
-
-def _short_reason(exc: BaseException | None) -> str:
-    """The parser's complaint without the bytes it quotes back."""
-    text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
-    first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
-    return "malformed request: " + first.rstrip(":")[:120]
 
 
 class InboundServer(web.Server):

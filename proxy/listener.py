@@ -38,6 +38,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from .config import InboundLimits
+from .errors import malformed_reason
+from .headers import message_head
 from .log import get_logger
 
 log = get_logger("proxy.inbound")
@@ -67,16 +69,10 @@ class _Date:
 
 
 def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, str]]) -> bytes:
-    """Status line and header block; a CR or LF in any of it is refused."""
+    """Status line and header block; a CR or LF in any header is refused."""
     if not reason or "\r" in reason or "\n" in reason:
         reason = _REASONS.get(status, "Unknown")
-    text = f"HTTP/1.1 {status} {reason}\r\n" + "".join(
-        [f"{name}: {value}\r\n" for name, value in headers]
-    )
-    lines = len(headers) + 1
-    if text.count("\n") != lines or text.count("\r") != lines:
-        raise ValueError("a response header contains CR or LF")
-    return (text + "\r\n").encode("utf-8", "surrogateescape")
+    return message_head(f"HTTP/1.1 {status} {reason}", headers)
 
 
 class AppExchange:
@@ -297,7 +293,7 @@ class AppConnection(BaseProtocol):
             self.closing = True  # nothing after a malformed request can be trusted
             current = self._current
             if current is not None and not current.body_complete:
-                current._payload.set_exception(RequestPayloadError(short_reason(exc)))
+                current._payload.set_exception(RequestPayloadError(malformed_reason(exc)))
         if messages:
             self._disarm_head()
             self._messages.extend(messages)
@@ -428,7 +424,7 @@ class AppConnection(BaseProtocol):
             self.close()  # drained, or the loop ended for a shutdown
 
     def _malformed(self, exc: HttpProcessingError) -> None:
-        reason = short_reason(exc)
+        reason = malformed_reason(exc)
         log.warning(
             "malformed_request",
             client=self.remote,
@@ -475,13 +471,6 @@ class AppConnection(BaseProtocol):
         if transport.can_write_eof():
             transport.write_eof()
         self._loop.call_later(LINGER, transport.close)
-
-
-def short_reason(exc: BaseException | None) -> str:
-    """The parser's complaint without the bytes it quotes back."""
-    text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
-    first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
-    return "malformed request: " + first.rstrip(":")[:120]
 
 
 class Listener:

@@ -35,6 +35,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Engine
+from .headers import message_head
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
@@ -164,17 +165,10 @@ def upstream_client(engine: Engine) -> UpstreamClient:
 def request_head(
     method: str, target: str, headers: Sequence[tuple[str, str]], extra: str = ""
 ) -> bytes:
-    """The request line and header block. Values came from aiohttp's parser
-    (surrogate-escaped bytes), so they are encoded back byte for byte; a CR or
-    LF anywhere (a token endpoint's hostile "token", say) would split the head
-    and is refused."""
-    text = f"{method} {target} HTTP/1.1\r\n" + "".join(
-        [f"{name}: {value}\r\n" for name, value in headers]
-    )
-    lines = len(headers) + 1
-    if text.count("\n") != lines or text.count("\r") != lines:
-        raise ValueError("a request header or the target contains CR or LF")
-    return (text + extra + "\r\n").encode("utf-8", "surrogateescape")
+    """The request line and header block (``extra``: this hop's framing line);
+    a CR or LF in the target or a header (a token endpoint's hostile "token",
+    say) would split the head and is refused."""
+    return message_head(f"{method} {target} HTTP/1.1", headers, extra)
 
 
 def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tuple[str, bool]:

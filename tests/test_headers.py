@@ -1,6 +1,9 @@
+import pytest
+
 from proxy.headers import (
     connection_named,
     downstream_response_headers,
+    message_head,
     request_id,
     upstream_request_headers,
 )
@@ -99,3 +102,14 @@ def test_request_id_is_kept_when_sane_else_generated() -> None:
         assert generated != bad and len(generated) == 32
         assert int(generated, 16) >= 0
     assert request_id(None) != request_id(None)
+
+
+def test_message_head_frames_and_refuses_line_breaks() -> None:
+    assert message_head("GET / HTTP/1.1", [("A", "1"), ("B", "2")], "X: y\r\n") == (
+        b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nX: y\r\n\r\n"
+    )
+    for name, value in (("A", "1\r\nInjected: 1"), ("A", "1\n"), ("A\r", "1")):
+        with pytest.raises(ValueError, match="CR or LF"):
+            message_head("GET / HTTP/1.1", [(name, value)])
+    with pytest.raises(ValueError):
+        message_head("GET /\r\nX: 1 HTTP/1.1", [])
