@@ -242,7 +242,6 @@ listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 workers: {workers}
 access_log: false
-engine: {client}
 clients:
   bench:
     token_url: http://127.0.0.1:{tokens.port}/token
@@ -393,8 +392,6 @@ def main() -> int:
             "nginx": nginx_static(up.port, tmp, 1, "0"),
             "minimal": minimal(up.port, "0"),
             "authproxy": authproxy(up.port, tokens, tmp, 1, "0"),
-            # the same proxy on aiohttp's ClientSession: what the lean client buys
-            "authproxy_aiohttp": authproxy(up.port, tokens, tmp, 1, "0", "aiohttp"),
         }
         procs += [p for p in contenders.values() if p]
         scenarios = {

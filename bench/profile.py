@@ -1,6 +1,6 @@
 """Where a proxied request's CPU goes: py-spy on the pinned proxy under wrk.
 
-    bench/.venv/bin/python bench/profile.py [get|post] [--engine lean|aiohttp] [--seconds 8]
+    bench/.venv/bin/python bench/profile.py [get|post] [--seconds 8]
 
 Starts the bench's nginx upstream and token endpoint, one authproxy pinned to
 CPU 0, drives it with wrk (64 connections) and samples it with py-spy. Prints
@@ -28,7 +28,7 @@ import bench
 
 AREAS = (  # first match wins; lines that call transport.write are "system calls" first
     ("event loop (uvloop: reads, epoll, timers)", re.compile(r"runners\.py|base_events")),
-    ("aiohttp: parsers, protocols (and on its engine, server and client)", re.compile(r"aiohttp/")),
+    ("aiohttp: parsers, protocols ", re.compile(r"aiohttp/")),
     ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
     ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
     ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),
@@ -51,7 +51,6 @@ def writes(frame: str) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post"))
-    parser.add_argument("--engine", default="lean", choices=("lean", "aiohttp"))
     parser.add_argument("--seconds", type=float, default=8)
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -72,7 +71,7 @@ def main() -> int:
         tokens = bench.token_endpoint()
         up = bench.upstream(tmp, tokens.port)
         procs += [tokens, up]
-        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0", args.engine)
+        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0")
         procs.append(proxy)
         assert proxy.popen is not None
         bench.wrk(proxy.port, "/api/x", 2, 64, script, "1")  # warm up
@@ -104,7 +103,7 @@ def main() -> int:
             area = next((name for name, pattern in AREAS if pattern.search(leaf)), "other")
         by_area[area] += n
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{args.scenario} on the {args.engine} engine: {result['rps']} req/s under py-spy, "
+    print(f"{args.scenario}: {result['rps']} req/s under py-spy, "
           f"{total} samples\n")  # fmt: skip
     for name, n in by_area.most_common():
         print(f"{100 * n / total:5.1f} %  {name}")

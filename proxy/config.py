@@ -67,13 +67,11 @@ LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
 MAX_WORKERS: Final = 64
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
-# The HTTP/1.1 engine on both sides: "lean" (proxy/listener.py and
-# proxy/upstream.py: our own connections on aiohttp's C parsers) or "aiohttp"
-# (its web.Server and ClientSession). The variable sets the default for files
-# that do not say, so the whole test suite runs on either.
-Engine = Literal["lean", "aiohttp"]
-ENGINES: Final = ("lean", "aiohttp")
-ENGINE_ENV_VAR: Final = "AUTHPROXY_ENGINE"
+# The HTTP/1.1 engine on both sides: only "lean" (proxy/listener.py and
+# proxy/upstream.py: our own connections on aiohttp's C parsers). The aiohttp
+# engine (web.Server and ClientSession) was removed in 0.2: docs/design.md says why.
+Engine = Literal["lean"]
+ENGINES: Final = ("lean",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -843,7 +841,13 @@ def parse_config(
     if admin is not None and admin == listen and admin[1] != 0:
         raise top.error("admin", "must not be the same address as listen")
     grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
-    engine = top.string("engine", env.get(ENGINE_ENV_VAR) or "lean")
+    engine = top.string("engine", "lean")
+    if engine == "aiohttp":
+        raise top.error(
+            "engine",
+            "the aiohttp engine was removed in authproxy 0.2 (one engine, one behaviour: "
+            "docs/design.md); delete this key",
+        )
     if engine not in ENGINES:
         raise top.error("engine", f"expected one of {', '.join(ENGINES)}, got {engine!r}")
     config = Config(

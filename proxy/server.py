@@ -32,14 +32,13 @@ from .cache import (
 from .config import ClientConfig, Config, load_config
 from .errors import CacheUnavailable, ConfigError, TokenError
 from .forward import Forwarder, RouteTable, route_runtime
-from .inbound import InboundServer, aiohttp_handler
 from .listener import AppExchange, Listener
 from .log import configure_logging, get_logger
 from .metrics import Metrics
 from .minter import ClientCredentialsMinter, GuardedMinter
 from .session import token_session
 from .source import SharedTokenSource
-from .upstream import UpstreamClient, upstream_client
+from .upstream import LeanClient, UpstreamClient
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
 ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved
@@ -237,7 +236,6 @@ class ProxyServer:
         self._supervised = supervised
         self.cache: TokenCache | None = None
         self.metrics = Metrics()
-        self._runner: web.ServerRunner | None = None
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._upstream: UpstreamClient | None = None
@@ -253,7 +251,7 @@ class ProxyServer:
         self.listening = False
 
     async def start(self) -> None:
-        self._upstream = upstream_client(self.config.engine)
+        self._upstream = LeanClient()
         self._tokens = token_session()
         self.cache = build_cache(
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
@@ -264,30 +262,11 @@ class ProxyServer:
         )
         if self.config.admin is not None:
             await self._start_admin(self.config.admin[0])
-        if self.config.engine == "lean":
-            serve: Callable[[AppExchange], Awaitable[None]] = self.forwarder.serve  # AppSide check
-            self._listener = Listener(serve, self.config.inbound)
-            self.port = await self._listener.start(
-                self.config.listen_host, self.port, reuse_port=self._reuse_port
-            )
-        else:
-            server = InboundServer(
-                aiohttp_handler(self.forwarder.serve),
-                self.config.inbound,
-                handler_cancellation=True,  # an app that goes away cancels its upstream request
-                access_log=None,  # our own access line replaces aiohttp's
-                auto_decompress=False,  # gzip request bodies pass through compressed
-            )
-            self._runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_grace)
-            await self._runner.setup()
-            site = web.TCPSite(
-                self._runner,
-                self.config.listen_host,
-                self.port,
-                reuse_port=self._reuse_port or None,
-            )
-            await site.start()
-            self.port = bound_port(site)
+        serve: Callable[[AppExchange], Awaitable[None]] = self.forwarder.serve  # AppSide check
+        self._listener = Listener(serve, self.config.inbound)
+        self.port = await self._listener.start(
+            self.config.listen_host, self.port, reuse_port=self._reuse_port
+        )
         self.listening = True
         self._warm()
         for warning in self.config.warnings:
@@ -460,8 +439,6 @@ class ProxyServer:
             self.sources.close()
         if self._listener is not None:
             await self._listener.shutdown(self.config.shutdown_grace)
-        if self._runner is not None:
-            await self._runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
         if self._upstream is not None:

@@ -31,10 +31,9 @@ from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .config import Engine
 from .headers import message_head
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
@@ -153,10 +152,6 @@ class UpstreamClient(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def upstream_client(engine: Engine) -> UpstreamClient:
-    return LeanClient() if engine == "lean" else SessionClient()
 
 
 # --- the lean client ---------------------------------------------------------
@@ -486,63 +481,3 @@ async def _write_body(protocol: ResponseHandler, body: AsyncIterator[bytes], chu
         protocol.close()
         return
     protocol.start_timeout()
-
-
-# --- the ClientSession client -----------------------------------------------
-
-
-class SessionClient:
-    """The same interface on one ``aiohttp.ClientSession``: no cookie jar (a
-    shared jar would hand one app's partner cookies to another), no proxy or
-    netrc from the environment, no decompression, no redirects."""
-
-    def __init__(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,  # no global cap: routes are bounded by the apps' own concurrency
-            limit_per_host=0,
-            keepalive_timeout=KEEPALIVE_TIMEOUT,
-            ttl_dns_cache=int(DNS_CACHE_TTL),
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        )
-        self._timeouts: dict[tuple[float, float], aiohttp.ClientTimeout] = {}
-
-    async def request(
-        self,
-        endpoint: Endpoint,
-        method: str,
-        url: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        body: Body,
-    ) -> UpstreamResponse:
-        limits = (endpoint.connect_timeout, endpoint.read_timeout)
-        timeout = self._timeouts.get(limits)
-        if timeout is None:
-            # ``read_timeout`` bounds the wait for headers and each gap between
-            # body chunks (sock_read), never the whole exchange.
-            timeout = aiohttp.ClientTimeout(total=None, connect=limits[0], sock_read=limits[1])
-            self._timeouts[limits] = timeout
-        try:
-            return await self._session.request(
-                method,
-                URL(url, encoded=True),
-                headers=CIMultiDict(headers),
-                data=body,
-                allow_redirects=False,
-                timeout=timeout,
-                ssl=endpoint.ssl if endpoint.ssl is not None else True,
-            )
-        except aiohttp.ClientConnectorError as exc:
-            raise ConnectFailed(exc.os_error.strerror or type(exc.os_error).__name__) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise Dropped(type(exc).__name__) from exc
-
-    async def close(self) -> None:
-        await self._session.close()

@@ -1,7 +1,6 @@
 """HTTP/1.1 on the apps' side, byte for byte over a real socket: framing,
-keep-alive, pipelining, 100-continue, answers to bodies not read. These hold
-on both engines (.ci/run runs them with AUTHPROXY_ENGINE=aiohttp too); the
-lean engine's own module is proxy/listener.py."""
+keep-alive, pipelining, 100-continue, answers to bodies not read
+(proxy/listener.py)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """The lean upstream client against a scripted HTTP/1.1 server on a real
 loopback socket: every byte on the wire is the test's choice, so framing,
-keep-alive and failure handling are checked exactly. (The whole behaviour
-suite also runs on both engines: .ci/run sets AUTHPROXY_ENGINE.)"""
+keep-alive and failure handling are checked exactly."""
 
 from __future__ import annotations
 
