@@ -18,6 +18,12 @@ new call may go out now:
 After an open period the circuit is **half-open**: one call probes; success
 closes the circuit, failure opens it again. Nothing here does I/O or reads a
 clock: ``now`` is passed in.
+
+One cause, one message (issue 11): the answer to the call that opened the
+circuit and every answer while it stays open say the same thing,
+:attr:`Blocked.message`, e.g. ``credentials or request rejected: token endpoint
+for client 'acme' answered 401 invalid_client: ...; not calling the token
+endpoint for another 30s``.
 """
 
 from __future__ import annotations
@@ -82,6 +88,12 @@ class Blocked:
     code: str
     wait: float
 
+    @property
+    def message(self) -> str:
+        """What the app is told: the cause, then how long no call goes out."""
+        wait = f" for another {self.wait:.0f}s" if self.wait >= 1 else ""
+        return f"{self.reason}; not calling the token endpoint{wait}"
+
 
 class MintGuard:
     def __init__(
@@ -93,6 +105,9 @@ class MintGuard:
         self.state = State.CLOSED
         self.open_until = 0.0
         self.reason: str | None = None
+        # What the last call to failure() did to the circuit: the Blocked it
+        # opened, or None when the circuit did not open on it.
+        self.opened: Blocked | None = None
         self._code = "token_endpoint_circuit_open"
         self._failures = 0  # in a row
         self._trips = 0  # openings in a row, for the growing cool-down
@@ -114,15 +129,21 @@ class MintGuard:
     def success(self) -> None:
         self.state = State.CLOSED
         self.reason = None
+        self.opened = None
         self._failures = 0
         self._trips = 0
         self._probing = False
 
     def failure(self, now: float, exc: TokenError) -> Failure:
-        """Record a failed call; returns its kind (the caller retries transient ones)."""
+        """Record a failed call; returns its kind (the caller retries transient ones).
+
+        When this failure opens the circuit, :attr:`opened` says so and how:
+        its :attr:`Blocked.message` is the app's answer for this call too.
+        """
         kind = classify(exc)
         self._failures += 1
         self._probing = False
+        self.opened = None
         if kind is Failure.REJECTED:
             self._open(now, self._grown(self.cooldown), exc, "credentials or request rejected")
         elif kind is Failure.THROTTLED:
@@ -143,6 +164,7 @@ class MintGuard:
         self._trips += 1
         self._code = exc.code
         self.reason = f"{why}: {exc.message}"
+        self.opened = Blocked(self.reason, self._code, seconds)
 
     def describe(self, now: float) -> dict[str, object]:
         """For /tokens: the state, how long it stays open, and why."""

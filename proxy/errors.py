@@ -36,6 +36,8 @@ this tree once, at the boundary where they happen, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+from typing import Self
+
 
 class AuthProxyError(Exception):
     """Root of every error authproxy raises on purpose."""
@@ -68,6 +70,34 @@ class RequestFailed(AuthProxyError):
         self.message = message
         self.route = route
         self.client = client
+
+    def on_route(self, route: str) -> Self:
+        """A new error of the same class and facts for a request on ``route``:
+        ``route`` set and the message prefixed ``route 'NAME': `` (once).
+
+        ``self`` is not changed: one error may be shared by every request that
+        waited on the same mint, and rewriting it for each made the messages
+        grow with the number of waiters (issue 11). Raise the copy.
+        """
+        prefix = f"route {route!r}: "
+        message = self.message if self.message.startswith(prefix) else prefix + self.message
+        return self._copy(message, route=route)
+
+    def with_message(self, message: str) -> Self:
+        """A new error of the same class and facts that says ``message``;
+        ``self`` is not changed."""
+        return self._copy(message, route=self.route)
+
+    def _copy(self, message: str, *, route: str | None) -> Self:
+        # Not copy.copy: it rebuilds through __init__ with the positional
+        # message only, which loses (or, for keyword-only fields such as
+        # http_status, refuses) the subclass's fields. Every field lives in
+        # the instance dict, so copying that keeps them all.
+        clone = type(self).__new__(type(self), message)  # args == (message,)
+        clone.__dict__.update(vars(self))
+        clone.message = message
+        clone.route = route
+        return clone
 
     def as_json(self) -> dict[str, str]:
         body = {"error": self.code, "message": self.message}

@@ -205,9 +205,16 @@ class ClientCredentialsMinter:
                 requested_scope=scope,
             )
         except TokenEndpointRejected as exc:
-            if status in (429, 503):
-                exc.retry_after = parse_retry_after(retry_after, self._clock())
-            raise
+            if status not in (429, 503):
+                raise
+            raise TokenEndpointRejected(
+                exc.message,
+                http_status=exc.http_status,
+                oauth_error=exc.oauth_error,
+                retry_after=parse_retry_after(retry_after, self._clock()),
+                route=exc.route,
+                client=exc.client,
+            ) from None
 
 
 class GuardedMinter:
@@ -216,6 +223,10 @@ class GuardedMinter:
     are retried with jittered exponential backoff while the budget (the
     client's ``timeout``) lasts, at most ``attempts`` calls; rejections and
     throttling are not retried, and while the guard is open no call goes out.
+
+    A failure that opens the guard is raised restated as the guard's message,
+    the one every call blocked by it gets (:attr:`~proxy.breaker.Blocked.message`),
+    so that the first answer and the cooled-down ones say the same (issue 11).
     """
 
     def __init__(
@@ -243,13 +254,7 @@ class GuardedMinter:
         while True:
             blocked = self.guard.check(self._clock())
             if blocked is not None:
-                wait = f" for another {blocked.wait:.0f}s" if blocked.wait >= 1 else ""
-                raise MintBlocked(
-                    f"client {self._client!r}: not calling the token endpoint{wait}: "
-                    f"{blocked.reason}",
-                    code=blocked.code,
-                    client=self._client,
-                )
+                raise MintBlocked(blocked.message, code=blocked.code, client=self._client)
             remaining = deadline - time.monotonic()
             try:
                 async with asyncio.timeout(remaining):
@@ -267,6 +272,7 @@ class GuardedMinter:
                 self._changed()
                 return token
             kind = self.guard.failure(self._clock(), exc)
+            opened = self.guard.opened
             self._changed()
             attempt += 1
             delay = RETRY_FIRST * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)  # noqa: S311
@@ -275,7 +281,7 @@ class GuardedMinter:
                 or attempt >= self._attempts
                 or time.monotonic() + delay >= deadline
             ):
-                raise exc
+                raise exc if opened is None else exc.with_message(opened.message)
             log.info(
                 "mint_retry",
                 client=self._client,

@@ -142,9 +142,21 @@ class TokenSources:
 
 
 def client_fingerprint(client: ClientConfig) -> str:
-    """What decides whose token it is; a change means a new token."""
+    """What decides whose token it is; a change means a new token.
+
+    The credentials are the secret, the private key and the TLS files:
+    ``tls_stamp`` digests the contents of ``ca_file``, ``client_cert_file`` and
+    ``client_key_file``, so a rotated certificate gets a new token, not only a
+    new TLS context (issue 11).
+    """
     return credentials_fingerprint(
-        client.token_url, client.client_id, client.client_secret, client.auth_method, client.params
+        client.token_url,
+        client.client_id,
+        client.client_secret,
+        client.auth_method,
+        client.params,
+        client.private_key,
+        client.tls_stamp,
     )
 
 

@@ -63,6 +63,24 @@ def test_rejection_opens_at_once_and_the_cooldown_grows() -> None:
     assert guard.state is State.CLOSED and guard.check(190) is None and guard.reason is None
 
 
+def test_the_opening_failure_and_the_blocked_calls_share_one_message() -> None:
+    # Issue 11, item 15: one cause, one message, from the first answer on.
+    guard = MintGuard(cooldown=30)
+    guard.failure(0, TokenEndpointTimeout("slow"))
+    assert guard.opened is None  # one transient failure does not open the circuit
+    guard.failure(1, rejected(401, "invalid_client"))
+    cause = "credentials or request rejected: answered 401 invalid_client"
+    assert guard.opened is not None
+    assert guard.opened.message == f"{cause}; not calling the token endpoint for another 30s"
+    blocked = guard.check(11)
+    assert blocked is not None
+    assert blocked.message == f"{cause}; not calling the token endpoint for another 20s"
+    blocked = guard.check(30.5)  # under a second left: no count
+    assert blocked is not None and blocked.message == f"{cause}; not calling the token endpoint"
+    guard.success()
+    assert guard.opened is None
+
+
 def test_retry_after_is_obeyed_exactly() -> None:
     guard = MintGuard()
     guard.failure(0, rejected(429, retry_after=120))

@@ -71,6 +71,73 @@ async def test_concurrent_requests_share_one_failing_mint(stack: Stack) -> None:
     assert stack.tokens.calls == 3  # one shared mint: its bounded retries (mint_attempts)
 
 
+REJECTED = (
+    "credentials or request rejected: token endpoint for client 'demo' answered 401 "
+    "invalid_client: Client authentication failed"
+)
+
+
+async def fetch_error(stack: Stack) -> tuple[int, dict[str, str]]:
+    """Status and JSON body of one request, without its (per-request) request_id."""
+    async with stack.http.get(stack.url("/demo/x")) as response:
+        body = await response.json()
+    body.pop("request_id")
+    return response.status, body
+
+
+@pytest.mark.parametrize(
+    ("mode", "cause"),
+    [
+        ("invalid_client", f"{REJECTED}; not calling the token endpoint for another 30s"),
+        (
+            "server_error",
+            "token endpoint for client 'demo' answered 500 "
+            "(text/plain; charset=utf-8): 'upstream exploded'",
+        ),
+    ],
+)
+async def test_fifty_waiters_on_one_failed_mint_get_one_short_message(
+    make_stack: StackFactory, mode: str, cause: str
+) -> None:
+    # Issue 11, item 14: the one exception all waiters share was rewritten for
+    # each of them, so messages grew "route 'x': route 'x': ..." up to ~1.2 KB.
+    stack = await make_stack(client="    mint_attempts: 1")
+    stack.tokens.mode = mode
+    stack.tokens.delay = 0.3
+    results = await asyncio.gather(*(fetch_error(stack) for _ in range(50)))
+    assert stack.tokens.calls == 1
+    assert [status for status, _ in results] == [502] * 50
+    message = f"route 'demo-orders': {cause}"
+    assert [body["message"] for _, body in results] == [message] * 50
+    assert len(message) < 200 and message.count("demo-orders") == 1
+    assert {(body["route"], body["client"]) for _, body in results} == {("demo-orders", "demo")}
+
+
+async def test_the_first_rejection_says_what_the_cooled_down_ones_say(stack: Stack) -> None:
+    # Issue 11, item 15: one cause, one message. The first answer used to be
+    # only the endpoint's words; "credentials or request rejected" came later.
+    stack.tokens.mode = "invalid_client"
+    first = await fetch_error(stack)
+    stack.clock.advance(10)
+    later = await fetch_error(stack)
+    assert stack.tokens.calls == 1
+
+    def answer(wait: int) -> tuple[int, dict[str, str]]:
+        message = (
+            f"route 'demo-orders': {REJECTED}; not calling the token endpoint for another {wait}s"
+        )
+        return 502, {
+            "error": "token_endpoint_rejected",
+            "message": message,
+            "route": "demo-orders",
+            "client": "demo",
+        }
+
+    assert first == answer(30)
+    assert later == answer(20)
+    assert "demo-secret" not in str(first) + str(later)
+
+
 async def test_recovery_after_token_endpoint_failure(stack: Stack) -> None:
     stack.tokens.mode = "server_error"
     async with stack.http.get(stack.url("/demo/x")) as response:

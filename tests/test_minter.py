@@ -15,14 +15,19 @@ import aiohttp
 import pytest
 from aioresponses import CallbackResult, aioresponses
 
+from conftest import FakeClock
+from proxy.breaker import MintGuard
 from proxy.config import ClientConfig
 from proxy.errors import (
+    MintBlocked,
     TokenEndpointRejected,
     TokenEndpointTimeout,
     TokenEndpointUnreachable,
+    TokenError,
     TokenResponseInvalid,
 )
-from proxy.minter import ClientCredentialsMinter, basic_credentials
+from proxy.minter import ClientCredentialsMinter, GuardedMinter, basic_credentials
+from proxy.token import Token
 
 URL = "https://auth.example/oauth2/token"
 NOW = 1_800_000_000.0
@@ -184,3 +189,59 @@ async def test_minted_at_is_taken_before_the_request_leaves(
         client(expiry_margin=0), session, lambda: next(times)
     ).mint("read")
     assert token.minted_at == NOW and token.expires_at == NOW + 100
+
+
+class FailingMinter:
+    """Raises the same error on every call, and counts the calls."""
+
+    def __init__(self, error: TokenError) -> None:
+        self.error = error
+        self.calls = 0
+
+    async def mint(self, scope: str | None) -> Token:
+        self.calls += 1
+        raise self.error
+
+
+async def test_the_first_rejection_says_what_the_blocked_calls_say(clock: FakeClock) -> None:
+    # Issue 11, item 15: one message for one cause, from the first answer on.
+    cause = TokenEndpointRejected(
+        "token endpoint for client 'acme' answered 401 invalid_client: bad credentials",
+        http_status=401,
+        oauth_error="invalid_client",
+        client="acme",
+    )
+    inner = FailingMinter(cause)
+    minter = GuardedMinter(
+        inner, MintGuard(cooldown=30), client="acme", budget=5, attempts=3, clock=clock
+    )
+    said = (
+        "credentials or request rejected: token endpoint for client 'acme' answered 401 "
+        "invalid_client: bad credentials; not calling the token endpoint for another {}s"
+    )
+    with pytest.raises(TokenEndpointRejected) as first:
+        await minter.mint("read")
+    assert first.value.message == str(first.value) == said.format(30)
+    assert (first.value.http_status, first.value.oauth_error, first.value.client) == (
+        401,
+        "invalid_client",
+        "acme",
+    )
+    assert first.value is not cause and cause.message.startswith("token endpoint")  # not mutated
+    clock.advance(10)
+    with pytest.raises(MintBlocked) as later:
+        await minter.mint("read")
+    assert later.value.message == said.format(20)
+    assert later.value.code == "token_endpoint_rejected" and later.value.client == "acme"
+    assert inner.calls == 1
+
+
+async def test_a_failure_that_does_not_open_the_circuit_is_raised_as_it_came(
+    clock: FakeClock,
+) -> None:
+    cause = TokenEndpointTimeout("token endpoint for client 'acme' did not answer", client="acme")
+    inner = FailingMinter(cause)
+    minter = GuardedMinter(inner, MintGuard(), client="acme", budget=5, attempts=1, clock=clock)
+    with pytest.raises(TokenEndpointTimeout) as raised:
+        await minter.mint("read")
+    assert raised.value is cause and inner.calls == 1

@@ -4,6 +4,7 @@ Real TLS on loopback with a private CA made here."""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import ipaddress
 import ssl
@@ -17,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import StackFactory, write_private_key
-from proxy.config import parse_config
+from proxy.config import ClientConfig, parse_config
 from proxy.errors import ConfigError
+from proxy.server import client_fingerprint
 
 
 @dataclass
@@ -28,6 +30,15 @@ class Pki:
     server_key: Path
     client_cert: Path
     client_key: Path
+    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey]
+
+    def issue_client(self) -> None:
+        """Rotate the client certificate: a new key and a new certificate from
+        the same CA, written over ``client_cert`` and ``client_key``."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = _cert("demo-client", key, self.issuer)
+        self.client_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_private_key(self.client_key, key)
 
     def server_context(self, require_client: bool) -> ssl.SSLContext:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -65,12 +76,10 @@ def pki(tmp_path: Path) -> Pki:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert("authproxy test CA", ca_key, None, ca=True)
     issuer = (ca.subject, ca_key)
-    server_key, client_key = (
-        ec.generate_private_key(ec.SECP256R1()),
-        ec.generate_private_key(ec.SECP256R1()),
-    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
     paths = Pki(
-        *(tmp_path / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key"))
+        *(tmp_path / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")),
+        issuer=issuer,
     )
     paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths.server_cert.write_bytes(
@@ -78,11 +87,8 @@ def pki(tmp_path: Path) -> Pki:
             serialization.Encoding.PEM
         )
     )
-    paths.client_cert.write_bytes(
-        _cert("demo-client", client_key, issuer).public_bytes(serialization.Encoding.PEM)
-    )
     write_private_key(paths.server_key, server_key)
-    write_private_key(paths.client_key, client_key)
+    paths.issue_client()
     return paths
 
 
@@ -100,6 +106,39 @@ async def test_tls_client_auth_at_the_token_endpoint(make_stack: StackFactory, p
     assert mint.client_cert is not None  # the certificate was presented and verified
     assert mint.form["client_id"] == "demo-client" and "client_secret" not in mint.form
     assert mint.authorization is None
+
+
+async def test_a_rotated_client_certificate_gets_a_new_tls_context_and_token(
+    make_stack: StackFactory, pki: Pki, tmp_path: Path
+) -> None:
+    # Issue 11, item 16: the client's fingerprint left the certificate out, so
+    # after a reload with new cert/key files the old token kept being used.
+    path = tmp_path / "proxy.yaml"
+    stack = await make_stack(
+        path=path,
+        client=f"""    auth_method: tls_client_auth
+    ca_file: {pki.ca}
+    client_cert_file: {pki.client_cert}
+    client_key_file: {pki.client_key}""",
+        tls_tokens=pki.server_context(require_client=True),
+    )
+    async with stack.http.get(stack.url("/demo/x")) as response:
+        assert response.status == 200, await response.text()
+    pki.issue_client()
+    result = stack.proxy.reload_from_file()  # what SIGHUP does
+    assert result.ok, result.message
+    async with stack.http.get(stack.url("/demo/y")) as response:
+        assert response.status == 200, await response.text()
+    assert stack.tokens.mint_count == 2
+    old, new = (mint.client_cert for mint in stack.tokens.requests)
+    assert old["subject"] == new["subject"] and old["serialNumber"] != new["serialNumber"]
+    first, second = stack.partner.requests
+    assert (first.token, second.token) == tuple(stack.tokens.issued)
+    # The same files again: the token is kept.
+    assert stack.proxy.reload_from_file().ok
+    async with stack.http.get(stack.url("/demo/z")) as response:
+        assert response.status == 200
+    assert stack.tokens.mint_count == 2 and stack.partner.requests[-1].token == second.token
 
 
 async def test_without_the_client_certificate_the_handshake_fails(
@@ -180,3 +219,23 @@ def test_new_certificate_files_change_the_config(pki: Pki) -> None:
     pki.client_cert.write_bytes(pki.client_cert.read_bytes() + b"\n")
     after = parse_config(text, "p.yaml").clients["demo"]
     assert after != before and after.tls_stamp != before.tls_stamp
+
+
+@pytest.mark.parametrize(
+    ("change", "new_token"),
+    [
+        ({"tls_stamp": "0123456789abcdef"}, True),  # new ca/cert/key contents
+        ({"private_key": "-----BEGIN PRIVATE KEY-----..."}, True),
+        ({"client_secret": "rotated"}, True),
+        ({"expiry_margin": 20.0}, False),
+        ({"timeout": 1.0}, False),
+    ],
+)
+def test_the_fingerprint_covers_every_credential(
+    change: dict[str, object], new_token: bool
+) -> None:
+    client = ClientConfig(
+        name="demo", token_url="https://idp.example/token", client_id="demo", client_secret="s"
+    )
+    changed = dataclasses.replace(client, **change)  # type: ignore[arg-type]
+    assert (client_fingerprint(changed) != client_fingerprint(client)) is new_token

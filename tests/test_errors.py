@@ -1,0 +1,85 @@
+"""The error tree: an error shared by many requests is never changed; each
+request gets its own copy naming its route (issue 11, item 14)."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.errors import (
+    BadRequest,
+    MintBlocked,
+    RequestFailed,
+    TokenEndpointRejected,
+    TokenEndpointTimeout,
+    UpstreamTimeout,
+)
+
+CAUSES = [
+    TokenEndpointRejected(
+        "token endpoint for client 'demo' answered 429 slow_down",
+        http_status=429,
+        oauth_error="slow_down",
+        retry_after=120.0,
+        client="demo",
+    ),
+    MintBlocked(
+        "credentials or request rejected: ...", code="token_endpoint_rejected", client="demo"
+    ),
+    TokenEndpointTimeout(
+        "token endpoint for client 'demo' did not answer within 5s", client="demo"
+    ),
+    UpstreamTimeout("upstream did not answer within 30s"),
+    BadRequest("expected exactly one Host header, got 2"),
+]
+
+
+def fields(exc: RequestFailed) -> dict[str, object]:
+    """Everything an error carries: its own attributes and its class's status/code/headers."""
+    return {**vars(exc), "status": exc.status, "code": exc.code, "headers": exc.headers}
+
+
+@pytest.mark.parametrize("cause", CAUSES, ids=lambda exc: type(exc).__name__)
+def test_on_route_is_a_new_error_with_the_same_facts(cause: RequestFailed) -> None:
+    before = fields(cause)
+    routed = cause.on_route("orders-route")
+    assert routed is not cause and type(routed) is type(cause)
+    assert fields(cause) == before and str(cause) == cause.message  # the cause is untouched
+    message = "route 'orders-route': " + cause.message
+    assert routed.message == message and str(routed) == message and routed.args == (message,)
+    assert routed.route == "orders-route"
+    expected = {**before, "route": "orders-route", "message": message}
+    assert fields(routed) == expected  # http_status, oauth_error, retry_after, MintBlocked.code
+    assert routed.as_json() == {
+        "error": cause.code,
+        "message": message,
+        "route": "orders-route",
+        **({"client": "demo"} if cause.client else {}),
+    }
+
+
+def test_on_route_names_the_route_once() -> None:
+    cause = TokenEndpointTimeout("did not answer within 5s", client="demo")
+    routed = cause.on_route("orders-route").on_route("orders-route")
+    assert routed.message == "route 'orders-route': did not answer within 5s"
+
+
+def test_fifty_waiters_get_fifty_identical_messages() -> None:
+    shared = TokenEndpointRejected("answered 500", http_status=500, client="demo")
+    messages = {shared.on_route("orders-route").message for _ in range(50)}
+    assert messages == {"route 'orders-route': answered 500"}
+    assert shared.message == "answered 500" and shared.route is None
+
+
+def test_with_message_restates_without_changing_the_cause() -> None:
+    cause = TokenEndpointRejected(
+        "answered 401 invalid_client", http_status=401, oauth_error="invalid_client"
+    )
+    restated = cause.with_message("credentials or request rejected: answered 401 invalid_client")
+    assert type(restated) is TokenEndpointRejected and restated is not cause
+    assert (
+        str(restated)
+        == restated.message
+        == "credentials or request rejected: answered 401 invalid_client"
+    )
+    assert (restated.http_status, restated.oauth_error) == (401, "invalid_client")
+    assert cause.message == str(cause) == "answered 401 invalid_client"
