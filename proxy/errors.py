@@ -149,8 +149,12 @@ class NoRoute(RequestFailed):
 
 
 class MethodNotAllowed(RequestFailed):
+    """TRACE and CONNECT. RFC 9110 §15.5.6: a 405 lists what is allowed; every
+    other method (extension methods too) is forwarded."""
+
     status = 405
     code = "method_not_allowed"
+    headers = (("Allow", "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),)
 
 
 class TokenError(RequestFailed):
@@ -222,3 +226,39 @@ def malformed_reason(exc: BaseException | None) -> str:
     text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
     first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
     return "malformed request: " + first.rstrip(":")[:120]
+
+
+class UriTooLong(RequestFailed):
+    """RFC 9112 §3: a request line over the limit is answered 414."""
+
+    status = 414
+    code = "uri_too_long"
+
+
+class HeaderTooLarge(RequestFailed):
+    """RFC 6585 §5: a header field over the limit, or too many of them."""
+
+    status = 431
+    code = "header_too_large"
+
+
+class HeadTimeout(RequestFailed):
+    """The request's head did not arrive within ``inbound.header_timeout``."""
+
+    status = 408
+    code = "request_head_timeout"
+
+
+class NotImplementedByProxy(RequestFailed):
+    """RFC 9112 §6.1 / RFC 9110 §15.6.2: a transfer coding (or a method the
+    parser cannot frame) that the proxy does not implement."""
+
+    status = 501
+    code = "not_implemented"
+
+
+class VersionNotSupported(RequestFailed):
+    """RFC 9110 §15.6.6: only HTTP/1.0 and HTTP/1.1 are spoken here."""
+
+    status = 505
+    code = "http_version_not_supported"

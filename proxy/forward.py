@@ -28,6 +28,7 @@ from .errors import (
     BadRequest,
     BodyTimeout,
     BodyTooLarge,
+    MethodNotAllowed,
     NoRoute,
     ProxyKeyRequired,
     RequestFailed,
@@ -37,7 +38,13 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .headers import downstream_response_headers, request_id, upstream_request_headers
+from .headers import (
+    decrement_max_forwards,
+    downstream_response_headers,
+    request_id,
+    transfer_codings,
+    upstream_request_headers,
+)
 from .log import get_logger
 from .metrics import UNROUTED, Metrics, RouteMetrics
 from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream_url
@@ -47,8 +54,11 @@ from .token import Token
 from .upstream import (
     BodyFailed,
     ConnectFailed,
+    ConnectTimedOut,
     Dropped,
     Endpoint,
+    Fields,
+    Interim,
     UpstreamClient,
     UpstreamResponse,
 )
@@ -274,6 +284,11 @@ class AppSide(Protocol):
     headers: CIMultiDictProxy[str]
     remote: str | None
     scheme: str
+
+    @property
+    def fields(self) -> Fields:
+        """The header fields as the app spelled them, in order."""
+        ...
     content_length: int | None
     body_exists: bool
     status: int  # of the answer, once started
@@ -295,6 +310,10 @@ class AppSide(Protocol):
 
     async def finish(self) -> None: ...
 
+    async def interim(self, status: int, reason: str, headers: Fields) -> None:
+        """Pass on a 1xx answer of the partner's (103 Early Hints...)."""
+        ...
+
     def abort(self) -> None: ...
 
     async def respond(
@@ -312,6 +331,13 @@ async def json_error(app: AppSide, exc: RequestFailed, request_id: str | None = 
         dict(exc.headers) if exc.headers else None,
         close=exc.status in (400, 408, 413),  # the rest of the request may still be on the wire
     )
+
+
+def answers_options(request: AppSide) -> bool:
+    """An OPTIONS the proxy answers itself: ``OPTIONS *`` asks about the
+    server, not a partner, and ``Max-Forwards: 0`` names this hop as the
+    recipient (RFC 9110 §7.6.2)."""
+    return request.raw_path == "*" or request.headers.get("Max-Forwards", "").strip() == "0"
 
 
 def _credential(route: RouteConfig, token: Token) -> str:
@@ -345,14 +371,13 @@ class Forwarder:
         facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         route_metrics = self._unrouted
         try:
-            hosts = request.headers.getall("Host", ())
-            if len(hosts) > 1 or (not hosts and request.version >= (1, 1)):
-                # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
-                raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
-            if request.version < (1, 1) and "Transfer-Encoding" in request.headers:
-                # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
-                raise BadRequest("Transfer-Encoding in an HTTP/1.0 request")
-            target = parse_target(request.method, request.raw_path, hosts[0] if hosts else None)
+            # The engine checked the framing (one Host, transfer codings, version).
+            if request.method == "OPTIONS" and answers_options(request):
+                # RFC 9110 §7.6.2 / §9.3.7: the proxy is the recipient.
+                await request.respond(200, b"", dict(MethodNotAllowed.headers), close=False)
+                facts.extra["answered"] = "locally"
+                return await self._finished(request, table, facts, route_metrics, started)
+            target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
             matched = table.router.match(target)
             if matched is None:
                 where = f"host {target.host!r} " if target.host else ""
@@ -390,6 +415,16 @@ class Forwarder:
                     reason=exc.message,
                     request_id=facts.request_id,
                 )
+        await self._finished(request, table, facts, route_metrics, started)
+
+    async def _finished(
+        self,
+        request: AppSide,
+        table: RouteTable,
+        facts: Exchange,
+        route_metrics: RouteMetrics,
+        started: float,
+    ) -> None:
         duration = time.monotonic() - started
         route_metrics.finished(request.status, duration)
         if table.config.access_log:
@@ -425,13 +460,11 @@ class Forwarder:
             facts.waited_for_mint = True
             try:
                 token = await source.token()
-            except RequestFailed as exc:
-                exc.route = route.name
-                exc.message = f"route {route.name!r}: {exc.message}"
-                raise
+            except RequestFailed as exc:  # shared by every waiter: never rewritten
+                raise exc.on_route(route.name) from None
         facts.extra["client"] = route.client
         headers = upstream_request_headers(
-            request.headers.items(),
+            request.fields,
             upstream_host=runtime.base.host_header,
             authorization=_credential(route, token),
             authorization_header=route.token_header,
@@ -442,6 +475,8 @@ class Forwarder:
             trust_forwarded=table.config.trust_forwarded_headers,
             drop=runtime.drop_headers,
         )
+        if request.method == "OPTIONS":
+            headers = decrement_max_forwards(headers)
         outbound = Outbound(
             request.method,
             url,
@@ -464,7 +499,7 @@ class Forwarder:
                 gap=runtime.body_timeout,
             )
             data = tee.stream()
-        upstream = await self._send(runtime, outbound, data, tee)
+        upstream = await self._send(runtime, outbound, data, tee, request.interim)
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
@@ -478,7 +513,7 @@ class Forwarder:
                     route.expired_token,
                 ):
                     replay = await self._maybe_replay(
-                        runtime, outbound, tee, token, upstream, facts
+                        runtime, outbound, tee, token, upstream, facts, request.interim
                     )
                     if replay is not None:
                         upstream = replay
@@ -496,6 +531,7 @@ class Forwarder:
         failed: Token,
         upstream: UpstreamResponse,
         facts: Exchange,
+        interim: Interim,
     ) -> UpstreamResponse | None:
         """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
         route = runtime.config
@@ -525,9 +561,7 @@ class Forwarder:
         try:
             fresh = await runtime.source.replace_expired(failed)
         except RequestFailed as exc:
-            exc.route = route.name
-            exc.message = f"route {route.name!r}: {exc.message}"
-            raise
+            raise exc.on_route(route.name) from None
         if fresh is None:
             runtime.metrics.passed_through.inc()
             facts.extra["replay"] = "suppressed"
@@ -551,6 +585,8 @@ class Forwarder:
                 outbound.body,
             ),
             body,
+            None,
+            interim,
         )
 
     async def _send(
@@ -558,13 +594,15 @@ class Forwarder:
         runtime: RouteRuntime,
         outbound: Outbound,
         data: Any,
-        tee: BodyTee | None = None,
+        tee: BodyTee | None,
+        interim: Interim,
     ) -> UpstreamResponse:
-        """Send once; a request that failed to connect (or whose reused keep-alive
-        connection turned out dead) is sent once more on a fresh connection when it
-        is idempotent and its body, if any, is whole in hand."""
+        """Send once; a request that was refused a connection (or whose reused
+        keep-alive connection turned out dead) is sent once more on a fresh
+        connection when it is idempotent and its body, if any, is whole in hand.
+        A connect timeout is not tried again: that would double the wait."""
         try:
-            return await self._send_once(runtime, outbound, data, tee)
+            return await self._send_once(runtime, outbound, data, tee, interim)
         except _ConnectionFailed as failed:
             route = runtime.config
             retry_body: Any = data if isinstance(data, bytes) or data is None else None
@@ -575,12 +613,13 @@ class Forwarder:
                     retry_body = tee.body()
             if (
                 route.retry_idempotent
+                and failed.retry
                 and outbound.method in IDEMPOTENT
                 and (not outbound.has_body or retry_body is not None)
             ):
                 events.info("upstream_retry", route=route.name, reason=failed.error.code)
                 try:
-                    return await self._send_once(runtime, outbound, retry_body, tee)
+                    return await self._send_once(runtime, outbound, retry_body, tee, interim)
                 except _ConnectionFailed as again:
                     raise again.error from None
             raise failed.error from None
@@ -591,6 +630,7 @@ class Forwarder:
         outbound: Outbound,
         data: Any,
         tee: BodyTee | None,
+        interim: Interim,
     ) -> UpstreamResponse:
         route = runtime.config
         started = time.monotonic()
@@ -602,6 +642,7 @@ class Forwarder:
                 outbound.target,
                 outbound.headers,
                 data,
+                interim,
             )
         except TimeoutError:
             _inbound_failure(route, tee)
@@ -617,7 +658,8 @@ class Forwarder:
                     f"{exc.reason}",
                     route=route.name,
                     client=route.client,
-                )
+                ),
+                retry=not isinstance(exc, ConnectTimedOut),
             ) from None
         except Dropped:
             _inbound_failure(route, tee)
@@ -638,6 +680,17 @@ class Forwarder:
                 client=route.client,
             ) from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
+        codings = response.headers.getall("Transfer-Encoding", ())
+        if codings and transfer_codings(codings) != ["chunked"]:
+            # RFC 9112 §6.1: the proxy would strip the chunking and pass the
+            # other coding's bytes on unlabelled; nginx answers 502 as well.
+            response.close()
+            raise UpstreamError(
+                f"route {route.name!r}: upstream {runtime.base.origin} answered with transfer "
+                f"coding {', '.join(codings)!r}; the proxy implements only chunked",
+                route=route.name,
+                client=route.client,
+            )
         return response
 
     async def _relay(
@@ -653,7 +706,7 @@ class Forwarder:
         await request.start(
             upstream.status,
             upstream.reason,
-            downstream_response_headers(upstream.headers.items()),
+            downstream_response_headers(upstream.fields),
             hold=whole,  # then head and body leave in one write
         )
         try:
@@ -723,9 +776,10 @@ async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes
 class _ConnectionFailed(Exception):
     """Internal: the request never reached the upstream's application."""
 
-    def __init__(self, error: UpstreamError) -> None:
+    def __init__(self, error: UpstreamError, *, retry: bool = True) -> None:
         super().__init__(error.message)
         self.error = error
+        self.retry = retry
 
 
 def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:

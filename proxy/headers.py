@@ -57,6 +57,28 @@ def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
     return frozenset(named)
 
 
+def transfer_codings(values: Iterable[str]) -> list[str]:
+    """The transfer codings of ``Transfer-Encoding`` fields, lower-cased, in
+    order, parameters dropped (RFC 9112 §6.1)."""
+    return [
+        part.split(";", 1)[0].strip().lower()
+        for value in values
+        for part in value.split(",")
+        if part.strip()
+    ]
+
+
+def decrement_max_forwards(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """RFC 9110 §7.6.2: a forwarded OPTIONS (or TRACE) carries
+    ``Max-Forwards`` one lower (a 0 is answered by the proxy itself)."""
+    out = []
+    for name, value in headers:
+        if name.lower() == "max-forwards" and value.strip().isdigit():
+            value = str(max(int(value) - 1, 0))
+        out.append((name, value))
+    return out
+
+
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -32,21 +33,37 @@ from typing import Any, Final
 
 from aiohttp import hdrs
 from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpRequestParser  # the C parser when aiohttp has it
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpRequestParser  # the C parser (proxy/compat.py checks it)
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import HttpRequestParserPy
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
 from .config import InboundLimits
-from .errors import malformed_reason
-from .headers import message_head
+from .errors import (
+    BadRequest,
+    HeaderTooLarge,
+    HeadTimeout,
+    NotImplementedByProxy,
+    RequestFailed,
+    UriTooLong,
+    VersionNotSupported,
+    malformed_reason,
+)
+from .headers import message_head, transfer_codings
 from .log import get_logger
+from .upstream import Fields, raw_fields
 
 log = get_logger("proxy.inbound")
 
 LINGER: Final = 2.0  # seconds to drain an unread request body before closing
-MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection
+MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
 READ_BUFFER: Final = 2**16
+
+# RFC 9110 §9.1: a method is any token. llhttp knows a fixed table of them;
+# a request with another one is parsed by aiohttp's Python parser instead.
+_METHOD_START: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+_HEADER_NAME: Final = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})[ \t]*:[ \t]*$")
 
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
 
@@ -75,6 +92,72 @@ def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, 
     return message_head(f"HTTP/1.1 {status} {reason}", headers)
 
 
+def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) -> RequestFailed:
+    """The answer to a request the parser refused: the status the RFCs name
+    for the fault (414, 431, 505, else 400) and a message that names a field
+    and its size, never the bytes (an over-long ``Authorization`` is a secret).
+    ``recent`` is the bytes read last, where a field's name is looked up."""
+    if isinstance(exc, LineTooLong):
+        seen = exc.args[0] if exc.args else b""
+        if isinstance(seen, bytearray):  # aiohttp reports the request target this way
+            return UriTooLong(
+                f"the request line is longer than {limits.max_header_size} bytes "
+                "(inbound.max_header_size)"
+            )
+        return HeaderTooLarge(
+            f"header field {_field_name(seen, recent)} is longer than "
+            f"{limits.max_header_size} bytes (inbound.max_header_size)"
+        )
+    text = str(getattr(exc, "message", "") or "")
+    if "Too many headers" in text:
+        return HeaderTooLarge(f"more than {limits.max_headers} header fields (inbound.max_headers)")
+    if "Invalid HTTP version" in text or "PRI/Upgrade" in text:
+        return VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served on this port")
+    return BadRequest(malformed_reason(exc))
+
+
+def _field_name(seen: bytes, recent: bytes) -> str:
+    """The name of the field whose (name or) value starts with ``seen``, when
+    it can be found in ``recent``; a name is no secret, a value may be."""
+    start = seen[:-3] if seen.endswith(b"...") else seen
+    at = recent.find(start[:64]) if start else -1
+    if at != -1:
+        found = _HEADER_NAME.search(recent, max(0, at - 128), at)
+        if found:
+            return repr(found.group(1).decode("ascii"))
+        if recent[at - 1 : at] in (b"\n", b""):
+            return "name"  # the name itself is over the limit
+    return "(unnamed)"
+
+
+def framing_error(message: Any) -> RequestFailed | None:
+    """What this hop refuses in a parsed request head, before any routing:
+    RFC 9112 §2.3 versions, §3.2 Host, §6.1 transfer codings."""
+    version = message.version
+    if version[0] != 1:
+        return VersionNotSupported(
+            f"HTTP/{version[0]}.{version[1]} is not served on this port; speak HTTP/1.1"
+        )
+    headers = message.headers
+    hosts = headers.getall(hdrs.HOST, ())
+    if len(hosts) > 1 or (not hosts and version >= (1, 1)):
+        # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
+        return BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+    coding = headers.get(hdrs.TRANSFER_ENCODING)
+    if coding is not None:
+        if version < (1, 1):
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            return BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = transfer_codings(headers.getall(hdrs.TRANSFER_ENCODING))
+        if codings != ["chunked"]:
+            others = ", ".join(c for c in codings if c != "chunked")
+            return NotImplementedByProxy(
+                f"transfer coding {others!r} is not implemented by the proxy "
+                "(only chunked; RFC 9112 §6.1)"
+            )
+    return None
+
+
 class AppExchange:
     """One request from an app and the means to answer it. The request side is
     read-only; the answer is started once, then written, then finished (or the
@@ -87,6 +170,7 @@ class AppExchange:
         "_head",
         "_no_body",
         "_payload",
+        "_raw",
         "body_exists",
         "closes",
         "content_length",
@@ -106,6 +190,7 @@ class AppExchange:
         self.raw_path: str = message.path
         self.version: tuple[int, int] = message.version
         self.headers: CIMultiDictProxy[str] = message.headers
+        self._raw = message.raw_headers
         self.remote = connection.remote
         self.scheme = "http"  # the apps' side is plain HTTP (docs/security.md)
         self._payload = payload
@@ -124,6 +209,18 @@ class AppExchange:
         self._chunked = False
         self._no_body = False
         self._head: bytes | None = None
+
+    @property
+    def fields(self) -> Fields:
+        """The header fields as the app spelled them, in order, repeats kept."""
+        return raw_fields(self._raw)
+
+    async def interim(self, status: int, reason: str, headers: Fields) -> None:
+        """A 1xx answer from the partner (103 Early Hints...), passed on before
+        the final one; never to an HTTP/1.0 app (RFC 9110 §15.2)."""
+        if self.version < (1, 1) or self.started:
+            return
+        self._connection.write(response_head(status, reason, headers))
 
     async def open_body(self) -> Any:
         """The body as aiohttp's StreamReader; the first call sends 100 Continue."""
@@ -231,13 +328,17 @@ class AppConnection(BaseProtocol):
     """One app connection: parses requests, runs the handler for each in turn."""
 
     __slots__ = (
+        "_clean",
         "_current",
+        "_discard",
         "_head_timer",
         "_idle_timer",
+        "_last",
         "_last_active",
         "_lingering",
         "_listener",
         "_messages",
+        "_previous",
         "_task",
         "_waiter",
         "closing",
@@ -247,19 +348,13 @@ class AppConnection(BaseProtocol):
     def __init__(self, listener: Listener) -> None:
         loop = listener.loop
         super().__init__(loop)
-        limits = listener.limits
-        self._parser = HttpRequestParser(
-            self,
-            loop,
-            READ_BUFFER,
-            max_line_size=limits.max_header_size,
-            max_headers=limits.max_headers,
-            max_field_size=limits.max_header_size,
-            payload_exception=RequestPayloadError,
-            auto_decompress=False,  # gzip request bodies pass through compressed
-            max_msg_queue_size=MAX_PIPELINED,
-        )
         self._listener = listener
+        self._parser: Any = self._new_parser(HttpRequestParser)
+        # The parser has consumed every byte and sits between two messages.
+        self._clean = True
+        self._last: tuple[Any, Any] | None = None  # the latest message parsed
+        self._previous = b""  # the bytes of the read before, to name a field in a refusal
+        self._discard = False  # bytes after a request that cannot be parsed safely
         self._messages: deque[tuple[Any, Any]] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -281,19 +376,122 @@ class AppConnection(BaseProtocol):
         self._arm_idle()
         self._task = self._loop.create_task(self._serve())
 
+    def _new_parser(self, kind: Any) -> Any:
+        limits = self._listener.limits
+        return kind(
+            self,
+            self._loop,
+            READ_BUFFER,
+            max_line_size=limits.max_header_size,
+            max_headers=limits.max_headers,
+            max_field_size=limits.max_header_size,
+            payload_exception=RequestPayloadError,
+            auto_decompress=False,  # gzip request bodies pass through compressed
+        )
+
+    def _feed(self, data: bytes) -> Sequence[tuple[Any, Any]]:
+        """Parse ``data``: the messages it completes (a refusal in place of a
+        message that cannot be served). Keeps two facts about llhttp that
+        aiohttp's C parser does not handle:
+
+        - the last trailer field of a chunked request stays pending in the
+          parser and becomes a header of the next request. After a chunked
+          request that ends exactly where the read ends, a fresh parser takes
+          over; when more bytes followed it in the same read, the requests
+          after it are not served and the connection closes after its answer.
+        - methods outside llhttp's table fail to parse: when such a request
+          starts where the parser stands between messages, the connection
+          moves to aiohttp's Python parser (any token is a method there).
+        """
+        parser = self._parser
+        clean = self._clean
+        self._clean = False
+        prior = self._last
+        prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
+        try:
+            messages: Sequence[tuple[Any, Any]] = parser.feed_data(data)[0]
+        except BadHttpMethod as exc:
+            if not _METHOD_START.match(data):
+                return [(self._refuse(exc, data), None)]  # not a token: 400
+            if not clean:
+                return [(self._refuse(exc, data, unframed=True), None)]
+            self._parser = parser = self._new_parser(HttpRequestParserPy)
+            try:
+                messages = parser.feed_data(data)[0]
+            except HttpProcessingError as again:
+                return [(self._refuse(again, data), None)]
+        except HttpProcessingError as exc:
+            return [(self._refuse(exc, data), None)]
+        last = messages[-1] if messages else prior
+        self._last = last
+        if last is None:
+            self._clean = not data
+            return messages
+        if not isinstance(parser, HttpRequestParser):
+            return messages  # the Python parser drops trailers itself
+        followed = (prior_open and bool(messages)) or any(m.chunked for m, _ in messages[:-1])
+        if followed:
+            return self._poison(messages)
+        message, payload = last
+        ends_here = data.endswith(b"\r\n\r\n")
+        if message.chunked:
+            ended_now = payload.is_eof() and ((last is prior and prior_open) or bool(messages))
+            if not ended_now:
+                return messages
+            if ends_here:  # a chunked request ended exactly where this read ends
+                self._parser = self._new_parser(HttpRequestParser)
+                self._clean = True
+                return messages
+            return self._poison(messages)
+        bodiless = not message.headers.get(hdrs.CONTENT_LENGTH, "0").strip("0 ")
+        self._clean = bool(messages) and ends_here and bodiless
+        return messages
+
+    def _poison(self, messages: Sequence[tuple[Any, Any]]) -> Sequence[tuple[Any, Any]]:
+        """After a chunked request, more bytes came in the same read: they may
+        carry its trailer as a header. Keep the messages up to that request;
+        drop the rest and every later byte; the connection closes once the
+        answers owed are sent (an app retries what was not answered,
+        RFC 9112 §9.3.2)."""
+        kept = list(messages)
+        while kept and not kept[-1][0].chunked:
+            kept.pop()
+        self._discard = True
+        self.closing = True
+        return kept
+
+    def _refuse(
+        self, exc: HttpProcessingError, data: bytes, *, unframed: bool = False
+    ) -> RequestFailed:
+        """A malformed request (or, ``unframed``, an extension method after
+        other requests, where no parser can take over): nothing after it can
+        be trusted."""
+        self.closing = True
+        self._discard = True
+        refusal = (
+            NotImplementedByProxy(
+                "the request method is outside the parser's table and came after other "
+                "requests on this connection; send it on a new connection"
+            )
+            if unframed
+            else refusal_for(exc, self._previous + data, self._listener.limits)
+        )
+        current = self._current
+        if current is not None and not current.body_complete:
+            current._payload.set_exception(RequestPayloadError(refusal.message))
+        return refusal
+
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None or self._lingering or (self.closing and self._current is None):
+        if (
+            parser is None
+            or self._lingering
+            or self._discard
+            or (self.closing and self._current is None)
+        ):
             return
-        messages: Sequence[tuple[Any, Any]]
-        try:
-            messages, _, _ = parser.feed_data(data)
-        except HttpProcessingError as exc:
-            messages = [(exc, None)]
-            self.closing = True  # nothing after a malformed request can be trusted
-            current = self._current
-            if current is not None and not current.body_complete:
-                current._payload.set_exception(RequestPayloadError(malformed_reason(exc)))
+        messages = self._feed(data)
+        self._previous = data
         if messages:
             self._disarm_head()
             self._messages.extend(messages)
@@ -347,12 +545,11 @@ class AppConnection(BaseProtocol):
     def _head_expired(self) -> None:
         self._head_timer = None
         if self._current is None and not self._messages:
-            log.warning(
-                "request_head_timeout",
-                client=self.remote,
-                after_s=self._listener.limits.header_timeout,
-            )
-            self.close()
+            after = self._listener.limits.header_timeout
+            log.warning("request_head_timeout", client=self.remote, after_s=after)
+            self.closing = True
+            self._discard = True
+            self._refused(HeadTimeout(f"the request head did not arrive within {after:g}s"))
 
     def _arm_idle(self) -> None:
         """One timer per connection, re-armed only when it fires: a busy
@@ -389,8 +586,14 @@ class AppConnection(BaseProtocol):
                     self._parser.message_consumed()
                 if self._buffer_paused and len(self._messages) < MAX_PIPELINED // 2:
                     self._resume_reading_for_buffer()
-                if isinstance(message, HttpProcessingError):
-                    self._malformed(message)
+                if isinstance(message, RequestFailed):
+                    self._refused(message)
+                    return
+                framing = framing_error(message)
+                if framing is not None:
+                    self.closing = True
+                    self._discard = True
+                    self._refused(framing)
                     return
                 exchange = AppExchange(self, message, payload)
                 self._current = exchange
@@ -423,19 +626,21 @@ class AppConnection(BaseProtocol):
         if not self._lingering:
             self.close()  # drained, or the loop ended for a shutdown
 
-    def _malformed(self, exc: HttpProcessingError) -> None:
-        reason = malformed_reason(exc)
+    def _refused(self, refusal: RequestFailed) -> None:
+        """Answer a request that cannot be served, and close: its framing, or
+        what follows it, cannot be trusted. The log line and the answer name
+        the fault (a field's name and size), never the request's bytes."""
         log.warning(
             "malformed_request",
             client=self.remote,
-            status=400,
-            error=type(exc).__name__,
-            reason=reason,
+            status=refusal.status,
+            error=refusal.code,
+            reason=refusal.message,
         )
-        body = json.dumps({"error": "bad_request", "message": reason}).encode()
+        body = json.dumps(refusal.as_json()).encode()
         self.write(
             response_head(
-                400,
+                refusal.status,
                 None,
                 [
                     ("Content-Type", "application/json"),

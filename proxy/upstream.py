@@ -25,7 +25,7 @@ import asyncio
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -45,6 +45,20 @@ MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 Body = bytes | AsyncIterator[bytes] | None
+Fields = list[tuple[str, str]]
+# Called with each interim (1xx) answer the proxy did not ask for (102, 103...).
+Interim = Callable[[int, str, Fields], Awaitable[None]]
+
+
+def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
+    """Header fields as the sender spelled them, in order, repeats kept. The
+    parsers' ``headers`` multidict re-cases known names (``etag`` -> ``Etag``);
+    its ``raw_headers`` keep the bytes, decoded here as the parsers decode
+    values (UTF-8 with surrogate escapes, so obs-text goes back byte for byte)."""
+    return [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw_headers
+    ]
 
 
 class ConnectFailed(Exception):
@@ -53,6 +67,10 @@ class ConnectFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class ConnectTimedOut(ConnectFailed):
+    """No connection within the route's ``connect_timeout``."""
 
 
 class Dropped(Exception):
@@ -129,6 +147,11 @@ class UpstreamResponse(Protocol):
     def headers(self) -> CIMultiDictProxy[str]: ...
 
     @property
+    def fields(self) -> Fields:
+        """The header fields as the partner spelled them, in order."""
+        ...
+
+    @property
     def content(self) -> Any: ...
 
     def release(self) -> Any: ...
@@ -145,10 +168,12 @@ class UpstreamClient(Protocol):
         target: str,
         headers: Sequence[tuple[str, str]],
         body: Body,
+        interim: Interim | None = None,
     ) -> UpstreamResponse:
-        """Send one request; ``url`` is absolute, ``target`` its path and query.
-        Raises ConnectFailed, Dropped, BodyFailed, TimeoutError, or another
-        exception for a broken answer."""
+        """Send one request; ``url`` is absolute, ``target`` its path and query;
+        ``interim`` gets the 1xx answers to forward (not 100 Continue: the
+        proxy answers that to the app itself). Raises ConnectFailed, Dropped,
+        BodyFailed, TimeoutError, or another exception for a broken answer."""
         ...
 
     async def close(self) -> None: ...
@@ -198,7 +223,14 @@ class _Connection(ResponseHandler):
             self._deadline = None
             return
         self._deadline = deadline = self._loop.time() + timeout
-        if self._read_timeout_handle is None:
+        handle = self._read_timeout_handle
+        if handle is not None and handle.when() > deadline:
+            # A check armed for a longer timeout (the previous request on this
+            # pooled connection was another route's): the deadline belongs to
+            # this request, so the check moves earlier.
+            handle.cancel()
+            handle = None
+        if handle is None:
             self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
 
     def _drop_timeout(self) -> None:
@@ -227,6 +259,7 @@ class LeanResponse:
         "_writer",
         "content",
         "headers",
+        "raw",
         "reason",
         "status",
     )
@@ -243,6 +276,7 @@ class LeanResponse:
         self.status: int = message.code
         self.reason: str | None = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw: Sequence[tuple[bytes, bytes]] = message.raw_headers
         self.content = payload
         self._client = client
         self._key = key
@@ -261,6 +295,10 @@ class LeanResponse:
             return  # the partner answered before the body was sent: close() will close
         self._protocol = None
         self._client.give_back(self._key, protocol)
+
+    @property
+    def fields(self) -> Fields:
+        return raw_fields(self.raw)
 
     def release(self) -> None:
         self.close()
@@ -298,6 +336,7 @@ class LeanClient:
         target: str,
         headers: Sequence[tuple[str, str]],
         body: Body,
+        interim: Interim | None = None,
     ) -> UpstreamResponse:
         extra, chunked = _framing(method, headers, body)
         head = request_head(method, target, headers, extra)
@@ -338,7 +377,11 @@ class LeanClient:
                 message, payload = await protocol.read()
                 code = message.code
                 if code < 100 or code > 199 or code == 101:
-                    break  # 1xx (100 Continue, 103 Early Hints) belong to this hop
+                    break
+                # RFC 9110 §15.2: a proxy forwards the 1xx answers it did not
+                # ask for (103 Early Hints, 102); 100 Continue is this hop's.
+                if code != 100 and interim is not None:
+                    await interim(code, message.reason or "", raw_fields(message.raw_headers))
         except BaseException as exc:
             if writer is not None:
                 writer.cancel()
@@ -346,6 +389,11 @@ class LeanClient:
             if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
                 raise Dropped(type(exc).__name__) from exc
             raise
+        if message.chunked:
+            # llhttp keeps a response's last trailer field pending and hands it
+            # to the next answer parsed on this connection as a header: the
+            # next request on it gets a fresh parser.
+            protocol.params = None
         return LeanResponse(self, key, protocol, message, payload, writer)
 
     def _take(self, key: tuple[str, Any]) -> _Connection | None:
@@ -438,7 +486,9 @@ class LeanClient:
                 assert last is not None
                 raise ConnectFailed(last.strerror or type(last).__name__)
         except TimeoutError:
-            raise TimeoutError(f"connect to {endpoint.origin} timed out") from None
+            raise ConnectTimedOut(
+                f"no connection within connect_timeout ({endpoint.connect_timeout:g}s)"
+            ) from None
 
     async def close(self) -> None:
         self._closed = True

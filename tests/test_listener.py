@@ -5,11 +5,12 @@ keep-alive, pipelining, 100-continue, answers to bodies not read
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import pytest
 
-from conftest import Stack, StackFactory, raw_status
+from conftest import Stack, StackFactory, log_events, raw_status
 from proxy.listener import response_head
 
 
@@ -185,3 +186,132 @@ async def test_a_slow_app_slows_the_partner_instead_of_filling_memory(stack: Sta
         received += len(chunk)
     writer.close()
     assert received == size and stack.partner.download_sent == size
+
+
+# ---- issue 11: defects found by black-box tests, one test each --------------
+
+
+async def test_a_request_trailer_never_becomes_a_header_of_the_next_request(
+    stack: Stack,
+) -> None:
+    # Item 2: llhttp keeps the last trailer field pending and aiohttp's C
+    # parser handed it to the next request on the connection as a header.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"POST /demo/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Injected: 1\r\n\r\n"
+    )
+    head, _ = await read_response(reader)
+    assert raw_status(head) == 200
+    writer.write(b"GET /demo/n HTTP/1.1\r\nHost: a\r\n\r\n")  # the same connection
+    head, _ = await read_response(reader)
+    writer.close()
+    assert raw_status(head) == 200
+    post, get = stack.partner.requests
+    assert post.body == b"hello"
+    for seen in (post, get):
+        assert "x-injected" not in {name.lower() for name, _ in seen.headers}
+
+
+async def test_a_trailer_and_a_request_in_one_write_close_instead_of_leaking(
+    stack: Stack,
+) -> None:
+    # The same, pipelined: the GET arrives in the read that ends the chunked
+    # POST. It is not served on this connection (it could carry the trailer);
+    # the POST's answer says Connection: close.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"POST /demo/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5\r\nhello\r\n0\r\nX-Injected: 1\r\n\r\n"
+        b"GET /demo/n HTTP/1.1\r\nHost: a\r\n\r\n"
+    )
+    head, _ = await read_response(reader)
+    assert raw_status(head) == 200 and b"connection: close" in head.lower()
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    assert [r.raw_path for r in stack.partner.requests] == ["/v2/u"]
+    assert all(name.lower() != "x-injected" for name, _ in stack.partner.requests[0].headers)
+
+
+async def test_forty_pipelined_requests_are_all_answered(stack: Stack) -> None:
+    # Item 12: past 16 the parser paused with the rest hidden in its buffer
+    # and nothing fed it again: 16 answers, then a hung connection.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"".join(b"GET /demo/p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(40)))
+    paths = []
+    for _ in range(40):
+        head, body = await read_response(reader)
+        assert raw_status(head) == 200
+        paths.append(json.loads(body)["raw_path"])
+    writer.close()
+    assert paths == [f"/v2/p{i}" for i in range(40)]
+
+
+async def test_trace_is_answered_by_the_proxy_and_never_carries_the_token(
+    stack: Stack,
+) -> None:
+    # Item 1: RFC 9110 §9.3.8; a partner that echoes TRACE would show the token.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"TRACE /demo/t HTTP/1.1\r\nHost: a\r\n\r\n")
+    head, body = await read_response(reader)
+    assert raw_status(head) == 405 and b"allow: get, head, post" in head.lower()
+    assert json.loads(body)["error"] == "method_not_allowed"
+    writer.write(b"OPTIONS /demo/o HTTP/1.1\r\nHost: a\r\nMax-Forwards: 0\r\n\r\n")
+    head, body = await read_response(reader)
+    assert raw_status(head) == 200 and b"allow: " in head.lower() and body == b""
+    writer.write(b"OPTIONS /demo/o HTTP/1.1\r\nHost: a\r\nMax-Forwards: 3\r\n\r\n")
+    head, _ = await read_response(reader)
+    writer.close()
+    assert raw_status(head) == 200
+    (forwarded,) = stack.partner.requests  # only the OPTIONS with hops left
+    assert forwarded.method == "OPTIONS"
+    assert ("Max-Forwards", "2") in forwarded.headers  # RFC 9110 §7.6.2
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate,chunked", b"x-custom;q=1, chunked"])
+async def test_a_transfer_coding_other_than_chunked_gets_501(stack: Stack, coding: bytes) -> None:
+    # Item 8: the chunking was removed, the gzip coding dropped, the partner
+    # got gzip bytes it could not know about.
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"POST /demo/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: "
+        + coding
+        + b"\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    )
+    head, body = await read_response(reader)
+    writer.close()
+    assert raw_status(head) == 501 and b"connection: close" in head.lower()
+    assert json.loads(body)["error"] == "not_implemented"
+    assert stack.partner.requests == []
+
+
+async def test_an_over_long_authorization_is_named_never_quoted(
+    make_stack: StackFactory, log_stream: io.StringIO
+) -> None:
+    # Item 4: the 400 and the log line quoted ~60 bytes of the field: the secret.
+    stack = await make_stack(top="inbound: {max_header_size: 1KiB}")
+    secret = b"Bearer app-secret-" + b"7" * 2000
+    data = b"GET /demo/x HTTP/1.1\r\nHost: a\r\nAuthorization: " + secret + b"\r\n\r\n"
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(data)
+    head, body = await read_response(reader)
+    writer.close()
+    assert raw_status(head) == 431
+    assert json.loads(body)["message"] == (
+        "header field 'Authorization' is longer than 1024 bytes (inbound.max_header_size)"
+    )
+    assert b"app-secret" not in head + body
+    assert "app-secret" not in log_stream.getvalue()
+    (line,) = [e for e in log_events(log_stream) if e["event"] == "malformed_request"]
+    assert line["status"] == 431 and "Authorization" in line["reason"]
+
+
+async def test_http_versions_other_than_1_x_get_505(stack: Stack) -> None:
+    for line in (b"GET /demo/x HTTP/2.0", b"GET /demo/x HTTP/3.0"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+        writer.write(line + b"\r\nHost: a\r\n\r\n")
+        head, body = await read_response(reader)
+        writer.close()
+        assert raw_status(head) == 505, line
+        assert json.loads(body)["error"] == "http_version_not_supported"
+    assert stack.partner.requests == []

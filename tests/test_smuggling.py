@@ -51,7 +51,15 @@ CASES: dict[str, bytes] = {
     "pipelined_smuggle": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 44\r\n\r\nGET /demo/smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
 }
 
-EXPECTED = {"abs_other_host": 404, "connect": 405}  # every other case: 400
+EXPECTED = {  # every other case: 400
+    "abs_other_host": 404,
+    "connect": 405,
+    "long_line": 414,  # RFC 9112 §3
+    "long_header": 431,  # RFC 6585 §5
+    "many_headers": 431,
+    "bad_version": 505,  # RFC 9110 §15.6.6
+    "h2_preface": 505,
+}
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -13,6 +13,7 @@ import pytest
 from proxy.upstream import (
     BodyFailed,
     ConnectFailed,
+    ConnectTimedOut,
     Dropped,
     Endpoint,
     LeanClient,
@@ -227,18 +228,73 @@ async def test_close_delimited_body_is_read_to_the_end(client: LeanClient) -> No
         await server.wait_closed()
 
 
-async def test_informational_answers_are_skipped(scripted: Any, client: LeanClient) -> None:
+async def test_informational_answers_are_handed_on_except_100(
+    scripted: Any, client: LeanClient
+) -> None:
+    # Issue 11, item 6: RFC 9110 §15.2, a proxy forwards the 1xx it did not ask for.
     server = await scripted(
         await fixed(
             b"HTTP/1.1 100 Continue\r\n\r\n"
-            b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n" + ok(b"final")
+            b"HTTP/1.1 102 Processing\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>; rel=preload\r\n\r\n" + ok(b"final")
         )
     )
-    status, body, response = await get(client, server)
-    assert (status, body) == (200, b"final")
-    assert "Link" not in response.headers
-    assert (await get(client, server))[:2] == (200, b"final")
+    seen: list[tuple[int, str, list[tuple[str, str]]]] = []
+
+    async def interim(status: int, reason: str, fields: list[tuple[str, str]]) -> None:
+        seen.append((status, reason, fields))
+
+    response = await client.request(
+        endpoint(server.port), "GET", "", "/", [("Host", "h")], None, interim
+    )
+    assert (response.status, await response.content.read()) == (200, b"final")
+    assert "Link" not in response.headers  # the final answer's own headers only
+    assert seen == [
+        (102, "Processing", []),
+        (103, "Early Hints", [("link", "</s.css>; rel=preload")]),
+    ]
+    assert (await get(client, server))[:2] == (200, b"final")  # no callback: skipped
     assert server.connections == 1
+
+
+async def test_response_fields_keep_their_spelling_and_bytes(
+    scripted: Any, client: LeanClient
+) -> None:
+    # Issue 11, items 10 and 11: names as sent (not "Etag"), obs-text byte for byte.
+    answer = b'HTTP/1.1 200 OK\r\nETag: "v1"\r\nx-latin: caf\xe9\r\nContent-Length: 0\r\n\r\n'
+    server = await scripted(await fixed(answer))
+    _, _, response = await get(client, server)
+    assert response.fields == [
+        ("ETag", '"v1"'),
+        ("x-latin", "caf\udce9"),
+        ("Content-Length", "0"),
+    ]
+    assert request_head("GET", "/", response.fields).endswith(
+        b"x-latin: caf\xe9\r\nContent-Length: 0\r\n\r\n"
+    )
+
+
+async def test_a_response_trailer_never_becomes_a_header_of_the_next_answer(
+    scripted: Any, client: LeanClient
+) -> None:
+    # Issue 11, item 3: llhttp kept the last trailer pending and gave it to the
+    # next answer parsed on the pooled connection (another app's).
+    answers = [
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n0\r\nX-Status: done\r\n\r\n",
+        ok(b"second"),
+    ]
+
+    async def reply(_: Seen) -> bytes:
+        return answers.pop(0)
+
+    server = await scripted(reply)
+    first = await get(client, server)
+    assert first[:2] == (200, b"body")
+    status, body, response = await get(client, server)
+    assert (status, body) == (200, b"second")
+    assert server.connections == 1  # the same pooled connection
+    assert "X-Status" not in response.headers
+    assert [name for name, _ in response.fields] == ["Content-Length"]
 
 
 async def test_framing_of_request_bodies(scripted: Any, client: LeanClient) -> None:
@@ -343,6 +399,58 @@ async def test_read_timeout_on_a_reused_connection(scripted: Any, client: LeanCl
         await get(client, server, read_timeout=0.3)
     assert 0.25 < loop.time() - started < 3
     assert server.connections == 1
+
+
+async def test_the_read_deadline_belongs_to_the_request_not_the_connection(
+    scripted: Any, client: LeanClient
+) -> None:
+    # Issue 11, item 5: two routes to one origin share pooled connections; the
+    # check armed for the first request's 30 s outlived it, so a 1 s route
+    # waited 30 s on that connection.
+    async def second_is_slow(seen: Seen) -> bytes:
+        if len(server.requests) > 1:
+            await asyncio.sleep(5)
+        return ok(b"fast")
+
+    server = await scripted(second_is_slow)
+    assert (await get(client, server, read_timeout=30))[:2] == (200, b"fast")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await get(client, server, read_timeout=0.5)
+    assert loop.time() - started < 1.5
+    assert server.connections == 1
+
+
+async def test_a_connect_timeout_is_named_as_such(client: LeanClient) -> None:
+    # Issue 11, item 13: a full accept backlog read as "did not answer within 30s".
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(8):  # fill the backlog: later SYNs go unanswered
+            filler = socket.socket()
+            filler.setblocking(False)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(filler)
+        quick = Endpoint.build(f"http://127.0.0.1:{port}", True, 0.3, 30.0)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectTimedOut) as failed:
+            await client.request(quick, "GET", "", "/", [("Host", "h")], None)
+        assert loop.time() - started < 2
+        assert failed.value.reason == "no connection within connect_timeout (0.3s)"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
 
 
 async def test_a_stalled_body_times_out_between_chunks(scripted: Any, client: LeanClient) -> None:
