@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from .config import config_path, load_config
+from . import compat
 from .errors import ConfigError
 from .log import configure_logging
 
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_run(run_demo()))
     path = config_path(args.config)
     try:
+        if args.command in ("serve", "check"):
+            compat.check()  # the lean engine's aiohttp internals, before anything runs
         config = load_config(path)
     except ConfigError as exc:
         print(f"authproxy: {exc}", file=sys.stderr)
