@@ -9,8 +9,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from .config import config_path, load_config
 from . import compat
+from .config import config_path, load_config
 from .errors import ConfigError
 from .log import configure_logging
 

@@ -289,6 +289,7 @@ class AppSide(Protocol):
     def fields(self) -> Fields:
         """The header fields as the app spelled them, in order."""
         ...
+
     content_length: int | None
     body_exists: bool
     status: int  # of the answer, once started
@@ -474,6 +475,7 @@ class Forwarder:
             inbound_proto=request.scheme,
             trust_forwarded=table.config.trust_forwarded_headers,
             drop=runtime.drop_headers,
+            received="1.1" if request.version == (1, 1) else "%d.%d" % request.version,
         )
         if request.method == "OPTIONS":
             headers = decrement_max_forwards(headers)

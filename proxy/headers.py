@@ -103,6 +103,7 @@ def upstream_request_headers(
     trust_forwarded: bool,
     drop: frozenset[str] = frozenset(),
     authorization_header: str = "Authorization",
+    received: str = "1.1",
 ) -> list[tuple[str, str]]:
     """The headers to send upstream, in the app's order, repeats kept.
 
@@ -145,7 +146,8 @@ def upstream_request_headers(
     out.append(("X-Forwarded-Proto", inbound_proto))
     if inbound_host:
         out.append(("X-Forwarded-Host", inbound_host))
-    out.append(("Via", ", ".join([*via, VIA])))
+    # RFC 9110 §7.6.3: Via names the protocol the proxy received ("1.0" from an HTTP/1.0 app).
+    out.append(("Via", ", ".join([*via, VIA if received == "1.1" else f"{received} authproxy"])))
     return out
 
 
