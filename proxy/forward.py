@@ -475,7 +475,7 @@ class Forwarder:
             inbound_proto=request.scheme,
             trust_forwarded=table.config.trust_forwarded_headers,
             drop=runtime.drop_headers,
-            received="1.1" if request.version == (1, 1) else "%d.%d" % request.version,
+            received="{}.{}".format(*request.version),
         )
         if request.method == "OPTIONS":
             headers = decrement_max_forwards(headers)
