@@ -12,20 +12,26 @@ contains a token, a client secret or an ``Authorization`` value.
     ├── CacheUnavailable               the shared token cache failed (never reaches
     │                                  an app: the proxy falls back to memory)
     └── RequestFailed                  answered to the app as JSON
-        ├── BadRequest            400  malformed request target
+        ├── BadRequest            400  malformed request (named, never quoted)
         │   └── PathEscapesRoute  400  dot-segments climb out of the route
         ├── ProxyKeyRequired      401  the route's inbound_auth key is missing or wrong
         ├── SourceNotAllowed      403  the app's address is not in the route's allow_from
         ├── NoRoute               404  no route matches host/path
-        ├── MethodNotAllowed      405  CONNECT (the proxy does TLS itself)
+        ├── MethodNotAllowed      405  CONNECT (the proxy does TLS itself), TRACE
+        ├── HeadTimeout           408  the request head did not arrive in time
         ├── BodyTimeout           408  the app stopped sending its request body
         ├── BodyTooLarge          413  the body is over the route's max_body
+        ├── UriTooLong            414  the request line is over the limit
+        ├── HeaderTooLarge        431  a header field, or their number, is over the limit
+        ├── NotImplementedByProxy 501  a transfer coding other than chunked
+        ├── VersionNotSupported   505  not HTTP/1.x
         ├── RouteBusy             503  max_concurrent requests already in flight
         ├── TokenError            502  no token could be had
         │   ├── TokenEndpointRejected   the endpoint answered an RFC 6749 §5.2 error
         │   ├── TokenEndpointUnreachable connect/reset/TLS failure
         │   ├── TokenEndpointTimeout     no answer within the client's timeout
-        │   └── TokenResponseInvalid     2xx but not a usable bearer token
+        │   ├── TokenResponseInvalid     2xx but not a usable bearer token
+        │   └── MintBlocked              not called: the client's circuit is open
         └── UpstreamError         502  the partner API failed
             ├── UpstreamUnreachable 502
             └── UpstreamTimeout     504
@@ -36,6 +42,7 @@ this tree once, at the boundary where they happen, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import re
 from typing import Self
 
 
@@ -225,7 +232,10 @@ def malformed_reason(exc: BaseException | None) -> str:
     """An HTTP parser's complaint without the request bytes it quotes back."""
     text = getattr(exc, "message", None) or (type(exc).__name__ if exc else "bad request")
     first = str(text).strip().splitlines()[0] if str(text).strip() else "bad request"
-    return "malformed request: " + first.rstrip(":")[:120]
+    # aiohttp quotes the offending bytes after the description ("Invalid HTTP
+    # header: b'...'"): whatever follows a bytes literal is cut.
+    first = re.split(r"""\s*:?\s*(?:b'|b"|bytearray\()""", first, maxsplit=1)[0]
+    return "malformed request: " + (first.rstrip(": ")[:120] or "bad request")
 
 
 class UriTooLong(RequestFailed):

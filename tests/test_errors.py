@@ -83,3 +83,18 @@ def test_with_message_restates_without_changing_the_cause() -> None:
     )
     assert (restated.http_status, restated.oauth_error) == (401, "invalid_client")
     assert cause.message == str(cause) == "answered 401 invalid_client"
+
+
+def test_malformed_reason_never_quotes_the_request_bytes() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage, InvalidHeader, LineTooLong
+
+    from proxy.errors import malformed_reason
+
+    secret = b"Authorization: Bearer app-secret\x01"
+    for exc in (
+        InvalidHeader(secret),
+        BadHttpMessage("Invalid header value char:\n\n  b'Bearer app-secret'\n  ^"),
+        LineTooLong(b"Bearer app-secret...", 8190),
+    ):
+        reason = malformed_reason(exc)
+        assert reason.startswith("malformed request: ") and "app-secret" not in reason, reason
