@@ -98,8 +98,8 @@ def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) 
     and its size, never the bytes (an over-long ``Authorization`` is a secret).
     ``recent`` is the bytes read last, where a field's name is looked up."""
     if isinstance(exc, LineTooLong):
-        seen = exc.args[0] if exc.args else b""
-        if isinstance(seen, bytearray):  # aiohttp reports the request target this way
+        seen = bytes(exc.args[0]) if exc.args else b""
+        if _in_request_line(seen, recent):
             return UriTooLong(
                 f"the request line is longer than {limits.max_header_size} bytes "
                 "(inbound.max_header_size)"
@@ -116,6 +116,19 @@ def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) 
     return BadRequest(malformed_reason(exc))
 
 
+def _in_request_line(seen: bytes, recent: bytes) -> bool:
+    """Whether the over-long bytes a parser reports (their first 100, then
+    "...") are a request target: they follow ``METHOD SP`` at a line start."""
+    start = seen[:-3] if seen.endswith(b"...") else seen
+    at = recent.find(start[:64]) if start else -1
+    if at == -1:
+        return False
+    line_start = recent.rfind(b"\n", 0, at) + 1
+    if line_start == at:  # the Python parser reports the whole line, method first
+        return _METHOD_START.match(start) is not None
+    return _METHOD_START.fullmatch(recent[line_start:at]) is not None
+
+
 def _field_name(seen: bytes, recent: bytes) -> str:
     """The name of the field whose (name or) value starts with ``seen``, when
     it can be found in ``recent``; a name is no secret, a value may be."""
@@ -126,7 +139,7 @@ def _field_name(seen: bytes, recent: bytes) -> str:
         if found:
             return repr(found.group(1).decode("ascii"))
         if recent[at - 1 : at] in (b"\n", b""):
-            return "name"  # the name itself is over the limit
+            return "(its name)"  # the name itself is over the limit
     return "(unnamed)"
 
 
