@@ -11,6 +11,15 @@ contains a token, a client secret or an ``Authorization`` value.
     ├── ConfigError                    bad proxy.yaml (never reaches an app)
     ├── CacheUnavailable               the shared token cache failed (never reaches
     │                                  an app: the proxy falls back to memory)
+    ├── TransportFailure               an engine's fact about a connection; the
+    │   │                              forwarder answers each with a RequestFailed
+    │   ├── ConnectFailed              never connected (refused, DNS, TLS)
+    │   │   └── ConnectTimedOut        not within connect_timeout
+    │   ├── Dropped                    closed before any answer: safe to resend
+    │   ├── BodyFailed                 the app's body failed while going upstream
+    │   ├── AppBodyFailed              the app's body broke (reset, bad chunking)
+    │   ├── UpstreamBodyFailed         the partner's answer broke mid-body
+    │   └── UpstreamProtocolError      the partner's answer cannot be parsed
     └── RequestFailed                  answered to the app as JSON
         ├── BadRequest            400  malformed request (named, never quoted)
         │   └── PathEscapesRoute  400  dot-segments climb out of the route
@@ -57,6 +66,45 @@ class ConfigError(AuthProxyError):
 class CacheUnavailable(AuthProxyError):
     """A shared cache backend (Redis) failed or timed out. The message names the
     operation and the error class, never the URL (it may carry a password)."""
+
+
+class TransportFailure(AuthProxyError):
+    """A fact an engine reports about a connection, translated from the
+    library's exceptions once, where they happen (proxy/upstream.py,
+    proxy/listener.py). ``reason`` is safe to show: no request bytes."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ConnectFailed(TransportFailure):
+    """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
+
+
+class ConnectTimedOut(ConnectFailed):
+    """No connection within the route's ``connect_timeout``."""
+
+
+class Dropped(TransportFailure):
+    """The connection closed before any byte of an answer: the request may not
+    have reached the application, so an idempotent one can be sent again."""
+
+
+class BodyFailed(TransportFailure):
+    """The request body's source (the app's inbound body) raised while being sent."""
+
+
+class AppBodyFailed(TransportFailure):
+    """The app's request body broke: reset, bad chunking, cut short."""
+
+
+class UpstreamBodyFailed(TransportFailure):
+    """The partner's answer broke after its head (reset, bad chunking)."""
+
+
+class UpstreamProtocolError(TransportFailure):
+    """The partner's answer is not HTTP/1.1 the proxy can relay."""
 
 
 class RequestFailed(AuthProxyError):

@@ -18,23 +18,26 @@ from dataclasses import dataclass, field
 from ipaddress import ip_address
 from typing import Any, Final, Protocol
 
-import aiohttp
-from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDictProxy
-
 from .challenge import MAX_401_BODY, says_expired
 from .config import Config, InboundAuth, RouteConfig
 from .errors import (
+    AppBodyFailed,
     BadRequest,
+    BodyFailed,
     BodyTimeout,
     BodyTooLarge,
+    ConnectFailed,
+    ConnectTimedOut,
+    Dropped,
     MethodNotAllowed,
     NoRoute,
     ProxyKeyRequired,
     RequestFailed,
     RouteBusy,
     SourceNotAllowed,
+    UpstreamBodyFailed,
     UpstreamError,
+    UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
@@ -48,20 +51,11 @@ from .headers import (
 from .log import get_logger
 from .metrics import UNROUTED, Metrics, RouteMetrics
 from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream_url
+from .seams import AppBody, Fields, Headers, Interim, UpstreamClient, UpstreamResponse
 from .session import ssl_context
 from .source import SharedTokenSource
 from .token import Token
-from .upstream import (
-    BodyFailed,
-    ConnectFailed,
-    ConnectTimedOut,
-    Dropped,
-    Endpoint,
-    Fields,
-    Interim,
-    UpstreamClient,
-    UpstreamResponse,
-)
+from .upstream import Endpoint
 
 log = get_logger("proxy.access")
 events = get_logger("proxy.forward")
@@ -172,12 +166,12 @@ class Exchange:
 class BodyTee:
     """Streams the inbound body upstream while keeping a copy of up to ``limit``
     bytes for an expired-token replay. Past ``limit`` the copy is dropped and
-    memory stays bounded by aiohttp's read buffer.
+    memory stays bounded by the engine's read buffer.
     """
 
     def __init__(
         self,
-        content: aiohttp.StreamReader,
+        content: AppBody,
         limit: int,
         *,
         max_body: int | None = None,
@@ -281,9 +275,11 @@ class AppSide(Protocol):
     method: str
     raw_path: str
     version: tuple[int, int]
-    headers: CIMultiDictProxy[str]
     remote: str | None
     scheme: str
+
+    @property
+    def headers(self) -> Headers: ...
 
     @property
     def fields(self) -> Fields:
@@ -294,8 +290,8 @@ class AppSide(Protocol):
     body_exists: bool
     status: int  # of the answer, once started
 
-    async def open_body(self) -> Any:
-        """The body (aiohttp's StreamReader); answers Expect: 100-continue first."""
+    async def open_body(self) -> AppBody:
+        """The body; answers Expect: 100-continue first."""
         ...
 
     async def start(
@@ -510,7 +506,7 @@ class Forwarder:
                     prefix = await _read_up_to(upstream, MAX_401_BODY, route.name)
                 if says_expired(
                     401,
-                    upstream.headers.getall("WWW-Authenticate", ()),
+                    upstream.header_values("WWW-Authenticate"),
                     prefix,
                     route.expired_token,
                 ):
@@ -673,16 +669,15 @@ class Forwarder:
                     client=route.client,
                 )
             ) from None
-        except (aiohttp.ClientError, HttpProcessingError, BodyFailed, OSError, ValueError) as exc:
+        except (UpstreamProtocolError, BodyFailed) as exc:
             _inbound_failure(route, tee)
             raise UpstreamError(
-                f"route {route.name!r}: upstream {runtime.base.origin} failed: "
-                f"{type(exc).__name__}",
+                f"route {route.name!r}: upstream {runtime.base.origin} failed: {exc.reason}",
                 route=route.name,
                 client=route.client,
             ) from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
-        codings = response.headers.getall("Transfer-Encoding", ())
+        codings = response.header_values("Transfer-Encoding")
         if codings and transfer_codings(codings) != ["chunked"]:
             # RFC 9112 §6.1: the proxy would strip the chunking and pass the
             # other coding's bytes on unlabelled; nginx answers 502 as well.
@@ -719,7 +714,7 @@ class Forwarder:
             else:
                 async for chunk in content.iter_any():
                     await request.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamBodyFailed, TimeoutError) as exc:
             # Headers are gone already: the only honest signal left is to cut the
             # app's connection, so a Content-Length or chunked framing shows the
             # body is incomplete (never a silently truncated 200).
@@ -747,8 +742,7 @@ async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> b
             f"route {route.name!r}: the request body stalled (no data within the body timeout)",
             route=route.name,
         ) from None
-    except (asyncio.IncompleteReadError, aiohttp.ClientError, OSError, ValueError):
-        # aiohttp's payload errors are ClientError/ValueError subclasses
+    except AppBodyFailed:
         raise BadRequest(
             f"route {route.name!r}: the request body ended early or was malformed",
             route=route.name,
@@ -768,7 +762,7 @@ async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes
                 break
             chunks.append(chunk)
             size += len(chunk)
-    except (aiohttp.ClientError, TimeoutError):
+    except (UpstreamBodyFailed, TimeoutError):
         raise UpstreamError(
             f"route {route!r}: upstream broke while sending a 401 body", route=route
         ) from None

@@ -41,6 +41,7 @@ from multidict import CIMultiDictProxy
 
 from .config import InboundLimits
 from .errors import (
+    AppBodyFailed,
     BadRequest,
     HeaderTooLarge,
     HeadTimeout,
@@ -52,7 +53,8 @@ from .errors import (
 )
 from .headers import message_head, transfer_codings
 from .log import get_logger
-from .upstream import Fields, raw_fields
+from .seams import AppBody, Fields
+from .upstream import raw_fields
 
 log = get_logger("proxy.inbound")
 
@@ -171,6 +173,36 @@ def framing_error(message: Any) -> RequestFailed | None:
     return None
 
 
+class _Body:
+    """aiohttp's StreamReader for a request body, behind seams.AppBody: what
+    it raises (a reset, bad chunking, a body cut short) becomes AppBodyFailed."""
+
+    __slots__ = ("_payload",)
+
+    def __init__(self, payload: Any) -> None:
+        self._payload = payload
+
+    async def readany(self) -> bytes:
+        try:
+            data: bytes = await self._payload.readany()
+        except (RequestPayloadError, HttpProcessingError, OSError, ValueError) as exc:
+            raise AppBodyFailed(type(exc).__name__) from None
+        return data
+
+    async def readexactly(self, n: int) -> bytes:
+        try:
+            data: bytes = await self._payload.readexactly(n)
+        except (
+            asyncio.IncompleteReadError,
+            RequestPayloadError,
+            HttpProcessingError,
+            OSError,
+            ValueError,
+        ) as exc:
+            raise AppBodyFailed(type(exc).__name__) from None
+        return data
+
+
 class AppExchange:
     """One request from an app and the means to answer it. The request side is
     read-only; the answer is started once, then written, then finished (or the
@@ -235,12 +267,12 @@ class AppExchange:
             return
         self._connection.write(response_head(status, reason, headers))
 
-    async def open_body(self) -> Any:
-        """The body as aiohttp's StreamReader; the first call sends 100 Continue."""
+    async def open_body(self) -> AppBody:
+        """The body (seams.AppBody); the first call sends 100 Continue."""
         if self._continue:
             self._continue = False
             self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        return self._payload
+        return _Body(self._payload)
 
     @property
     def body_complete(self) -> bool:

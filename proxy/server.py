@@ -36,9 +36,10 @@ from .listener import AppExchange, Listener
 from .log import configure_logging, get_logger
 from .metrics import Metrics
 from .minter import ClientCredentialsMinter, GuardedMinter
+from .seams import UpstreamClient
 from .session import token_session
 from .source import SharedTokenSource
-from .upstream import LeanClient, UpstreamClient
+from .upstream import LeanClient
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
 ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved

@@ -25,16 +25,26 @@ import asyncio
 import socket
 import ssl as ssl_module
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 from yarl import URL
 
+from .errors import (
+    BodyFailed,
+    ConnectFailed,
+    ConnectTimedOut,
+    Dropped,
+    UpstreamBodyFailed,
+    UpstreamProtocolError,
+)
 from .headers import message_head
+from .seams import Body, Fields, Interim, UpstreamResponse
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
@@ -43,11 +53,6 @@ MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
 # RFC 9110 §9.3: methods whose requests carry no body by convention; the others
 # get "Content-Length: 0" when they have none (some servers answer 411 otherwise).
 _BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
-
-Body = bytes | AsyncIterator[bytes] | None
-Fields = list[tuple[str, str]]
-# Called with each interim (1xx) answer the proxy did not ask for (102, 103...).
-Interim = Callable[[int, str, Fields], Awaitable[None]]
 
 
 def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
@@ -59,27 +64,6 @@ def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
         (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
         for name, value in raw_headers
     ]
-
-
-class ConnectFailed(Exception):
-    """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
-
-
-class ConnectTimedOut(ConnectFailed):
-    """No connection within the route's ``connect_timeout``."""
-
-
-class Dropped(Exception):
-    """The connection closed before any byte of an answer: the request may not
-    have reached the application, so an idempotent one can be sent again."""
-
-
-class BodyFailed(Exception):
-    """The request body's source (the app's inbound body) raised while being sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,62 +108,6 @@ def default_tls() -> ssl_module.SSLContext:
     if not _DEFAULT_TLS:
         _DEFAULT_TLS.append(ssl_module.create_default_context())
     return _DEFAULT_TLS[0]
-
-
-class Content(Protocol):
-    def iter_any(self) -> AsyncIterator[bytes]: ...
-
-    async def read(self, n: int = -1) -> bytes: ...
-
-
-class UpstreamResponse(Protocol):
-    """An answer whose body is still on the wire. ``release()`` hands a fully
-    read connection back to the pool (closing it otherwise); ``close()`` closes
-    it unless it was already handed back. Both are idempotent."""
-
-    @property
-    def status(self) -> int: ...
-
-    @property
-    def reason(self) -> str | None: ...
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]: ...
-
-    @property
-    def fields(self) -> Fields:
-        """The header fields as the partner spelled them, in order."""
-        ...
-
-    @property
-    def content(self) -> Any: ...
-
-    def release(self) -> Any: ...
-
-    def close(self) -> None: ...
-
-
-class UpstreamClient(Protocol):
-    async def request(
-        self,
-        endpoint: Endpoint,
-        method: str,
-        url: str,
-        target: str,
-        headers: Sequence[tuple[str, str]],
-        body: Body,
-        interim: Interim | None = None,
-    ) -> UpstreamResponse:
-        """Send one request; ``url`` is absolute, ``target`` its path and query;
-        ``interim`` gets the 1xx answers to forward (not 100 Continue: the
-        proxy answers that to the app itself). Raises ConnectFailed, Dropped,
-        BodyFailed, TimeoutError, or another exception for a broken answer."""
-        ...
-
-    async def close(self) -> None: ...
-
-
-# --- the lean client ---------------------------------------------------------
 
 
 def request_head(
@@ -247,6 +175,49 @@ class _Connection(ResponseHandler):
             self._read_timeout_handle = self._loop.call_at(deadline, self._check_deadline)
 
 
+# What aiohttp's response parser and StreamReader raise for a broken body.
+_BROKEN: Final = (aiohttp.ClientError, HttpProcessingError, OSError, ValueError)
+
+
+class LeanBody:
+    """aiohttp's StreamReader for an answer, behind seams.UpstreamBody: its
+    exceptions become UpstreamBodyFailed (or TimeoutError) here, once."""
+
+    __slots__ = ("_payload",)
+
+    def __init__(self, payload: Any) -> None:
+        self._payload = payload
+
+    def is_eof(self) -> bool:
+        return bool(self._payload.is_eof())
+
+    def read_nowait(self) -> bytes:
+        data: bytes = self._payload.read_nowait()
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        try:
+            data: bytes = await self._payload.read(n)
+        except TimeoutError:
+            raise
+        except _BROKEN as exc:
+            raise UpstreamBodyFailed(type(exc).__name__) from None
+        return data
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        payload = self._payload
+        while True:
+            try:
+                chunk: bytes = await payload.readany()
+            except TimeoutError:
+                raise
+            except _BROKEN as exc:
+                raise UpstreamBodyFailed(type(exc).__name__) from None
+            if not chunk:
+                return
+            yield chunk
+
+
 class LeanResponse:
     """An answer on a pooled connection. The connection goes back to the pool
     by itself when the body's end has been parsed and the request was written
@@ -277,7 +248,7 @@ class LeanResponse:
         self.reason: str | None = message.reason
         self.headers: CIMultiDictProxy[str] = message.headers
         self.raw: Sequence[tuple[bytes, bytes]] = message.raw_headers
-        self.content = payload
+        self.content = LeanBody(payload)
         self._client = client
         self._key = key
         self._protocol: _Connection | None = protocol
@@ -299,6 +270,9 @@ class LeanResponse:
     @property
     def fields(self) -> Fields:
         return raw_fields(self.raw)
+
+    def header_values(self, name: str) -> list[str]:
+        return self.headers.getall(name, [])
 
     def release(self) -> None:
         self.close()
@@ -388,6 +362,10 @@ class LeanClient:
             protocol.close()
             if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
                 raise Dropped(type(exc).__name__) from exc
+            if isinstance(exc, (TimeoutError, BodyFailed, asyncio.CancelledError)):
+                raise
+            if isinstance(exc, _BROKEN):
+                raise UpstreamProtocolError(type(exc).__name__) from None
             raise
         if message.chunked:
             # llhttp keeps a response's last trailer field pending and hands it

@@ -1,0 +1,105 @@
+"""The typed seam between the forwarder and the HTTP/1.1 engine (pure).
+
+The forwarder (proxy/forward.py) is written against these protocols only; the
+engine (proxy/listener.py on the apps' side, proxy/upstream.py on the
+partners' side) implements them and translates every library exception into
+the error tree (proxy/errors.py) before it crosses. No aiohttp type appears
+here, as in Go's ``http.RoundTripper`` and ``ResponseWriter``: the forwarder
+does not know which library frames the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+Fields = list[tuple[str, str]]  # header fields as sent: names as spelled, in order, repeats kept
+# Called with each interim (1xx) answer the proxy did not ask for (102, 103...).
+Interim = Callable[[int, str, Fields], Awaitable[None]]
+
+
+# A message's header fields, looked up case-insensitively (read-only).
+Headers = Mapping[str, str]
+
+
+class AppBody(Protocol):
+    """The app's request body. Raises AppBodyFailed when it breaks."""
+
+    async def readany(self) -> bytes:
+        """The next bytes as they arrive; ``b""`` at the end."""
+        ...
+
+    async def readexactly(self, n: int) -> bytes:
+        """Exactly ``n`` bytes; AppBodyFailed when the body ends first."""
+        ...
+
+
+class UpstreamBody(Protocol):
+    """A partner's answer body, still on the wire. Raises UpstreamBodyFailed
+    when it breaks, TimeoutError when a read waits past the route's timeout."""
+
+    def is_eof(self) -> bool:
+        """The whole body is in hand (``read_nowait`` returns the rest)."""
+        ...
+
+    def read_nowait(self) -> bytes: ...
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all with -1); ``b""`` at the end."""
+        ...
+
+    def iter_any(self) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """An answer whose body is still on the wire. ``release()`` hands a fully
+    read connection back to the pool (closing it otherwise); ``close()`` closes
+    it unless it was already handed back. Both are idempotent."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+    @property
+    def headers(self) -> Headers: ...
+
+    @property
+    def fields(self) -> Fields:
+        """The header fields as the partner spelled them, in order."""
+        ...
+
+    def header_values(self, name: str) -> list[str]:
+        """Every value of the field ``name`` (any case), in order."""
+        ...
+
+    @property
+    def content(self) -> UpstreamBody: ...
+
+    def release(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+Body = bytes | AsyncIterator[bytes] | None
+
+
+class UpstreamClient(Protocol):
+    async def request(
+        self,
+        endpoint: Any,  # the engine's own value, built at load (upstream.Endpoint)
+        method: str,
+        url: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: Body,
+        interim: Interim | None = None,
+    ) -> UpstreamResponse:
+        """Send one request; ``url`` is absolute, ``target`` its path and query;
+        ``interim`` gets the 1xx answers to forward (not 100 Continue: the
+        proxy answers that to the app itself). Raises only ConnectFailed,
+        Dropped, BodyFailed, UpstreamProtocolError or TimeoutError."""
+        ...
+
+    async def close(self) -> None: ...
