@@ -403,6 +403,7 @@ def main() -> int:
 
         def wanted(name: str) -> bool:
             return not only or name in only
+
         for name, (path, conns, script) in scenarios.items():
             if not wanted(name):
                 continue
@@ -459,7 +460,8 @@ def main() -> int:
                 for cname, proc in two.items():
                     rounds[cname].append(
                         measured(
-                            proc, lambda p=proc.port: wrk(p, "/api/x", args.duration, 64, None, None)
+                            proc,
+                            lambda p=proc.port: wrk(p, "/api/x", args.duration, 64, None, None),
                         )
                     )
             summary = summarise(rounds)

@@ -31,7 +31,10 @@ AREAS = (  # first match wins; lines that call transport.write are "system calls
     ("aiohttp: parsers, protocols ", re.compile(r"aiohttp/")),
     ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
     ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
-    ("authproxy: forwarding, routing, headers, token", re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>")),
+    (
+        "authproxy: forwarding, routing, headers, token",
+        re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>"),
+    ),
     ("metrics (prometheus_client)", re.compile(r"prometheus_client|proxy/metrics")),
 )
 
@@ -76,8 +79,21 @@ def main() -> int:
         assert proxy.popen is not None
         bench.wrk(proxy.port, "/api/x", 2, 64, script, "1")  # warm up
         sampler = subprocess.Popen(
-            [spy, "record", "-r", "200", "-d", str(int(args.seconds)), "-f", "raw", "-o", str(raw),
-             "-p", str(proxy.popen.pid), "--nonblocking"],
+            [
+                spy,
+                "record",
+                "-r",
+                "200",
+                "-d",
+                str(int(args.seconds)),
+                "-f",
+                "raw",
+                "-o",
+                str(raw),
+                "-p",
+                str(proxy.popen.pid),
+                "--nonblocking",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

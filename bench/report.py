@@ -1,6 +1,6 @@
 """Markdown tables from a bench result, for docs/performance.md.
 
-    python bench/report.py bench/results/latest.json
+python bench/report.py bench/results/latest.json
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def main(path: str) -> None:
         for other in ("nginx", "minimal", "direct"):
             ratio = summary.get(f"authproxy_over_{other}")
             cells.append(
-                f"**{ratio['median']}** ({', '.join(map(str, ratio['per_round']))})" if ratio else "—"
+                f"**{ratio['median']}** ({', '.join(map(str, ratio['per_round']))})"
+                if ratio
+                else "—"
             )
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("\n| transfer, 512 MiB, one connection | contender | MiB/s | bytes arrived | "

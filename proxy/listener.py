@@ -453,6 +453,16 @@ class AppConnection(BaseProtocol):
         self._clean = False
         prior = self._last
         prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
+        spelled = None
+        if clean:
+            method = _METHOD_START.match(data)
+            if method is not None and not method.group().isupper():
+                # Both of aiohttp's parsers upper-case the method ("get" -> GET),
+                # but a method is case-sensitive (RFC 9110 §9.1): "get" is
+                # another one. The Python parser's message can be corrected.
+                spelled = method.group()[:-1].decode("ascii")
+                if isinstance(parser, HttpRequestParser):
+                    self._parser = parser = self._new_parser(HttpRequestParserPy)
         try:
             messages: Sequence[tuple[Any, Any]] = parser.feed_data(data)[0]
         except BadHttpMethod as exc:
@@ -467,6 +477,9 @@ class AppConnection(BaseProtocol):
                 return [(self._refuse(again, data), None)]
         except HttpProcessingError as exc:
             return [(self._refuse(exc, data), None)]
+        if spelled is not None and messages:
+            first, payload = messages[0]
+            messages = [(first._replace(method=spelled), payload), *messages[1:]]
         last = messages[-1] if messages else prior
         self._last = last
         if last is None:

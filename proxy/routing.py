@@ -64,7 +64,7 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
             "CONNECT is not supported: send HTTPS requests as plain HTTP to the proxy "
             "(http://...), and it opens the TLS connection to the partner itself"
         )
-    if method == "TRACE":
+    if method.upper() == "TRACE":  # any spelling: a partner may match it case-blind
         # RFC 9110 §9.3.8: TRACE must not carry credentials, and a partner that
         # answers it would echo the proxy's token back to the app.
         raise MethodNotAllowed("TRACE is not forwarded: it would echo the partner token back")

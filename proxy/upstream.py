@@ -50,9 +50,10 @@ KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner 
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
 READ_BUFFER: Final = 2**16  # per response; aiohttp pauses the socket past twice this
 MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
-# RFC 9110 §9.3: methods whose requests carry no body by convention; the others
-# get "Content-Length: 0" when they have none (some servers answer 411 otherwise).
-_BODYLESS_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
+# RFC 9110 §8.6: methods that define a meaning for content get "Content-Length: 0"
+# when they have none (some servers answer 411 otherwise); the rest go as the
+# app sent them, without a framing field (as nginx does).
+_CONTENT_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
 def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
@@ -125,7 +126,7 @@ def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tup
         if len(name) == 14 and name.lower() == "content-length":
             return "", False
     if body is None:
-        return ("" if method in _BODYLESS_METHODS else "Content-Length: 0\r\n"), False
+        return ("Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""), False
     if isinstance(body, bytes):
         return f"Content-Length: {len(body)}\r\n", False
     return "Transfer-Encoding: chunked\r\n", True
