@@ -159,7 +159,6 @@ class Exchange:
     upstream_status: int | None = None
     replayed: bool = False
     waited_for_mint: bool = False
-    replay: str | None = None  # why a 401 was not replayed, when it was not
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -542,7 +541,6 @@ class Forwarder:
             if not await tee.finish():
                 runtime.metrics.too_large.inc()
                 runtime.source.forget(failed)
-                facts.replay = "too_large"
                 facts.extra["replay"] = "too_large"
                 events.warning(
                     "expired_token_not_replayed",

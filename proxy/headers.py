@@ -27,8 +27,8 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 # Request headers the proxy sets itself, so any the app sent are dropped first.
-# Expect: aiohttp's server already answered the app's 100-continue; the client
-# does not wait for the partner's, so forwarding it would be a lie.
+# Expect: the listener answers the app's 100-continue itself; the upstream
+# client does not wait for the partner's, so forwarding it would be a lie.
 _REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect"})
 
 # Forwarding headers the app could forge to pose as someone else; replaced by

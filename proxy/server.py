@@ -15,7 +15,6 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, Final, cast
 
 import aiohttp
@@ -39,6 +38,7 @@ from .minter import ClientCredentialsMinter, GuardedMinter
 from .seams import UpstreamClient
 from .session import token_session
 from .source import SharedTokenSource
+from .token import iso_time
 from .upstream import LeanClient
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
@@ -217,10 +217,6 @@ class ReloadResult:
         return body
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
-
-
 class ProxyServer:
     """The running proxy. ``start()`` then ``stop()``; not restartable.
 
@@ -373,8 +369,8 @@ class ProxyServer:
                 entry.update(
                     expires_in_s=round(token.expires_at - now, 1),
                     refresh_in_s=round(max(0.0, token.refresh_at - now), 1),
-                    minted_at=_iso(token.minted_at),
-                    expires_at=_iso(token.expires_at),
+                    minted_at=iso_time(token.minted_at),
+                    expires_at=iso_time(token.expires_at),
                 )
             report.append(entry)
         return report

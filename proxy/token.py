@@ -13,9 +13,16 @@ import email.utils
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Final
 
 from .errors import TokenEndpointRejected, TokenResponseInvalid
+
+
+def iso_time(epoch: float) -> str:
+    """An epoch time as ISO 8601 in UTC, to the second (admin page, CLI)."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
 
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024  # a token response is < 10 KiB; cap a hostile one
 MAX_ERROR_SNIPPET: Final = 200  # characters of an error body quoted in a message

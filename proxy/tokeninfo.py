@@ -9,18 +9,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from .config import Config
 from .errors import TokenError
 from .minter import ClientCredentialsMinter
 from .session import token_session
-from .token import Token, jwt_claims
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+from .token import Token, iso_time, jwt_claims
 
 
 def describe(client: str, token: Token) -> dict[str, Any]:
@@ -29,9 +24,9 @@ def describe(client: str, token: Token) -> dict[str, Any]:
         "client": client,
         "token_type": "Bearer",
         "lifetime_s": round(token.lifetime, 3),
-        "minted_at": _iso(token.minted_at),
-        "usable_until": _iso(token.expires_at),
-        "refresh_from": _iso(token.refresh_at),
+        "minted_at": iso_time(token.minted_at),
+        "usable_until": iso_time(token.expires_at),
+        "refresh_from": iso_time(token.refresh_at),
         "scopes_granted": token.scope.split() if token.scope else [],
         "length": len(token.access_token),
         "jwt": claims is not None,
