@@ -65,6 +65,13 @@ KNOWN: frozenset[str] = frozenset(
         "limit_431_too_many_headers",
         "limit_408_body_stalls",
         "limit_unknown_transfer_coding_alone",
+        "interim_103_with_content_length_and_hop_by_hop",
+        "malformed_400_host_userinfo",
+        "method_options_max_forwards_00",
+        "response_101_without_upgrade_http_1_0",
+        "response_101_without_upgrade_http_1_1",
+        "response_204_with_content_length_late_bytes",
+        "response_status_600",
     }
 )
 

@@ -41,6 +41,7 @@ REQUIRED: Final = (
     ("aiohttp.client_proto", "ResponseHandler.start_timeout"),
     ("aiohttp.client_proto", "ResponseHandler.read"),
     ("aiohttp.client_proto", "ResponseHandler.should_close"),
+    ("aiohttp.client_proto", "ResponseHandler.force_close"),
 )
 
 

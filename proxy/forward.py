@@ -42,6 +42,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .headers import (
+    VIA,
     decrement_max_forwards,
     downstream_response_headers,
     request_id,
@@ -99,7 +100,8 @@ class Gate:
         self.inflight -= 1
 
 
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+# RFC 9110 §9.2.2, less TRACE: the proxy never forwards TRACE (a 405 of its own).
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 # A body with a Content-Length up to this many bytes (and within the route's
 # replay_limit) is read whole and sent in one write, as nginx buffers request
@@ -333,7 +335,20 @@ def answers_options(request: AppSide) -> bool:
     """An OPTIONS the proxy answers itself: ``OPTIONS *`` asks about the
     server, not a partner, and ``Max-Forwards: 0`` names this hop as the
     recipient (RFC 9110 §7.6.2)."""
-    return request.raw_path == "*" or request.headers.get("Max-Forwards", "").strip() == "0"
+    if request.raw_path == "*":
+        return True
+    hops = request.headers.get("Max-Forwards", "").strip()
+    return hops.isdigit() and int(hops) == 0  # "00" is a zero too
+
+
+def _interim_to(request: AppSide, via: str | None) -> Interim:
+    """The partner's 1xx answers, passed to the app as its final answer is:
+    hop-by-hop fields dropped, Via added as a forward proxy."""
+
+    async def interim(status: int, reason: str, fields: Fields) -> None:
+        await request.interim(status, reason, downstream_response_headers(fields, via=via))
+
+    return interim
 
 
 def _credential(route: RouteConfig, token: Token) -> str:
@@ -496,7 +511,11 @@ class Forwarder:
                 gap=runtime.body_timeout,
             )
             data = tee.stream()
-        upstream = await self._send(runtime, outbound, data, tee, request.interim)
+        # RFC 9110 §7.6.3: as a forward proxy (absolute-form target) the proxy
+        # adds Via to the answers it forwards; as a gateway it need not.
+        via = VIA if target.absolute else None
+        interim = _interim_to(request, via)
+        upstream = await self._send(runtime, outbound, data, tee, interim)
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
@@ -510,13 +529,13 @@ class Forwarder:
                     route.expired_token,
                 ):
                     replay = await self._maybe_replay(
-                        runtime, outbound, tee, token, upstream, facts, request.interim
+                        runtime, outbound, tee, token, upstream, facts, interim
                     )
                     if replay is not None:
                         upstream = replay
                         prefix = None
                         facts.upstream_status = upstream.status
-            await self._relay(request, upstream, prefix, route)
+            await self._relay(request, upstream, prefix, route, via)
         finally:
             upstream.close()
 
@@ -694,6 +713,7 @@ class Forwarder:
         upstream: UpstreamResponse,
         prefix: bytes | None,
         route: RouteConfig,
+        via: str | None,
     ) -> None:
         """Stream the upstream's answer to the app as it arrives."""
         content = upstream.content
@@ -701,7 +721,7 @@ class Forwarder:
         await request.start(
             upstream.status,
             upstream.reason,
-            downstream_response_headers(upstream.fields),
+            downstream_response_headers(upstream.fields, via=via),
             hold=whole,  # then head and body leave in one write
         )
         try:

@@ -151,8 +151,11 @@ def upstream_request_headers(
     return out
 
 
-def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The upstream's response headers minus hop-by-hop ones, repeats and order kept."""
+def downstream_response_headers(
+    headers: Iterable[tuple[str, str]], *, via: str | None = None
+) -> list[tuple[str, str]]:
+    """The upstream's response headers minus hop-by-hop ones, repeats and order
+    kept; with ``via``, this hop appended to ``Via`` (RFC 9110 §7.6.3)."""
     items = [(name, value, name.lower()) for name, value in headers]
     drop = HOP_BY_HOP
     for _, value, lower in items:
@@ -160,7 +163,12 @@ def downstream_response_headers(headers: Iterable[tuple[str, str]]) -> list[tupl
             # rare: only then is a per-response set built
             drop = HOP_BY_HOP | connection_named((n, v) for n, v, _ in items)
             break
-    return [(name, value) for name, value, lower in items if lower not in drop]
+    out = [(name, value) for name, value, lower in items if lower not in drop]
+    if via is not None:
+        prior = [value for name, value in out if name.lower() == "via"]
+        out = [(name, value) for name, value in out if name.lower() != "via"]
+        out.append(("Via", ", ".join([*prior, via])))
+    return out
 
 
 def message_head(first_line: str, headers: Sequence[tuple[str, str]], extra: str = "") -> bytes:

@@ -53,6 +53,7 @@ from .errors import (
 )
 from .headers import message_head, transfer_codings
 from .log import get_logger
+from .routing import valid_authority
 from .seams import AppBody, Fields
 from .upstream import raw_fields
 
@@ -65,6 +66,8 @@ READ_BUFFER: Final = 2**16
 # RFC 9110 §9.1: a method is any token. llhttp knows a fixed table of them;
 # a request with another one is parsed by aiohttp's Python parser instead.
 _METHOD_START: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+_LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
+_AFTER_CLOSE: Final = "Data after `Connection: close`"
 _HEADER_NAME: Final = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})[ \t]*:[ \t]*$")
 
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
@@ -89,9 +92,15 @@ class _Date:
 
 def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, str]]) -> bytes:
     """Status line and header block; a CR or LF in any header is refused."""
-    if not reason or "\r" in reason or "\n" in reason:
+    if reason is None or "\r" in reason or "\n" in reason:
         reason = _REASONS.get(status, "Unknown")
     return message_head(f"HTTP/1.1 {status} {reason}", headers)
+
+
+def _without_length(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer (it would
+    frame a body that answer cannot have)."""
+    return [(name, value) for name, value in headers if name.lower() != "content-length"]
 
 
 def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) -> RequestFailed:
@@ -158,6 +167,9 @@ def framing_error(message: Any) -> RequestFailed | None:
     if len(hosts) > 1 or (not hosts and version >= (1, 1)):
         # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
         return BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+    if hosts and not valid_authority(hosts[0]):
+        # A Host that is no host[:port] would be copied into X-Forwarded-Host.
+        return BadRequest("the Host header is not a host[:port] (RFC 9110 §7.2)")
     coding = headers.get(hdrs.TRANSFER_ENCODING)
     if coding is not None:
         if version < (1, 1):
@@ -265,7 +277,7 @@ class AppExchange:
         the final one; never to an HTTP/1.0 app (RFC 9110 §15.2)."""
         if self.version < (1, 1) or self.started:
             return
-        self._connection.write(response_head(status, reason, headers))
+        self._connection.write(response_head(status, reason, _without_length(headers)))
 
     async def open_body(self) -> AppBody:
         """The body (seams.AppBody); the first call sends 100 Continue."""
@@ -306,6 +318,8 @@ class AppExchange:
         body bytes, so that a small answer leaves in one write."""
         self.started = True
         self.status = status
+        if status == 204:
+            headers = _without_length(headers)
         if self._connection.closing:
             self.closes = True  # draining: tell the app this connection ends
         has_length = False
@@ -453,6 +467,7 @@ class AppConnection(BaseProtocol):
         self._clean = False
         prior = self._last
         prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
+        before = getattr(prior[1], "total_bytes", 0) if prior is not None else 0
         spelled = None
         if clean:
             method = _METHOD_START.match(data)
@@ -476,6 +491,15 @@ class AppConnection(BaseProtocol):
             except HttpProcessingError as again:
                 return [(self._refuse(again, data), None)]
         except HttpProcessingError as exc:
+            text = str(exc)
+            if clean and _LATER_MINOR.match(data) and "Invalid HTTP version" in text:
+                # RFC 9110 §2.5: HTTP/1.2 and later minors are served as 1.1;
+                # llhttp refuses them, aiohttp's Python parser does not.
+                self._parser = self._new_parser(HttpRequestParserPy)
+                self._clean = True
+                return self._feed(data)
+            if clean and _AFTER_CLOSE in text:
+                return self._until_close(type(parser), data)
             return [(self._refuse(exc, data), None)]
         if spelled is not None and messages:
             first, payload = messages[0]
@@ -501,9 +525,45 @@ class AppConnection(BaseProtocol):
                 self._clean = True
                 return messages
             return self._poison(messages)
-        bodiless = not message.headers.get(hdrs.CONTENT_LENGTH, "0").strip("0 ")
-        self._clean = bool(messages) and ends_here and bodiless
+        length = int(message.headers.get(hdrs.CONTENT_LENGTH) or 0)  # digits: the parser checked
+        if not length:
+            self._clean = bool(messages) and ends_here
+        elif not payload.is_eof():
+            self._clean = False
+        elif messages:  # head and whole body in this read: the head ends where the body starts
+            self._clean = len(data) >= length + 4 and data[-length - 4 : -length] == b"\r\n\r\n"
+        else:  # the body's end came in this read, and nothing after it
+            self._clean = length - before == len(data)
         return messages
+
+    def _until_close(self, kind: Any, data: bytes) -> Sequence[tuple[Any, Any]]:
+        """Requests pipelined after one that says ``Connection: close`` (both
+        parsers refuse the read holding them): parse ``data`` again, one
+        message at a time, and keep the requests up to the closing one. The
+        rest are not served (RFC 9112 §9.6); the connection closes once the
+        answers owed are sent."""
+        parser = self._parser = self._new_parser(kind)
+        kept: list[tuple[Any, Any]] = []
+        at = 0
+        while at < len(data) and not (kept and kept[-1][0].should_close and kept[-1][1].is_eof()):
+            end = data.find(b"\r\n\r\n", at)
+            end = len(data) if end == -1 else end + 4
+            if kept and not kept[-1][1].is_eof():
+                length = kept[-1][0].headers.get(hdrs.CONTENT_LENGTH)
+                if length is not None and length.isdigit():
+                    end = at + int(length) - kept[-1][1].total_bytes
+            try:
+                kept.extend(parser.feed_data(data[at:end])[0])
+            except HttpProcessingError:
+                break
+            at = end
+            if kept and kept[-1][0].chunked and kept[-1][1].is_eof():
+                parser = self._parser = self._new_parser(kind)  # no trailer carried over
+        while kept and not kept[-1][0].should_close:
+            kept.pop()
+        self._discard = True
+        self.closing = True
+        return kept
 
     def _poison(self, messages: Sequence[tuple[Any, Any]]) -> Sequence[tuple[Any, Any]]:
         """After a chunked request, more bytes came in the same read: they may

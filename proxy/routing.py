@@ -24,6 +24,12 @@ T = TypeVar("T")
 # could be walked around.
 _SEGMENT_SPLIT = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
 _DOT = re.compile(r"%2e", re.IGNORECASE)
+# RFC 9110 §7.2 / RFC 3986 §3.2: Host = uri-host [ ":" port ], no userinfo;
+# uri-host is an IP literal in brackets or a reg-name (IPv4 is one of those).
+_AUTHORITY = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|\[[vV][0-9A-Fa-f]+\.[A-Za-z0-9._~!$&'()*+,;=:-]+\]"
+    r"|(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +48,12 @@ class RequestTarget:
     path: str
     query: str
     absolute: bool
+
+
+def valid_authority(value: str) -> bool:
+    """Whether ``value`` is a ``Host`` (host and optional port, RFC 9110 §7.2);
+    an empty one is valid (a target with no authority)."""
+    return _AUTHORITY.fullmatch(value) is not None
 
 
 def split_host(authority: str) -> str:
@@ -79,6 +91,8 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
         authority, target = rest[:slash], rest[slash:]
         if not authority or "@" in authority:
             raise BadRequest("absolute-form request target has no host or carries credentials")
+        if not valid_authority(authority):
+            raise BadRequest(f"absolute-form request target has an invalid host {authority[:80]!r}")
         if not target.startswith("/"):
             target = "/" + target
     elif not raw_target.startswith("/"):

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
+from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
@@ -145,6 +146,22 @@ class _Connection(ResponseHandler):
 
     params: tuple[bool, float] | None = None
     _deadline: float | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if (
+            data.startswith(b"HTTP/1.")
+            and (data[9:12] in (b"204", b"304") or (self.params is not None and self.params[0]))
+            and data[9:10] != b"1"
+        ):
+            end = data.find(b"\r\n\r\n")
+            if end != -1 and end + 4 < len(data):
+                # Bytes after a head that ends its answer (204, 304, any answer
+                # to HEAD): llhttp would parse them as the next answer and drop
+                # this one with an error. The answer is kept, the bytes are
+                # not, and the connection is not reused.
+                self.force_close()
+                data = data[: end + 4]
+        super().data_received(data)
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
@@ -351,23 +368,39 @@ class LeanClient:
             while True:
                 message, payload = await protocol.read()
                 code = message.code
-                if code < 100 or code > 199 or code == 101:
+                if code < 100 or code > 599:
+                    # RFC 9110 §15: a status is 100-599; anything else is no answer.
+                    raise UpstreamProtocolError(f"status {code} is outside 100-599")
+                if code == 101:
+                    # The proxy never asks for an upgrade (it drops Upgrade), so a
+                    # switch of protocols is an answer to a question not asked.
+                    raise UpstreamProtocolError("101 Switching Protocols, no Upgrade asked")
+                if code > 199:
                     break
                 # RFC 9110 §15.2: a proxy forwards the 1xx answers it did not
                 # ask for (103 Early Hints, 102); 100 Continue is this hop's.
                 if code != 100 and interim is not None:
-                    await interim(code, message.reason or "", raw_fields(message.raw_headers))
+                    await interim(code, message.reason, raw_fields(message.raw_headers))
         except BaseException as exc:
             if writer is not None:
                 writer.cancel()
             protocol.close()
             if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
                 raise Dropped(type(exc).__name__) from exc
-            if isinstance(exc, (TimeoutError, BodyFailed, asyncio.CancelledError)):
+            if isinstance(
+                exc, (TimeoutError, BodyFailed, UpstreamProtocolError, asyncio.CancelledError)
+            ):
                 raise
             if isinstance(exc, _BROKEN):
                 raise UpstreamProtocolError(type(exc).__name__) from None
             raise
+        if code == 204 and (
+            hdrs.CONTENT_LENGTH in message.headers or hdrs.TRANSFER_ENCODING in message.headers
+        ):
+            # RFC 9110 §15.3.5: a 204 has no content, whatever its fields say;
+            # bytes the partner sent anyway would open the next answer read on
+            # this connection, so it is not reused.
+            protocol.force_close()
         if message.chunked:
             # llhttp keeps a response's last trailer field pending and hands it
             # to the next answer parsed on this connection as a header: the

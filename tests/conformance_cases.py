@@ -50,8 +50,9 @@ ROUTES: Final = (
 class Case:
     """One behaviour. ``replies`` are the partner's answers, one per request it
     receives, in order (bytes, or steps: bytes written and seconds slept).
-    Exactly one of ``forwarded``/``answers`` and ``status`` describes the
-    outcome. ``after_continue`` is written once the proxy said 100 Continue.
+    ``forwarded``/``answers`` or ``status`` describe the outcome; a case
+    with ``forwarded`` and ``status`` is forwarded and then answered by the
+    proxy itself (a 502 for an answer it refuses to relay). ``after_continue`` is written once the proxy said 100 Continue.
     ``secret`` is a byte string the app sends that must appear in no answer
     and no log line. ``why`` cites the rule."""
 
@@ -68,7 +69,7 @@ class Case:
     @property
     def local(self) -> bool:
         """The proxy answers this itself and the partner sees nothing."""
-        return bool(self.status)
+        return bool(self.status) and not self.forwarded
 
 
 # ------------------------------------------------------------------ helpers
@@ -936,6 +937,145 @@ case(
     request(b"G@T /acme/x HTTP/1.1", H),
     status=(400,),
     why="RFC 9110 §9.1: not a token",
+)
+
+# ------------------------------------- issue 11, second outside round
+
+case(
+    "response_204_with_content_length",
+    (request(b"GET /acme/a HTTP/1.1", H), request(b"GET /acme/b HTTP/1.1", H)),
+    replies=(
+        response(b"HTTP/1.1 204 No Content", b"Content-Length: 5", body=b"hello"),
+        ok(b"two"),
+    ),
+    forwarded=(request(b"GET /v2/a HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+    answers=(response(b"HTTP/1.1 204 No Content"), ok(b"two")),
+    why="RFC 9110 §8.6, §15.3.5: no Content-Length in a 204, and its stray bytes never open "
+    "the next answer (the upstream connection is not reused)",
+)
+case(
+    "response_204_with_content_length_late_bytes",
+    (request(b"GET /acme/a HTTP/1.1", H), request(b"GET /acme/b HTTP/1.1", H)),
+    replies=(
+        (response(b"HTTP/1.1 204 No Content", b"Content-Length: 5"), 0.05, b"hello"),
+        ok(b"two"),
+    ),
+    forwarded=(request(b"GET /v2/a HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+    answers=(response(b"HTTP/1.1 204 No Content"), ok(b"two")),
+    why="RFC 9110 §15.3.5: bytes after a 204 that come later never open the next answer",
+)
+case(
+    "interim_103_with_content_length_and_hop_by_hop",
+    request(b"GET /acme/page HTTP/1.1", H),
+    replies=(
+        (
+            response(
+                b"HTTP/1.1 103 Early Hints",
+                b"Link: </s.css>; rel=preload",
+                b"Content-Length: 0",
+                b"Connection: X-Hop",
+                b"X-Hop: 1",
+                b"Keep-Alive: timeout=5",
+                date=False,
+            ),
+            0.05,
+            ok(b"page"),
+        ),
+    ),
+    forwarded=(request(b"GET /v2/page HTTP/1.1"),),
+    answers=(
+        response(b"HTTP/1.1 103 Early Hints", b"Link: </s.css>; rel=preload", date=False),
+        ok(b"page"),
+    ),
+    why="RFC 9110 §7.6.1, §8.6: a forwarded 1xx loses its hop-by-hop fields and any Content-Length",
+)
+for version in (b"1.1", b"1.0"):
+    case(
+        f"response_101_without_upgrade_http_{version.decode().replace('.', '_')}",
+        request(b"GET /acme/ws HTTP/" + version, H),
+        replies=(
+            response(
+                b"HTTP/1.1 101 Switching Protocols",
+                b"Upgrade: websocket",
+                b"Connection: Upgrade",
+                date=False,
+            ),
+        ),
+        forwarded=(request(b"GET /v2/ws HTTP/1.1"),),
+        status=(502,),
+        why="the proxy asks for no upgrade (Upgrade is hop-by-hop): a 101 is no answer to relay",
+    )
+case(
+    "response_status_600",
+    request(b"GET /acme/x HTTP/1.1", H),
+    replies=(response(b"HTTP/1.1 600 Odd", b"Content-Length: 2", body=b"ok"),),
+    forwarded=(request(b"GET /v2/x HTTP/1.1"),),
+    status=(502,),
+    why="RFC 9110 §15: status codes are 100-599",
+)
+case(
+    "response_empty_reason_phrase_kept",
+    request(b"GET /acme/x HTTP/1.1", H),
+    replies=(response(b"HTTP/1.1 200 ", b"Content-Length: 2", body=b"ok"),),
+    forwarded=(request(b"GET /v2/x HTTP/1.1"),),
+    answers=(response(b"HTTP/1.1 200 ", b"Content-Length: 2", body=b"ok"),),
+    why="RFC 9112 §4: the reason phrase is optional and carries no meaning; it is relayed as is",
+)
+forwarded_get(
+    "version_http_1_2_served_as_1_1",
+    request(b"GET /acme/x HTTP/1.2", H),
+    request(b"GET /v2/x HTTP/1.1"),
+    why="RFC 9110 §2.5: a higher minor version is processed as the highest one implemented",
+)
+case(
+    "method_options_max_forwards_00",
+    request(b"OPTIONS /acme/x HTTP/1.1", H, b"Max-Forwards: 00"),
+    status=(200, 204),
+    why="RFC 9110 §7.6.2: Max-Forwards is a number; 00 is zero",
+)
+case(
+    "pipelined_after_connection_close",
+    request(b"GET /acme/a HTTP/1.1", H, b"Connection: close") + request(b"GET /acme/b HTTP/1.1", H),
+    replies=(ok(b"one"),),
+    forwarded=(request(b"GET /v2/a HTTP/1.1"),),
+    answers=(ok(b"one"),),
+    why="RFC 9112 §9.6: the request that says close is answered; nothing after it is served",
+)
+case(
+    "pipelined_after_connection_close_post",
+    request(b"POST /acme/a HTTP/1.1", H, b"Connection: close", b"Content-Length: 3", body=b"abc")
+    + request(b"GET /acme/b HTTP/1.1", H),
+    replies=(ok(b"one"),),
+    forwarded=(request(b"POST /v2/a HTTP/1.1", b"Content-Length: 3", body=b"abc"),),
+    answers=(ok(b"one"),),
+    why="RFC 9112 §9.6, with a body before the pipelined bytes",
+)
+for name, host in (("space", b"a b"), ("userinfo", b"u@partner.example"), ("slash", b"a/b")):
+    case(
+        f"malformed_400_host_{name}",
+        request(b"GET /acme/x HTTP/1.1", b"Host: " + host),
+        status=(400,),
+        why="RFC 9110 §7.2: Host is host[:port]; never copied into X-Forwarded-Host",
+    )
+case(
+    "method_extension_after_content_length_body",
+    (
+        request(b"POST /acme/a HTTP/1.1", H, b"Content-Length: 3", body=b"abc"),
+        request(b"BAN /acme/b HTTP/1.1", H),
+    ),
+    replies=(ok(b"one"), ok(b"two")),
+    forwarded=(
+        request(b"POST /v2/a HTTP/1.1", b"Content-Length: 3", body=b"abc"),
+        request(b"BAN /v2/b HTTP/1.1"),
+    ),
+    answers=(ok(b"one"), ok(b"two")),
+    why="RFC 9110 §9.1: an extension method on a kept-alive connection after a sized body",
+)
+forwarded_get(
+    "target_absolute_form_response_via",
+    request(b"GET http://partner.example/v HTTP/1.1", b"Host: partner.example"),
+    request(b"GET /h/v HTTP/1.1"),
+    why="RFC 9110 §7.6.3: as a forward proxy it adds Via to the answers (checked by the runner)",
 )
 
 CASES_BY_NAME: Final = {c.name: c for c in CASES}

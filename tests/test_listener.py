@@ -143,7 +143,9 @@ async def test_idle_keep_alive_connections_are_closed(make_stack: StackFactory) 
 
 def test_response_heads_refuse_cr_and_lf() -> None:
     assert response_head(200, "OK", [("A", "b")]) == b"HTTP/1.1 200 OK\r\nA: b\r\n\r\n"
-    assert response_head(404, "", []).startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert response_head(404, None, []).startswith(b"HTTP/1.1 404 Not Found\r\n")
+    # an empty reason phrase from a partner is kept (RFC 9112 §4: it is optional)
+    assert response_head(404, "", []) == b"HTTP/1.1 404 \r\n\r\n"
     assert response_head(200, "OK\r\nX: y", []).startswith(b"HTTP/1.1 200 OK\r\n\r\n")
     with pytest.raises(ValueError, match="CR or LF"):
         response_head(200, "OK", [("Set-Cookie", "a=1\r\nX-Injected: 1")])

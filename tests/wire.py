@@ -820,6 +820,19 @@ def check_outcome(
             app = requests[slot] if slot < len(requests) else None
             for problem in check_proxy_fields(message, app, authority=authority, tokens=tokens):
                 problems.append(f"partner request {number}: {problem}")
+    finals = [m for m in outcome.answers if not m.interim]
+    if case.status:  # forwarded, then answered by the proxy itself
+        if not finals or finals[0].status not in case.status:
+            got = render_bytes(finals[0].raw, 300) if finals else "no answer"
+            problems.append(f"expected the proxy's {case.status}, got {got}")
+        return problems
+    if authority is not None:
+        for number, (app, answer) in enumerate(zip(requests, finals, strict=False)):
+            # RFC 9110 §7.6.3: as a forward proxy it adds Via to what it forwards.
+            if app.target.startswith(b"http") and not (answer.values(b"via") or [b""])[-1].endswith(
+                b"authproxy"
+            ):
+                problems.append(f"answer {number} to an absolute-form request has no Via")
     if len(outcome.answers) != len(case.answers):
         problems.append(
             f"the app received {len(outcome.answers)} message(s), expected {len(case.answers)}: "
