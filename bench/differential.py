@@ -28,10 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
 from conformance_cases import CASES, ROUTES, authproxy_yaml  # noqa: E402
+from fakes import FakeTokenEndpoint  # noqa: E402
 from wire import RecordingPartner, run_case  # noqa: E402
 
-from proxy.config import parse_config  # noqa: E402
-from proxy.fakes import FakeTokenEndpoint  # noqa: E402
+from proxy.config.load import parse_config  # noqa: E402
 from proxy.log import configure_logging  # noqa: E402
 from proxy.server import ProxyServer  # noqa: E402
 

@@ -25,9 +25,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from proxy.fakes import FakePartner, FakeTokenEndpoint  # noqa: E402
+from fakes import FakePartner, FakeTokenEndpoint  # noqa: E402
 
 RSS_GROWTH_MAX = 30 * 1024 * 1024  # bytes, after warm-up
 FD_GROWTH_MAX = 20

@@ -9,10 +9,10 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from . import compat
-from .config import config_path, load_config
-from .errors import ConfigError
-from .log import configure_logging
+from proxy.config.load import config_path, load_config
+from proxy.errors import ConfigError
+from proxy.http1 import compat
+from proxy.log import configure_logging
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from .demo import run_demo
+        from proxy.demo import run_demo
 
         return int(_run(run_demo()))
     path = config_path(args.config)
@@ -66,16 +66,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0
     if args.command == "token":
-        from .tokeninfo import inspect_token
+        from proxy.tokens.tokeninfo import inspect_token
 
         configure_logging("warning")  # the mint line goes to stderr; stdout is the JSON
         return int(_run(inspect_token(config, args.client, args.scope)))
     configure_logging(args.log_level or config.log.level, log_format=config.log.format)
-    from .server import WORKER_PORT_ENV, serve_forever
+    from proxy.server import WORKER_PORT_ENV, serve_forever
 
     workers = args.workers or config.workers
     if workers > 1 and WORKER_PORT_ENV not in os.environ:
-        from .supervisor import Supervisor
+        from proxy.ops.supervisor import Supervisor
 
         try:
             return Supervisor(config, path, workers).run()

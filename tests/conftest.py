@@ -20,10 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from fakes import FakePartner, FakeTokenEndpoint
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.config import Config, load_config, parse_config
-from proxy.fakes import FakePartner, FakeTokenEndpoint
+from proxy.config.load import load_config, parse_config
+from proxy.config.model import Config
 from proxy.log import configure_logging
 from proxy.server import ProxyServer
 

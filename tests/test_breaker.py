@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.breaker import Failure, MintGuard, State, classify
 from proxy.errors import (
     TokenEndpointRejected,
     TokenEndpointTimeout,
     TokenEndpointUnreachable,
     TokenResponseInvalid,
 )
-from proxy.token import parse_retry_after
+from proxy.tokens.breaker import Failure, MintGuard, State, classify
+from proxy.tokens.token import parse_retry_after
 
 
 def rejected(

@@ -12,16 +12,16 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 from conftest import FakeClock, log_events
-from proxy.cache import (
+from proxy.errors import CacheUnavailable
+from proxy.tokens.cache import (
     FallbackTokenCache,
     MemoryTokenCache,
     cache_key,
     decode_token,
     encode_token,
 )
-from proxy.errors import CacheUnavailable
-from proxy.file_cache import FileTokenCache
-from proxy.token import Token, make_token
+from proxy.tokens.file_cache import FileTokenCache
+from proxy.tokens.token import Token, make_token
 
 KEY = cache_key("c", "s")
 
@@ -86,7 +86,7 @@ async def test_file_lock_excludes_other_holders(tmp_path: Path, clock: FakeClock
 def _hold_lock_then_die(directory: str, ready: multiprocessing.synchronize.Event) -> None:
     import fcntl
 
-    from proxy.cache import key_digest
+    from proxy.tokens.cache import key_digest
 
     fd = os.open(Path(directory) / f"{key_digest(KEY)}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)

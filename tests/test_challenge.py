@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from proxy.challenge import bearer_params, says_expired
-from proxy.config import ExpiredTokenRule
+from proxy.config.model import ExpiredTokenRule
+from proxy.forwarding.challenge import bearer_params, says_expired
 
 NONE = ExpiredTokenRule()
 

@@ -10,8 +10,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
-
-from proxy.fakes import FakePartner, FakeTokenEndpoint
+from fakes import FakePartner, FakeTokenEndpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 

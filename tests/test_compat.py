@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from proxy import cli, compat
+from proxy import cli
 from proxy.errors import ConfigError
+from proxy.http1 import compat
 
 
 def test_the_installed_aiohttp_is_one_the_suite_passed_on() -> None:

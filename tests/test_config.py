@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import config_path, expand_env, load_config, parse_config
+from proxy.config.load import config_path, expand_env, load_config, parse_config
 from proxy.errors import ConfigError
 
 GOOD = """\

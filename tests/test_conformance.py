@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import pytest
 from conformance_cases import CASES, CASES_BY_NAME, authproxy_yaml
+from fakes import FakeTokenEndpoint
 from wire import (
     AppConnection,
     Outcome,
@@ -34,8 +35,7 @@ from wire import (
     run_case,
 )
 
-from proxy.config import parse_config
-from proxy.fakes import FakeTokenEndpoint
+from proxy.config.load import parse_config
 from proxy.server import ProxyServer
 
 

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 
 from aiohttp import web
+from fakes import LocalServer
 
 from conftest import Stack, StackFactory, log_events, raw_exchange, raw_status
-from proxy.fakes import LocalServer
 
 
 async def status_of(stack: Stack, path: str = "/demo/x", **kwargs: object) -> int:

@@ -1,6 +1,6 @@
 import pytest
 
-from proxy.headers import (
+from proxy.forwarding.headers import (
     connection_named,
     downstream_response_headers,
     message_head,

@@ -22,10 +22,10 @@ import jwt
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
+from fakes import LocalServer
 
 from conftest import free_port, write_private_key
-from proxy.config import parse_config
-from proxy.fakes import LocalServer
+from proxy.config.load import parse_config
 from proxy.server import ProxyServer
 
 INTEROP = Path(__file__).resolve().parent / "interop"

@@ -11,7 +11,7 @@ import json
 import pytest
 
 from conftest import Stack, StackFactory, log_events, raw_status
-from proxy.listener import response_head
+from proxy.http1.policy import response_head
 
 
 @pytest.fixture

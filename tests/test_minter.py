@@ -16,8 +16,7 @@ import pytest
 from aioresponses import CallbackResult, aioresponses
 
 from conftest import FakeClock
-from proxy.breaker import MintGuard
-from proxy.config import ClientConfig
+from proxy.config.model import ClientConfig
 from proxy.errors import (
     MintBlocked,
     TokenEndpointRejected,
@@ -26,8 +25,9 @@ from proxy.errors import (
     TokenError,
     TokenResponseInvalid,
 )
-from proxy.minter import ClientCredentialsMinter, GuardedMinter, basic_credentials
-from proxy.token import Token
+from proxy.tokens.breaker import MintGuard
+from proxy.tokens.minter import ClientCredentialsMinter, GuardedMinter, basic_credentials
+from proxy.tokens.token import Token
 
 URL = "https://auth.example/oauth2/token"
 NOW = 1_800_000_000.0

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
+from fakes import FakePartner, FakeTokenEndpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import raw_exchange, raw_status, stack_yaml
-from proxy.config import parse_config
-from proxy.fakes import FakePartner, FakeTokenEndpoint
-from proxy.headers import HOP_BY_HOP
+from proxy.config.load import parse_config
+from proxy.forwarding.headers import HOP_BY_HOP
 from proxy.log import configure_logging
 from proxy.server import ProxyServer
 

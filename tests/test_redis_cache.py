@@ -13,10 +13,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from conftest import FakeClock, RedisProcess, StackFactory, redis_binary
-from proxy.cache import cache_key, key_digest
 from proxy.errors import CacheUnavailable
-from proxy.redis_cache import RedisTokenCache
-from proxy.token import make_token
+from proxy.tokens.cache import cache_key, key_digest
+from proxy.tokens.redis_cache import RedisTokenCache
+from proxy.tokens.token import make_token
 
 KEY = cache_key("acme", "read")
 

@@ -1,8 +1,8 @@
 import pytest
 
-from proxy.config import RouteConfig
+from proxy.config.model import RouteConfig
 from proxy.errors import BadRequest, MethodNotAllowed, PathEscapesRoute
-from proxy.routing import (
+from proxy.routing.router import (
     Router,
     UpstreamBase,
     climbs_out,

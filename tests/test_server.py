@@ -9,9 +9,9 @@ from collections.abc import Callable
 
 import aiohttp
 import pytest
+from fakes import FakePartner, FakeTokenEndpoint
 
 from conftest import ProxyProcess, eventually, fire, samples, value
-from proxy.fakes import FakePartner, FakeTokenEndpoint
 
 Factory = Callable[[str], ProxyProcess]
 

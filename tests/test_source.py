@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from conftest import FakeClock
-from proxy.cache import MemoryTokenCache, cache_key
 from proxy.errors import TokenEndpointRejected
-from proxy.source import SharedTokenSource
-from proxy.token import Token, make_token
+from proxy.tokens.cache import MemoryTokenCache, cache_key
+from proxy.tokens.source import SharedTokenSource
+from proxy.tokens.token import Token, make_token
 
 
 class CountingMinter:

@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from conftest import StackFactory, write_private_key
-from proxy.config import ClientConfig, parse_config
+from proxy.config.load import parse_config
+from proxy.config.model import ClientConfig
 from proxy.errors import ConfigError
-from proxy.server import client_fingerprint
+from proxy.tokens.sources import client_fingerprint
 
 
 @dataclass

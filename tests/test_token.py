@@ -6,7 +6,7 @@ import json
 import pytest
 
 from proxy.errors import TokenEndpointRejected, TokenResponseInvalid
-from proxy.token import Token, effective_margin, jwt_claims, make_token, parse_token_response
+from proxy.tokens.token import Token, effective_margin, jwt_claims, make_token, parse_token_response
 
 NOW = 1_800_000_000.0
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import json
 
-from proxy.token import make_token
-from proxy.tokeninfo import describe
+from proxy.tokens.token import make_token
+from proxy.tokens.tokeninfo import describe
 
 
 def b64(data: dict[str, object]) -> str:

@@ -10,16 +10,10 @@ from typing import Any
 
 import pytest
 
-from proxy.upstream import (
-    BodyFailed,
-    ConnectFailed,
-    ConnectTimedOut,
-    Dropped,
-    Endpoint,
-    LeanClient,
-    UpstreamProtocolError,
-    request_head,
-)
+from proxy.errors import BodyFailed, ConnectFailed, ConnectTimedOut, Dropped, UpstreamProtocolError
+from proxy.http1.policy import request_head
+from proxy.http1.upstream import LeanClient
+from proxy.routing.table import Endpoint
 
 Reply = Callable[["Seen"], Awaitable[bytes | None]]
 

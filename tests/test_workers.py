@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import aiohttp
 import pytest
+from fakes import FakePartner, FakeTokenEndpoint
 
 from conftest import ProxyProcess, RedisProcess, eventually, fire
-from proxy.fakes import FakePartner, FakeTokenEndpoint
 
 Factory = Callable[[str], ProxyProcess]
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Final
 
-from .errors import (
+from proxy.errors import (
     TokenEndpointRejected,
     TokenEndpointTimeout,
     TokenEndpointUnreachable,
@@ -50,6 +50,8 @@ REJECTING_ERRORS: Final = frozenset(
         "access_denied",
     }
 )
+
+
 MAX_RETRY_AFTER: Final = 3600.0  # never obey a Retry-After longer than an hour
 
 

@@ -19,8 +19,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Final
 
-from .cache import CacheKey, decode_token, encode_token, key_digest
-from .token import Token
+from proxy.tokens.cache import CacheKey, decode_token, encode_token, key_digest
+from proxy.tokens.token import Token
 
 LOCK_POLL: Final = 0.01  # seconds between non-blocking flock attempts
 

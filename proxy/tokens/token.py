@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final
 
-from .errors import TokenEndpointRejected, TokenResponseInvalid
+from proxy.errors import TokenEndpointRejected, TokenResponseInvalid
 
 
 def iso_time(epoch: float) -> str:
@@ -25,6 +25,8 @@ def iso_time(epoch: float) -> str:
 
 
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024  # a token response is < 10 KiB; cap a hostile one
+
+
 MAX_ERROR_SNIPPET: Final = 200  # characters of an error body quoted in a message
 
 

@@ -16,10 +16,11 @@ from typing import Final
 
 import aiohttp
 
-from .errors import ConfigError
+from proxy.errors import ConfigError
 
 # The versions the suite has passed on: [first, past-the-end).
 TESTED: Final = ((3, 14, 5), (3, 15, 0))
+
 
 # (module, attribute path) pairs the lean engine reads, overrides or calls.
 REQUIRED: Final = (

@@ -26,7 +26,6 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -34,9 +33,8 @@ from aiohttp import hdrs
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
-from yarl import URL
 
-from .errors import (
+from proxy.errors import (
     BodyFailed,
     ConnectFailed,
     ConnectTimedOut,
@@ -44,93 +42,20 @@ from .errors import (
     UpstreamBodyFailed,
     UpstreamProtocolError,
 )
-from .headers import message_head
-from .seams import Body, Fields, Interim, UpstreamResponse
+from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
+from proxy.http1.policy import _framing, raw_fields, request_head
+from proxy.routing.table import Endpoint
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
+
+
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
+
+
 READ_BUFFER: Final = 2**16  # per response; aiohttp pauses the socket past twice this
+
+
 MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
-# RFC 9110 §8.6: methods that define a meaning for content get "Content-Length: 0"
-# when they have none (some servers answer 411 otherwise); the rest go as the
-# app sent them, without a framing field (as nginx does).
-_CONTENT_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-
-
-def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
-    """Header fields as the sender spelled them, in order, repeats kept. The
-    parsers' ``headers`` multidict re-cases known names (``etag`` -> ``Etag``);
-    its ``raw_headers`` keep the bytes, decoded here as the parsers decode
-    values (UTF-8 with surrogate escapes, so obs-text goes back byte for byte)."""
-    return [
-        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
-        for name, value in raw_headers
-    ]
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """Where a route's requests go and how long to wait; built at config load."""
-
-    origin: str  # scheme://host[:port], the pool key together with ``ssl``
-    host: str  # to connect to (no brackets)
-    port: int
-    ssl: ssl_module.SSLContext | None  # None: plain HTTP
-    connect_timeout: float
-    read_timeout: float  # for the answer's head and each gap in its body
-
-    @classmethod
-    def build(
-        cls,
-        origin: str,
-        tls: ssl_module.SSLContext | bool,
-        connect_timeout: float,
-        read_timeout: float,
-    ) -> Endpoint:
-        url = URL(origin)
-        https = url.scheme == "https"
-        context: ssl_module.SSLContext | None = None
-        if https:
-            context = tls if isinstance(tls, ssl_module.SSLContext) else default_tls()
-        return cls(
-            origin=origin,
-            host=url.raw_host or "",
-            port=url.port or (443 if https else 80),
-            ssl=context,
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-        )
-
-
-_DEFAULT_TLS: list[ssl_module.SSLContext] = []
-
-
-def default_tls() -> ssl_module.SSLContext:
-    """The system trust store, verification on; one context for every route."""
-    if not _DEFAULT_TLS:
-        _DEFAULT_TLS.append(ssl_module.create_default_context())
-    return _DEFAULT_TLS[0]
-
-
-def request_head(
-    method: str, target: str, headers: Sequence[tuple[str, str]], extra: str = ""
-) -> bytes:
-    """The request line and header block (``extra``: this hop's framing line);
-    a CR or LF in the target or a header (a token endpoint's hostile "token",
-    say) would split the head and is refused."""
-    return message_head(f"{method} {target} HTTP/1.1", headers, extra)
-
-
-def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tuple[str, bool]:
-    """The framing header to add, and whether the body goes chunked."""
-    for name, _ in headers:
-        if len(name) == 14 and name.lower() == "content-length":
-            return "", False
-    if body is None:
-        return ("Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""), False
-    if isinstance(body, bytes):
-        return f"Content-Length: {len(body)}\r\n", False
-    return "Transfer-Encoding: chunked\r\n", True
 
 
 class _Connection(ResponseHandler):

@@ -11,11 +11,11 @@ import sys
 import time
 from typing import Any
 
-from .config import Config
-from .errors import TokenError
-from .minter import ClientCredentialsMinter
-from .session import token_session
-from .token import Token, iso_time, jwt_claims
+from proxy.config.model import Config
+from proxy.errors import TokenError
+from proxy.tokens.minter import ClientCredentialsMinter
+from proxy.tokens.session import token_session
+from proxy.tokens.token import Token, iso_time, jwt_claims
 
 
 def describe(client: str, token: Token) -> dict[str, Any]:

@@ -17,10 +17,8 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
-from .assertion import ASSERTION_TYPE, client_assertion
-from .breaker import Failure, MintGuard
-from .config import ClientConfig
-from .errors import (
+from proxy.config.model import ClientConfig
+from proxy.errors import (
     MintBlocked,
     TokenEndpointRejected,
     TokenEndpointTimeout,
@@ -28,12 +26,22 @@ from .errors import (
     TokenError,
     TokenResponseInvalid,
 )
-from .log import get_logger
-from .session import ssl_context
-from .token import MAX_TOKEN_RESPONSE_BYTES, Token, parse_retry_after, parse_token_response
+from proxy.log import get_logger
+from proxy.tls import ssl_context
+from proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
+from proxy.tokens.breaker import Failure, MintGuard
+from proxy.tokens.token import (
+    MAX_TOKEN_RESPONSE_BYTES,
+    Token,
+    parse_retry_after,
+    parse_token_response,
+)
 
 USER_AGENT: Final = "authproxy"
+
+
 RETRY_FIRST: Final = 0.2  # seconds before the first retry of a transient failure, doubling
+
 
 log = get_logger("proxy.minter")
 

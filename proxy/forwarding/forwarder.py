@@ -9,18 +9,14 @@ Outbound again with a new token".
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from ipaddress import ip_address
 from typing import Any, Final, Protocol
 
-from .challenge import MAX_401_BODY, says_expired
-from .config import Config, InboundAuth, RouteConfig
-from .errors import (
+from proxy.config.model import RouteConfig
+from proxy.errors import (
     AppBodyFailed,
     BadRequest,
     BodyFailed,
@@ -31,17 +27,16 @@ from .errors import (
     Dropped,
     MethodNotAllowed,
     NoRoute,
-    ProxyKeyRequired,
     RequestFailed,
-    RouteBusy,
-    SourceNotAllowed,
     UpstreamBodyFailed,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .headers import (
+from proxy.forwarding.body import BodyTee
+from proxy.forwarding.challenge import MAX_401_BODY, says_expired
+from proxy.forwarding.headers import (
     VIA,
     decrement_max_forwards,
     downstream_response_headers,
@@ -49,94 +44,36 @@ from .headers import (
     transfer_codings,
     upstream_request_headers,
 )
-from .log import get_logger
-from .metrics import UNROUTED, Metrics, RouteMetrics
-from .routing import RequestTarget, Router, UpstreamBase, parse_target, upstream_url
-from .seams import AppBody, Fields, Headers, Interim, UpstreamClient, UpstreamResponse
-from .session import ssl_context
-from .source import SharedTokenSource
-from .token import Token
-from .upstream import Endpoint
+from proxy.forwarding.seams import (
+    AppBody,
+    Fields,
+    Headers,
+    Interim,
+    UpstreamClient,
+    UpstreamResponse,
+)
+from proxy.log import get_logger
+from proxy.metrics import UNROUTED, Metrics, RouteMetrics
+from proxy.routing.access import check_access
+from proxy.routing.router import RequestTarget, parse_target, upstream_url
+from proxy.routing.table import RouteRuntime, RouteTable
+from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
+
+
 events = get_logger("proxy.forward")
-
-
-@dataclass(frozen=True, slots=True)
-class RouteRuntime:
-    """What a route needs at request time, precomputed at config load."""
-
-    config: RouteConfig
-    base: UpstreamBase
-    source: SharedTokenSource
-    endpoint: Endpoint
-    reads_401_body: bool
-    metrics: RouteMetrics
-    gate: Gate
-    drop_headers: frozenset[str]  # the inbound key header: never forwarded
-    body_timeout: float
-    guarded: bool  # allow_from or inbound_auth to check
-
-
-class Gate:
-    """Counts a route's requests in flight against its ``max_concurrent``."""
-
-    __slots__ = ("inflight", "limit")
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self.inflight = 0
-
-    def enter(self, route: str) -> None:
-        if self.limit is not None and self.inflight >= self.limit:
-            raise RouteBusy(
-                f"route {route!r} has {self.limit} requests in flight (max_concurrent); "
-                "retry shortly",
-                route=route,
-            )
-        self.inflight += 1
-
-    def leave(self) -> None:
-        self.inflight -= 1
 
 
 # RFC 9110 §9.2.2, less TRACE: the proxy never forwards TRACE (a 405 of its own).
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
 
 # A body with a Content-Length up to this many bytes (and within the route's
 # replay_limit) is read whole and sent in one write, as nginx buffers request
 # bodies by default: no streaming task per request, and the replay copy is the
 # body itself. Larger and chunked bodies stream as they arrive.
 BUFFERED_BODY: Final = 64 * 1024
-
-
-def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
-    """``allow_from`` and ``inbound_auth``, before anything else happens."""
-    if route.allow_from:
-        try:
-            address = ip_address((remote or "").split("%", 1)[0])
-        except ValueError:
-            address = None
-        if address is None or not any(address in net for net in route.allow_from):
-            raise SourceNotAllowed(
-                f"route {route.name!r} does not accept requests from {remote}", route=route.name
-            )
-    if route.inbound_auth is not None and not _key_ok(route.inbound_auth, headers):
-        raise ProxyKeyRequired(
-            f"route {route.name!r} needs a valid key in the {route.inbound_auth.header} header",
-            route=route.name,
-        )
-
-
-def _key_ok(auth: InboundAuth, headers: Any) -> bool:
-    presented = headers.get(auth.header)
-    if not presented:
-        return False
-    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
-    ok = False
-    for known in auth.key_digests:  # every key is compared: no early exit
-        ok |= hmac.compare_digest(digest, known)
-    return ok
 
 
 @dataclass(slots=True)
@@ -162,110 +99,6 @@ class Exchange:
     replayed: bool = False
     waited_for_mint: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class BodyTee:
-    """Streams the inbound body upstream while keeping a copy of up to ``limit``
-    bytes for an expired-token replay. Past ``limit`` the copy is dropped and
-    memory stays bounded by the engine's read buffer.
-    """
-
-    def __init__(
-        self,
-        content: AppBody,
-        limit: int,
-        *,
-        max_body: int | None = None,
-        gap: float | None = None,
-    ) -> None:
-        self._content = content
-        self._limit = limit
-        self._max_body = max_body
-        self._gap = gap
-        self.too_large = False
-        self.timed_out = False
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._running = False
-        self._stopped = asyncio.Event()
-        self.overflowed = False
-        self.complete = False
-        self.inbound_error: BaseException | None = None
-
-    async def _read(self) -> bytes:
-        try:
-            async with asyncio.timeout(self._gap):
-                chunk = await self._content.readany()
-        except TimeoutError:
-            self.timed_out = True
-            raise
-        if self._max_body is not None and self._size + len(chunk) > self._max_body:
-            self.too_large = True
-            raise ValueError("request body over max_body")
-        return chunk
-
-    def _keep(self, chunk: bytes) -> None:
-        self._size += len(chunk)
-        if self.overflowed:
-            return
-        if self._size > self._limit:
-            self.overflowed = True
-            self._chunks = []
-        else:
-            self._chunks.append(chunk)
-
-    async def stream(self) -> AsyncIterator[bytes]:
-        self._running = True
-        try:
-            while True:
-                try:
-                    chunk = await self._read()
-                except Exception as exc:  # the app's body broke (reset, bad chunking, limits)
-                    self.inbound_error = exc
-                    raise
-                if not chunk:
-                    self.complete = True
-                    return
-                self._keep(chunk)
-                yield chunk
-        finally:
-            self._running = False
-            self._stopped.set()
-
-    async def finish(self) -> bool:
-        """After the upstream answered early: read what the upstream did not,
-        so the whole body can be replayed. True when a full copy is in hand."""
-        if self._running:
-            await self._stopped.wait()
-        while not self.complete and not self.overflowed:
-            chunk = await self._read()
-            if not chunk:
-                self.complete = True
-            else:
-                self._keep(chunk)
-        return self.replayable
-
-    @property
-    def untouched(self) -> bool:
-        """Nothing of the body has been read yet (the upstream never connected)."""
-        return self._size == 0 and not self._running and not self.complete
-
-    @property
-    def replayable(self) -> bool:
-        return self.complete and not self.overflowed
-
-    def body(self) -> bytes:
-        return b"".join(self._chunks)
-
-
-class RouteTable:
-    """One loaded config's routes, immutable; swapped whole on reload."""
-
-    def __init__(self, config: Config, runtimes: Mapping[str, RouteRuntime]) -> None:
-        self.config = config
-        self.router: Router[RouteRuntime] = Router(
-            [(route, runtimes[route.name]) for route in config.routes]
-        )
 
 
 class AppSide(Protocol):
@@ -815,31 +648,3 @@ def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
             route=route.name,
             client=route.client,
         )
-
-
-def route_runtime(
-    route: RouteConfig, source: SharedTokenSource, metrics: Metrics, body_timeout: float
-) -> RouteRuntime:
-    base = UpstreamBase.parse(route.upstream)
-    return RouteRuntime(
-        config=route,
-        base=base,
-        source=source,
-        # ``timeout`` bounds the wait for the answer's head and each gap between
-        # body chunks, never the whole exchange: long downloads and event
-        # streams live as long as data keeps coming.
-        endpoint=Endpoint.build(
-            base.origin,
-            ssl_context(
-                route.ca_file, route.client_cert_file, route.client_key_file, route.tls_stamp
-            ),
-            route.connect_timeout,
-            route.timeout,
-        ),
-        reads_401_body=route.expired_token.body is not None,
-        metrics=metrics.for_route(route.name),
-        gate=Gate(route.max_concurrent),
-        drop_headers=frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
-        body_timeout=body_timeout,
-        guarded=bool(route.allow_from) or route.inbound_auth is not None,
-    )

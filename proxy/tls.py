@@ -1,17 +1,10 @@
-"""TLS contexts for every remote, and the client session for token endpoints.
-
-The partner APIs' client lives in :mod:`proxy.upstream`. The token session has
-the same safety settings: no cookie jar, no proxy/netrc from the environment.
-"""
+"""TLS contexts for every remote: token endpoints and partners."""
 
 from __future__ import annotations
 
 import functools
 import ssl
-
-import aiohttp
-
-from .upstream import KEEPALIVE_TIMEOUT
+import ssl as ssl_module
 
 
 @functools.lru_cache(maxsize=64)
@@ -36,11 +29,11 @@ def ssl_context(
     return context
 
 
-def token_session() -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=16, keepalive_timeout=KEEPALIVE_TIMEOUT)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=False,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
+_DEFAULT_TLS: list[ssl_module.SSLContext] = []
+
+
+def default_tls() -> ssl_module.SSLContext:
+    """The system trust store, verification on; one context for every route."""
+    if not _DEFAULT_TLS:
+        _DEFAULT_TLS.append(ssl_module.create_default_context())
+    return _DEFAULT_TLS[0]

@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
 
-from .errors import CacheUnavailable
-from .log import get_logger
-from .token import Token
+from proxy.errors import CacheUnavailable
+from proxy.log import get_logger
+from proxy.tokens.token import Token
 
 CacheKey = tuple[str, str, str]
+
+
 """(client name, scope, credentials fingerprint); the scope is ``""`` when the
 client sends none. The fingerprint changes when the client's credentials or
 token endpoint change, so that a reload with new credentials never adopts a

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from .metrics import CONTENT_TYPE
+from proxy.metrics import CONTENT_TYPE
 
 if TYPE_CHECKING:
-    from .server import ProxyServer
+    from proxy.server import ProxyServer
+
 
 SERVER_KEY: web.AppKey[ProxyServer] = web.AppKey("server")
 

@@ -10,8 +10,14 @@ import secrets
 from typing import Any, Final
 
 ASSERTION_TYPE: Final = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+
+
 ASSERTION_LIFETIME: Final = 60  # seconds; RFC 7523 wants short, IdPs cap at 5 minutes
+
+
 KEY_ALGORITHMS: Final = frozenset({"RS256", "PS256", "ES256"})
+
+
 SECRET_ALGORITHMS: Final = frozenset({"HS256"})
 
 

@@ -1,8 +1,7 @@
-"""Local stand-ins for a token endpoint and a partner API, on loopback.
-
-Used by ``authproxy demo`` and by the behaviour tests, which run the real proxy
-between them. Both count what they see so that a test can assert "exactly one
-mint" or "exactly one upstream request with these body bytes".
+"""Test doubles: a token endpoint and a partner API on loopback, with the
+failure modes the behaviour tests need. Each counts what it sees, so that a
+test can assert "exactly one mint" or "exactly one upstream request with
+these body bytes". (The demo has its own two small mocks, in proxy/demo.py.)
 """
 
 from __future__ import annotations
@@ -21,44 +20,7 @@ from urllib.parse import parse_qsl, unquote_plus
 
 from aiohttp import web
 
-from .server import bound_port
-
-EXPIRED_CHALLENGE = (
-    'Bearer realm="partner", error="invalid_token", error_description="The access token expired"'
-)
-REVOKED_CHALLENGE = 'Bearer realm="partner", error="invalid_token", error_description="The access token has been revoked"'
-
-
-class LocalServer:
-    """An aiohttp low-level server on 127.0.0.1 and a free port."""
-
-    def __init__(self) -> None:
-        self._runner: web.ServerRunner | None = None
-        self.port = 0
-        self.ssl_context: Any = None  # set before start() to serve HTTPS
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        raise NotImplementedError
-
-    async def start(self) -> str:
-        server = web.Server(
-            self.handle, access_log=None, auto_decompress=False, handler_cancellation=True
-        )
-        self._runner = web.ServerRunner(server, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
-        await site.start()
-        self.port = bound_port(site)
-        return self.url
-
-    @property
-    def url(self) -> str:
-        scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+from proxy.demo import EXPIRED_CHALLENGE, REVOKED_CHALLENGE, LocalServer
 
 
 @dataclass

@@ -1,0 +1,222 @@
+"""The configuration model: frozen, slotted dataclasses, validated at
+construction, with the defaults and their reasons. Pure: no YAML, no aiohttp;
+:mod:`proxy.config.load` is the only place that knows a file format.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
+from typing import Final, Literal
+
+AUTH_METHODS: Final = frozenset(
+    {
+        "client_secret_basic",
+        "client_secret_post",
+        "client_secret_jwt",
+        "private_key_jwt",
+        "tls_client_auth",
+        "none",
+    }
+)
+
+
+TOKEN_REQUEST_FORMATS: Final = frozenset({"form", "json"})
+
+
+SECRET_METHODS: Final = frozenset(
+    {"client_secret_basic", "client_secret_post", "client_secret_jwt"}
+)
+
+
+# Defaults, with the reason each has the value it has.
+DEFAULT_LISTEN: Final = "127.0.0.1:8080"  # loopback: reaching the proxy means being trusted
+
+
+DEFAULT_EXPIRY_MARGIN: Final = 30.0  # clock skew between us, the IdP and the partner
+
+
+DEFAULT_REFRESH_AHEAD: Final = 0.10  # re-mint in the background with 10% of life left
+
+
+DEFAULT_LIFETIME: Final = 300.0  # no expires_in and no JWT exp: assume 5 minutes
+
+
+DEFAULT_REMINT_MIN_INTERVAL: Final = 10.0  # quota guard for expiry-triggered re-mints
+
+
+DEFAULT_TOKEN_TIMEOUT: Final = 10.0  # whole mint exchange with the token endpoint
+
+
+DEFAULT_MINT_ATTEMPTS: Final = 3  # calls per mint for transient failures, within the timeout
+
+
+DEFAULT_FAILURE_COOLDOWN: Final = 30.0  # no call after rejected credentials (doubles on repeat)
+
+
+DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chunks
+
+
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0
+
+
+DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
+
+
+DEFAULT_LOCK_TTL: Final = 15.0  # a dead mint-lock holder blocks others at most this long
+
+
+DEFAULT_SHUTDOWN_GRACE: Final = 20.0  # in-flight requests get this long to finish on SIGTERM
+
+
+LOG_FORMATS: Final = frozenset({"json", "console"})
+
+
+LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
+
+
+MAX_WORKERS: Final = 64
+
+
+# The HTTP/1.1 engine on both sides: only "lean" (proxy/listener.py and
+# proxy/upstream.py: our own connections on aiohttp's C parsers). The aiohttp
+# engine (web.Server and ClientSession) was removed in 0.2: docs/design.md says why.
+Engine = Literal["lean"]
+
+
+ENGINES: Final = ("lean",)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """One OAuth 2.0 client (RFC 6749 §4.4 client-credentials grant)."""
+
+    name: str
+    token_url: str
+    client_id: str
+    client_secret: str | None = field(repr=False)
+    auth_method: str = "client_secret_basic"
+    scope: str | None = None
+    params: tuple[tuple[str, str], ...] = ()
+    expiry_margin: float = DEFAULT_EXPIRY_MARGIN
+    refresh_ahead: float = DEFAULT_REFRESH_AHEAD
+    default_lifetime: float = DEFAULT_LIFETIME
+    remint_min_interval: float = DEFAULT_REMINT_MIN_INTERVAL
+    timeout: float = DEFAULT_TOKEN_TIMEOUT
+    ca_file: str | None = None
+    warm: bool = False  # mint at start; /readyz waits for it
+    private_key: str | None = field(default=None, repr=False)  # PEM, for private_key_jwt
+    private_key_file: str | None = None
+    key_id: str | None = None  # the assertion's "kid"
+    algorithm: str | None = None  # of the assertion: HS256 (secret) or RS256/PS256/ES256 (key)
+    assertion_audience: str | None = None  # "aud" of the assertion; default the token_url
+    assertion_headers: tuple[tuple[str, str], ...] = ()  # x5t / x5t#S256 from certificate_file
+    client_cert_file: str | None = None  # mTLS to the token endpoint (tls_client_auth)
+    client_key_file: str | None = None
+    tls_stamp: str = ""  # digest of ca/cert/key contents: a reload with new files differs
+    token_headers: tuple[tuple[str, str], ...] = ()  # extra headers on the token request
+    token_request_format: str = "form"  # noqa: S105 - or "json", for endpoints that want it
+    mint_attempts: int = DEFAULT_MINT_ATTEMPTS
+    failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
+
+
+@dataclass(frozen=True, slots=True)
+class ExpiredTokenRule:
+    """Extra, per-route ways a partner says "this token has expired".
+
+    Either pattern may be ``None``. They add to the RFC 6750 default rule; they
+    never replace it.
+    """
+
+    www_authenticate: re.Pattern[str] | None = None
+    body: re.Pattern[bytes] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class InboundAuth:
+    """Keys an app must present in ``header`` to use a route (one key a line in
+    ``keys_file``). Only digests are held; the header never goes upstream."""
+
+    header: str
+    key_digests: tuple[bytes, ...] = field(repr=False)
+    keys_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """One partner route. ``scope`` is the effective scope (route's, else client's)."""
+
+    name: str
+    upstream: str
+    client: str
+    host: str | None = None
+    path_prefix: str | None = None
+    scope: str | None = None
+    timeout: float = DEFAULT_ROUTE_TIMEOUT
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    ca_file: str | None = None
+    replay_limit: int = DEFAULT_REPLAY_LIMIT
+    expired_token: ExpiredTokenRule = ExpiredTokenRule()
+    client_cert_file: str | None = None  # mTLS to the upstream
+    client_key_file: str | None = None
+    tls_stamp: str = ""
+    token_header: str = "Authorization"  # noqa: S105 - a header name: where the token goes
+    token_prefix: str = "Bearer "  # noqa: S105 - what precedes the token in that header
+    max_body: int | None = None  # bytes; None: unlimited (streamed)
+    max_concurrent: int | None = None  # requests in flight on this route; None: unlimited
+    retry_idempotent: bool = True  # retry GET/HEAD/OPTIONS/PUT/DELETE once on a failed connection
+    allow_from: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: anyone who reaches us
+    inbound_auth: InboundAuth | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    """Where tokens are shared. ``memory``: this host (across its workers);
+    ``redis``: every worker of every replica that uses the same Redis."""
+
+    backend: str = "memory"
+    url: str | None = field(default=None, repr=False)  # may hold a password
+    key_prefix: str = "authproxy"
+    lock_ttl: float = DEFAULT_LOCK_TTL
+
+
+@dataclass(frozen=True, slots=True)
+class InboundLimits:
+    """``inbound:``: what the apps' side may cost the proxy."""
+
+    max_header_size: int = 8190  # bytes of the request line and of each header line
+    max_headers: int = 100
+    header_timeout: float = 10.0  # to receive a request's head (slowloris)
+    body_timeout: float = 60.0  # between two chunks of a request body
+    idle_timeout: float = 60.0  # a keep-alive connection with no request in flight
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``log:``: the level, and ``json`` for machines or ``console`` for a person."""
+
+    level: str = "info"
+    format: str = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole, validated proxy.yaml."""
+
+    listen_host: str
+    listen_port: int
+    clients: Mapping[str, ClientConfig]
+    routes: tuple[RouteConfig, ...]
+    trust_forwarded_headers: bool = False
+    workers: int = 1
+    cache: CacheConfig = CacheConfig()
+    admin: tuple[str, int] | None = None  # (host, port) of the admin listener; off when None
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    log: LogConfig = LogConfig()
+    access_log: bool = True
+    inbound: InboundLimits = InboundLimits()
+    engine: Engine = "lean"
+    source: str = "<memory>"
+    warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)

@@ -1,0 +1,188 @@
+"""The HTTP/1.1 rules this proxy applies on both of its sides (RFC 9110,
+RFC 9112): what a request head may be, the status each refusal gets, how a
+status line and a head are written, how a body is framed.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import hdrs
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+
+from proxy.config.model import InboundLimits
+from proxy.errors import (
+    BadRequest,
+    HeaderTooLarge,
+    NotImplementedByProxy,
+    RequestFailed,
+    UriTooLong,
+    VersionNotSupported,
+    malformed_reason,
+)
+from proxy.forwarding.headers import message_head, transfer_codings
+from proxy.forwarding.seams import Body, Fields
+from proxy.routing.router import valid_authority
+
+# RFC 9110 §9.1: a method is any token. llhttp knows a fixed table of them;
+# a request with another one is parsed by aiohttp's Python parser instead.
+_METHOD_START: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
+
+
+_HEADER_NAME: Final = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})[ \t]*:[ \t]*$")
+
+
+_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
+
+
+class _Date:
+    """The ``Date`` header value, formatted at most once a second."""
+
+    second = -1
+    value = ""
+
+    @classmethod
+    def now(cls) -> str:
+        second = int(time.time())
+        if second != cls.second:
+            cls.second = second
+            cls.value = formatdate(second, usegmt=True)
+        return cls.value
+
+
+def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, str]]) -> bytes:
+    """Status line and header block; a CR or LF in any header is refused."""
+    if reason is None or "\r" in reason or "\n" in reason:
+        reason = _REASONS.get(status, "Unknown")
+    return message_head(f"HTTP/1.1 {status} {reason}", headers)
+
+
+def _without_length(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer (it would
+    frame a body that answer cannot have)."""
+    return [(name, value) for name, value in headers if name.lower() != "content-length"]
+
+
+def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) -> RequestFailed:
+    """The answer to a request the parser refused: the status the RFCs name
+    for the fault (414, 431, 505, else 400) and a message that names a field
+    and its size, never the bytes (an over-long ``Authorization`` is a secret).
+    ``recent`` is the bytes read last, where a field's name is looked up."""
+    if isinstance(exc, LineTooLong):
+        seen = bytes(exc.args[0]) if exc.args else b""
+        if _in_request_line(seen, recent):
+            return UriTooLong(
+                f"the request line is longer than {limits.max_header_size} bytes "
+                "(inbound.max_header_size)"
+            )
+        return HeaderTooLarge(
+            f"header field {_field_name(seen, recent)} is longer than "
+            f"{limits.max_header_size} bytes (inbound.max_header_size)"
+        )
+    text = str(getattr(exc, "message", "") or "")
+    if "Too many headers" in text:
+        return HeaderTooLarge(f"more than {limits.max_headers} header fields (inbound.max_headers)")
+    if "Invalid HTTP version" in text or "PRI/Upgrade" in text:
+        return VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served on this port")
+    return BadRequest(malformed_reason(exc))
+
+
+def _in_request_line(seen: bytes, recent: bytes) -> bool:
+    """Whether the over-long bytes a parser reports (their first 100, then
+    "...") are a request target: they follow ``METHOD SP`` at a line start."""
+    start = seen[:-3] if seen.endswith(b"...") else seen
+    at = recent.find(start[:64]) if start else -1
+    if at == -1:
+        return False
+    line_start = recent.rfind(b"\n", 0, at) + 1
+    if line_start == at:  # the Python parser reports the whole line, method first
+        return _METHOD_START.match(start) is not None
+    return _METHOD_START.fullmatch(recent[line_start:at]) is not None
+
+
+def _field_name(seen: bytes, recent: bytes) -> str:
+    """The name of the field whose (name or) value starts with ``seen``, when
+    it can be found in ``recent``; a name is no secret, a value may be."""
+    start = seen[:-3] if seen.endswith(b"...") else seen
+    at = recent.find(start[:64]) if start else -1
+    if at != -1:
+        found = _HEADER_NAME.search(recent, max(0, at - 128), at)
+        if found:
+            return repr(found.group(1).decode("ascii"))
+        if recent[at - 1 : at] in (b"\n", b""):
+            return "(its name)"  # the name itself is over the limit
+    return "(unnamed)"
+
+
+def framing_error(message: Any) -> RequestFailed | None:
+    """What this hop refuses in a parsed request head, before any routing:
+    RFC 9112 §2.3 versions, §3.2 Host, §6.1 transfer codings."""
+    version = message.version
+    if version[0] != 1:
+        return VersionNotSupported(
+            f"HTTP/{version[0]}.{version[1]} is not served on this port; speak HTTP/1.1"
+        )
+    headers = message.headers
+    hosts = headers.getall(hdrs.HOST, ())
+    if len(hosts) > 1 or (not hosts and version >= (1, 1)):
+        # RFC 9112 §3.2: exactly one Host in HTTP/1.1; two are a smuggling attempt.
+        return BadRequest(f"expected exactly one Host header, got {len(hosts)}")
+    if hosts and not valid_authority(hosts[0]):
+        # A Host that is no host[:port] would be copied into X-Forwarded-Host.
+        return BadRequest("the Host header is not a host[:port] (RFC 9110 §7.2)")
+    coding = headers.get(hdrs.TRANSFER_ENCODING)
+    if coding is not None:
+        if version < (1, 1):
+            # RFC 9112 §6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing.
+            return BadRequest("Transfer-Encoding in an HTTP/1.0 request")
+        codings = transfer_codings(headers.getall(hdrs.TRANSFER_ENCODING))
+        if codings != ["chunked"]:
+            others = ", ".join(c for c in codings if c != "chunked")
+            return NotImplementedByProxy(
+                f"transfer coding {others!r} is not implemented by the proxy "
+                "(only chunked; RFC 9112 §6.1)"
+            )
+    return None
+
+
+# RFC 9110 §8.6: methods that define a meaning for content get "Content-Length: 0"
+# when they have none (some servers answer 411 otherwise); the rest go as the
+# app sent them, without a framing field (as nginx does).
+_CONTENT_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+
+
+def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
+    """Header fields as the sender spelled them, in order, repeats kept. The
+    parsers' ``headers`` multidict re-cases known names (``etag`` -> ``Etag``);
+    its ``raw_headers`` keep the bytes, decoded here as the parsers decode
+    values (UTF-8 with surrogate escapes, so obs-text goes back byte for byte)."""
+    return [
+        (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+        for name, value in raw_headers
+    ]
+
+
+def request_head(
+    method: str, target: str, headers: Sequence[tuple[str, str]], extra: str = ""
+) -> bytes:
+    """The request line and header block (``extra``: this hop's framing line);
+    a CR or LF in the target or a header (a token endpoint's hostile "token",
+    say) would split the head and is refused."""
+    return message_head(f"{method} {target} HTTP/1.1", headers, extra)
+
+
+def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tuple[str, bool]:
+    """The framing header to add, and whether the body goes chunked."""
+    for name, _ in headers:
+        if len(name) == 14 and name.lower() == "content-length":
+            return "", False
+    if body is None:
+        return ("Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""), False
+    if isinstance(body, bytes):
+        return f"Content-Length: {len(body)}\r\n", False
+    return "Transfer-Encoding: chunked\r\n", True

@@ -1,0 +1,45 @@
+"""Who may use a route: ``allow_from`` networks and ``inbound_auth`` keys
+(compared in constant time, every key each time). Pure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from ipaddress import ip_address
+from typing import Any
+
+from proxy.config.model import InboundAuth, RouteConfig
+from proxy.errors import (
+    ProxyKeyRequired,
+    SourceNotAllowed,
+)
+
+
+def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
+    """``allow_from`` and ``inbound_auth``, before anything else happens."""
+    if route.allow_from:
+        try:
+            address = ip_address((remote or "").split("%", 1)[0])
+        except ValueError:
+            address = None
+        if address is None or not any(address in net for net in route.allow_from):
+            raise SourceNotAllowed(
+                f"route {route.name!r} does not accept requests from {remote}", route=route.name
+            )
+    if route.inbound_auth is not None and not _key_ok(route.inbound_auth, headers):
+        raise ProxyKeyRequired(
+            f"route {route.name!r} needs a valid key in the {route.inbound_auth.header} header",
+            route=route.name,
+        )
+
+
+def _key_ok(auth: InboundAuth, headers: Any) -> bool:
+    presented = headers.get(auth.header)
+    if not presented:
+        return False
+    digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+    ok = False
+    for known in auth.key_digests:  # every key is compared: no early exit
+        ok |= hmac.compare_digest(digest, known)
+    return ok
