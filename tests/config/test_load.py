@@ -183,7 +183,7 @@ def test_config_path_precedence() -> None:
 
 
 def test_shipped_example_is_valid() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "ACME_CLIENT_ID": "id", "ACME_CLIENT_SECRET": "secret"}
     config = load_config(str(root / "proxy.yaml"), env)
     assert config.routes
