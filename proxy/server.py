@@ -29,34 +29,25 @@ from proxy.http1.listener import AppExchange, Listener
 from proxy.http1.upstream import LeanClient
 from proxy.log import configure_logging, get_logger
 from proxy.metrics import Metrics
-from proxy.routing.table import build_table
+from proxy.routing.table import RouteTable, route_runtime
 from proxy.tokens.cache import (
     TokenCache,
 )
+from proxy.tokens.minter import ClientCredentialsMinter
 from proxy.tokens.session import token_session
 from proxy.tokens.source import SharedTokenSource
 from proxy.tokens.sources import TokenSources, build_cache
 from proxy.tokens.token import iso_time
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
-
-
 ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved
-
-
 RUNTIME_DIR_ENV: Final = "AUTHPROXY_RUNTIME_DIR"
-
-
 WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that keeps failing
-
-
 # Keys that shape sockets, processes or the shared cache: read at start only.
 RESTART_ONLY: Final = (
     "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace", "inbound",
     "engine",
 )  # fmt: skip
-
-
 log = get_logger("proxy.server")
 
 
@@ -64,6 +55,20 @@ def bound_port(site: web.TCPSite) -> int:
     """The port a started site listens on (the chosen one when asked for port 0)."""
     server = cast(asyncio.Server, site._server)
     return int(server.sockets[0].getsockname()[1])
+
+
+def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> RouteTable:
+    runtimes = {
+        route.name: route_runtime(
+            route,
+            sources.get(config.clients[route.client], route.scope),
+            metrics,
+            config.inbound.body_timeout,
+        )
+        for route in config.routes
+    }
+    sources.keep_only({(route.client, route.scope or "") for route in config.routes})
+    return RouteTable(config, runtimes)
 
 
 @dataclass(slots=True)
@@ -127,7 +132,13 @@ class ProxyServer:
         self.cache = build_cache(
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
         )
-        self.sources = TokenSources(self.cache, self._tokens, self._clock, self.metrics)
+        tokens, clock = self._tokens, self._clock
+        self.sources = TokenSources(
+            self.cache,
+            lambda client: ClientCredentialsMinter(client, tokens, clock),
+            clock,
+            self.metrics,
+        )
         self.forwarder = Forwarder(
             build_table(self.config, self.sources, self.metrics), self._upstream, self.metrics
         )

@@ -172,7 +172,7 @@ def _field_lines(block: bytes) -> tuple[Field, ...]:
     return tuple(fields)
 
 
-def _framing(
+def request_framing(
     start_line: bytes, fields: tuple[Field, ...], *, request: bool, method: bytes
 ) -> tuple[Framing, int]:
     """RFC 9112 §6.3: how the body of this message is delimited, and its length."""
@@ -242,7 +242,7 @@ def parse_message(
     head = data[: end + 4]
     start_line, _, block = data[:end].partition(CRLF)
     fields = _field_lines(block)
-    framing, length = _framing(start_line, fields, request=request, method=method)
+    framing, length = request_framing(start_line, fields, request=request, method=method)
     body_start = end + 4
     trailers: tuple[Field, ...] = ()
     if framing == "none":

@@ -21,6 +21,12 @@ from typing import Any, Final, TypeVar, cast
 import yaml
 from yarl import URL
 
+from proxy.config.keys import (
+    KEY_ALGORITHMS,
+    SECRET_ALGORITHMS,
+    certificate_thumbprints,
+    load_private_key,
+)
 from proxy.config.model import (
     AUTH_METHODS,
     DEFAULT_CONNECT_TIMEOUT,
@@ -42,6 +48,8 @@ from proxy.config.model import (
     MAX_WORKERS,
     SECRET_METHODS,
     TOKEN_REQUEST_FORMATS,
+    AuthMethod,
+    CacheBackend,
     CacheConfig,
     ClientConfig,
     Config,
@@ -50,20 +58,15 @@ from proxy.config.model import (
     InboundAuth,
     InboundLimits,
     LogConfig,
+    LogFormat,
+    LogLevel,
     RouteConfig,
+    TokenRequestFormat,
 )
 from proxy.errors import ConfigError
-from proxy.tokens.assertion import (
-    KEY_ALGORITHMS,
-    SECRET_ALGORITHMS,
-    certificate_thumbprints,
-    load_private_key,
-)
 from proxy.units import parse_duration, parse_share, parse_size
 
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
-
-
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
 
 T = TypeVar("T")
@@ -385,7 +388,7 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         token_url=token_url,
         client_id=client_id,
         client_secret=secret,
-        auth_method=auth_method,
+        auth_method=cast(AuthMethod, auth_method),  # checked above
         scope=reader.string("scope") or None,
         params=tuple(params),
         expiry_margin=margin,
@@ -400,7 +403,7 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         client_key_file=key_file,
         tls_stamp=tls_stamp,
         token_headers=tuple(token_headers),
-        token_request_format=token_format,
+        token_request_format=cast(TokenRequestFormat, token_format),  # checked above
         warm=reader.boolean("warm", False),
         private_key=private_key,
         private_key_file=private_key_file,
@@ -611,7 +614,9 @@ def _parse_cache(reader: _Reader) -> CacheConfig:
         raise reader.error("lock_ttl", "must be greater than 0")
     prefix = reader.string("key_prefix", "authproxy") or "authproxy"
     reader.finish()
-    return CacheConfig(backend=backend, url=url, key_prefix=prefix, lock_ttl=lock_ttl)
+    return CacheConfig(
+        backend=cast(CacheBackend, backend), url=url, key_prefix=prefix, lock_ttl=lock_ttl
+    )
 
 
 def _parse_inbound(reader: _Reader) -> InboundLimits:
@@ -644,7 +649,7 @@ def _parse_log(reader: _Reader) -> LogConfig:
     if form not in LOG_FORMATS:
         raise reader.error("format", f"expected json or console, got {form!r}")
     reader.finish()
-    return LogConfig(level=level, format=form)
+    return LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, form))
 
 
 def parse_config(

@@ -9,84 +9,67 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
-from typing import Final, Literal
+from types import MappingProxyType
+from typing import Final, Literal, get_args
 
-AUTH_METHODS: Final = frozenset(
-    {
-        "client_secret_basic",
-        "client_secret_post",
-        "client_secret_jwt",
-        "private_key_jwt",
-        "tls_client_auth",
-        "none",
-    }
-)
+from proxy.errors import ConfigError
 
-
-TOKEN_REQUEST_FORMATS: Final = frozenset({"form", "json"})
-
-
+# RFC 6749 §2.3, RFC 7523 §2.2, RFC 8705 §2: how a client proves itself.
+AuthMethod = Literal[
+    "client_secret_basic",
+    "client_secret_post",
+    "client_secret_jwt",
+    "private_key_jwt",
+    "tls_client_auth",
+    "none",
+]
+AUTH_METHODS: Final = frozenset(get_args(AuthMethod))
 SECRET_METHODS: Final = frozenset(
     {"client_secret_basic", "client_secret_post", "client_secret_jwt"}
 )
-
+TokenRequestFormat = Literal["form", "json"]  # RFC 6749 says form; some endpoints want JSON
+TOKEN_REQUEST_FORMATS: Final = frozenset(get_args(TokenRequestFormat))
+CacheBackend = Literal["memory", "redis"]
+CACHE_BACKENDS: Final = frozenset(get_args(CacheBackend))
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_LEVELS: Final = frozenset(get_args(LogLevel))
+LogFormat = Literal["json", "console"]
+LOG_FORMATS: Final = frozenset(get_args(LogFormat))
+# The HTTP/1.1 engine on both sides: only "lean" (proxy/http1: our own
+# connections on aiohttp's C parsers). The aiohttp engine (web.Server and
+# ClientSession) was removed in 0.2: docs/design.md says why.
+Engine = Literal["lean"]
+ENGINES: Final = get_args(Engine)
 
 # Defaults, with the reason each has the value it has.
 DEFAULT_LISTEN: Final = "127.0.0.1:8080"  # loopback: reaching the proxy means being trusted
-
-
 DEFAULT_EXPIRY_MARGIN: Final = 30.0  # clock skew between us, the IdP and the partner
-
-
 DEFAULT_REFRESH_AHEAD: Final = 0.10  # re-mint in the background with 10% of life left
-
-
 DEFAULT_LIFETIME: Final = 300.0  # no expires_in and no JWT exp: assume 5 minutes
-
-
 DEFAULT_REMINT_MIN_INTERVAL: Final = 10.0  # quota guard for expiry-triggered re-mints
-
-
 DEFAULT_TOKEN_TIMEOUT: Final = 10.0  # whole mint exchange with the token endpoint
-
-
 DEFAULT_MINT_ATTEMPTS: Final = 3  # calls per mint for transient failures, within the timeout
-
-
 DEFAULT_FAILURE_COOLDOWN: Final = 30.0  # no call after rejected credentials (doubles on repeat)
-
-
 DEFAULT_ROUTE_TIMEOUT: Final = 30.0  # to response headers, and between body chunks
-
-
-DEFAULT_CONNECT_TIMEOUT: Final = 5.0
-
-
+DEFAULT_CONNECT_TIMEOUT: Final = 5.0  # a partner that takes longer to accept is not answering
 DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
-
-
 DEFAULT_LOCK_TTL: Final = 15.0  # a dead mint-lock holder blocks others at most this long
-
-
 DEFAULT_SHUTDOWN_GRACE: Final = 20.0  # in-flight requests get this long to finish on SIGTERM
+MAX_WORKERS: Final = 64  # more processes than this on one host is a misconfiguration
+# inbound: aiohttp's and nginx's own defaults (8 KiB lines, 100 fields), so an
+# app that works through either works through this proxy.
+DEFAULT_MAX_HEADER_SIZE: Final = 8190  # bytes of the request line and of each header line
+DEFAULT_MAX_HEADERS: Final = 100
+DEFAULT_HEADER_TIMEOUT: Final = 10.0  # to receive a request's head (slowloris)
+DEFAULT_BODY_TIMEOUT: Final = 60.0  # nginx's client_body_timeout: between two body chunks
+DEFAULT_IDLE_TIMEOUT: Final = 60.0  # a keep-alive connection with no request in flight
 
 
-LOG_FORMATS: Final = frozenset({"json", "console"})
-
-
-LOG_LEVELS: Final = frozenset({"debug", "info", "warning", "error"})
-
-
-MAX_WORKERS: Final = 64
-
-
-# The HTTP/1.1 engine on both sides: only "lean" (proxy/listener.py and
-# proxy/upstream.py: our own connections on aiohttp's C parsers). The aiohttp
-# engine (web.Server and ClientSession) was removed in 0.2: docs/design.md says why.
-Engine = Literal["lean"]
-
-
-ENGINES: Final = ("lean",)
+def _require(condition: bool, where: str, what: str) -> None:
+    """Construction-time validation: the loader names the file and line; a
+    model built in code gets the field."""
+    if not condition:
+        raise ConfigError(f"{where}: {what}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +80,7 @@ class ClientConfig:
     token_url: str
     client_id: str
     client_secret: str | None = field(repr=False)
-    auth_method: str = "client_secret_basic"
+    auth_method: AuthMethod = "client_secret_basic"
     scope: str | None = None
     params: tuple[tuple[str, str], ...] = ()
     expiry_margin: float = DEFAULT_EXPIRY_MARGIN
@@ -117,9 +100,27 @@ class ClientConfig:
     client_key_file: str | None = None
     tls_stamp: str = ""  # digest of ca/cert/key contents: a reload with new files differs
     token_headers: tuple[tuple[str, str], ...] = ()  # extra headers on the token request
-    token_request_format: str = "form"  # noqa: S105 - or "json", for endpoints that want it
+    token_request_format: TokenRequestFormat = "form"  # noqa: S105
     mint_attempts: int = DEFAULT_MINT_ATTEMPTS
     failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
+
+    def __post_init__(self) -> None:
+        where = f"client {self.name!r}"
+        _require(self.auth_method in AUTH_METHODS, where, f"auth_method {self.auth_method!r}")
+        _require(
+            self.token_request_format in TOKEN_REQUEST_FORMATS,
+            where,
+            f"token_request_format {self.token_request_format!r}",
+        )
+        _require(
+            self.auth_method not in SECRET_METHODS or bool(self.client_secret),
+            where,
+            f"auth_method {self.auth_method} needs a client_secret",
+        )
+        _require(self.timeout > 0, where, "timeout must be positive")
+        _require(self.mint_attempts >= 1, where, "mint_attempts must be at least 1")
+        _require(0 <= self.refresh_ahead < 1, where, "refresh_ahead must be in [0, 1)")
+        _require(self.expiry_margin >= 0, where, "expiry_margin must not be negative")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,40 +171,62 @@ class RouteConfig:
     allow_from: tuple[IPv4Network | IPv6Network, ...] = ()  # empty: anyone who reaches us
     inbound_auth: InboundAuth | None = None
 
+    def __post_init__(self) -> None:
+        where = f"route {self.name!r}"
+        _require(bool(self.host or self.path_prefix), where, "needs a host or a path_prefix")
+        _require(self.timeout > 0, where, "timeout must be positive")
+        _require(self.connect_timeout > 0, where, "connect_timeout must be positive")
+        _require(self.replay_limit >= 0, where, "replay_limit must not be negative")
+
 
 @dataclass(frozen=True, slots=True)
 class CacheConfig:
     """Where tokens are shared. ``memory``: this host (across its workers);
     ``redis``: every worker of every replica that uses the same Redis."""
 
-    backend: str = "memory"
+    backend: CacheBackend = "memory"
     url: str | None = field(default=None, repr=False)  # may hold a password
     key_prefix: str = "authproxy"
     lock_ttl: float = DEFAULT_LOCK_TTL
+
+    def __post_init__(self) -> None:
+        _require(self.backend in CACHE_BACKENDS, "cache", f"backend {self.backend!r}")
+        _require(self.backend != "redis" or bool(self.url), "cache", "redis needs a url")
+        _require(self.lock_ttl > 0, "cache", "lock_ttl must be positive")
 
 
 @dataclass(frozen=True, slots=True)
 class InboundLimits:
     """``inbound:``: what the apps' side may cost the proxy."""
 
-    max_header_size: int = 8190  # bytes of the request line and of each header line
-    max_headers: int = 100
-    header_timeout: float = 10.0  # to receive a request's head (slowloris)
-    body_timeout: float = 60.0  # between two chunks of a request body
-    idle_timeout: float = 60.0  # a keep-alive connection with no request in flight
+    max_header_size: int = DEFAULT_MAX_HEADER_SIZE
+    max_headers: int = DEFAULT_MAX_HEADERS
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
+    body_timeout: float = DEFAULT_BODY_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+
+    def __post_init__(self) -> None:
+        for name in ("max_header_size", "max_headers", "header_timeout", "body_timeout",
+                     "idle_timeout"):  # fmt: skip
+            _require(getattr(self, name) > 0, "inbound", f"{name} must be positive")
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
     """``log:``: the level, and ``json`` for machines or ``console`` for a person."""
 
-    level: str = "info"
-    format: str = "json"
+    level: LogLevel = "info"
+    format: LogFormat = "json"
+
+    def __post_init__(self) -> None:
+        _require(self.level in LOG_LEVELS, "log", f"level {self.level!r}")
+        _require(self.format in LOG_FORMATS, "log", f"format {self.format!r}")
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """The whole, validated proxy.yaml."""
+    """The whole, validated proxy.yaml. ``clients`` is read-only (a
+    mapping proxy over a copy), like everything else here."""
 
     listen_host: str
     listen_port: int
@@ -220,3 +243,16 @@ class Config:
     engine: Engine = "lean"
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clients", MappingProxyType(dict(self.clients)))
+        _require(1 <= self.workers <= MAX_WORKERS, "workers", f"1 to {MAX_WORKERS}")
+        _require(self.engine in ENGINES, "engine", f"{self.engine!r}")
+        names = [route.name for route in self.routes]
+        _require(len(set(names)) == len(names), "routes", "route names must be unique")
+        for route in self.routes:
+            _require(
+                route.client in self.clients,
+                f"route {route.name!r}",
+                f"client {route.client!r} is not defined",
+            )

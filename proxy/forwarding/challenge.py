@@ -10,12 +10,8 @@ from typing import Final
 from proxy.config.model import ExpiredTokenRule
 
 MAX_401_BODY: Final = 8 * 1024  # bytes of a 401 body read for a body rule
-
-
 # RFC 9110 §11.2 auth-param: token "=" ( token / quoted-string )
 _AUTH_PARAM = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
-
-
 _BEARER = re.compile(r"(?:^|,)\s*bearer(?:\s+|$|,)", re.IGNORECASE)
 
 

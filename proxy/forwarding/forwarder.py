@@ -60,15 +60,9 @@ from proxy.routing.table import RouteRuntime, RouteTable
 from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
-
-
 events = get_logger("proxy.forward")
-
-
 # RFC 9110 §9.2.2, less TRACE: the proxy never forwards TRACE (a 405 of its own).
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-
-
 # A body with a Content-Length up to this many bytes (and within the route's
 # replay_limit) is read whole and sent in one write, as nginx buffers request
 # bodies by default: no streaming task per request, and the replay copy is the

@@ -25,33 +25,21 @@ HOP_BY_HOP: Final = frozenset(
         "upgrade",
     }
 )
-
-
 # Request headers the proxy sets itself, so any the app sent are dropped first.
 # Expect: the listener answers the app's 100-continue itself; the upstream
 # client does not wait for the partner's, so forwarding it would be a lie.
 _REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect"})
-
-
 # Forwarding headers the app could forge to pose as someone else; replaced by
 # the proxy's own unless trust_forwarded_headers is on.
 FORWARDING: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
 )
-
-
 VIA: Final = "1.1 authproxy"
-
-
 # "Connection: keep-alive" (every nginx answer) and "close" name nothing beyond
 # the hop-by-hop set, so they need no per-message set.
 _PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
-
-
 # Precomputed at import: the hot path only unions in what a request adds.
 _DROP_TRUSTED: Final = HOP_BY_HOP | _REQUEST_OWNED
-
-
 _DROP_UNTRUSTED: Final = _DROP_TRUSTED | FORWARDING
 
 
@@ -87,8 +75,6 @@ def decrement_max_forwards(headers: list[tuple[str, str]]) -> list[tuple[str, st
 
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
-
-
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 

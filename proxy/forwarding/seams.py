@@ -14,12 +14,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from typing import Any, Protocol
 
 Fields = list[tuple[str, str]]  # header fields as sent: names as spelled, in order, repeats kept
-
-
 # Called with each interim (1xx) answer the proxy did not ask for (102, 103...).
 Interim = Callable[[int, str, Fields], Awaitable[None]]
-
-
 # A message's header fields, looked up case-insensitively (read-only).
 Headers = Mapping[str, str]
 

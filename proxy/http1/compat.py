@@ -20,8 +20,6 @@ from proxy.errors import ConfigError
 
 # The versions the suite has passed on: [first, past-the-end).
 TESTED: Final = ((3, 14, 5), (3, 15, 0))
-
-
 # (module, attribute path) pairs the lean engine reads, overrides or calls.
 REQUIRED: Final = (
     ("aiohttp.http_parser", "HttpRequestParserC"),

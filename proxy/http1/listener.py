@@ -45,34 +45,23 @@ from proxy.errors import (
 )
 from proxy.forwarding.seams import AppBody, Fields
 from proxy.http1.policy import (
-    _METHOD_START,
-    _Date,
-    _without_length,
+    METHOD_START,
+    DateHeader,
     framing_error,
     raw_fields,
     refusal_for,
     response_head,
+    without_length,
 )
 from proxy.log import get_logger
 
 log = get_logger("proxy.inbound")
 
-
 LINGER: Final = 2.0  # seconds to drain an unread request body before closing
-
-
 MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
-
-
 READ_BUFFER: Final = 2**16
-
-
 _LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
-
-
 _AFTER_CLOSE: Final = "Data after `Connection: close`"
-
-
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
 
 
@@ -168,7 +157,7 @@ class AppExchange:
         the final one; never to an HTTP/1.0 app (RFC 9110 §15.2)."""
         if self.version < (1, 1) or self.started:
             return
-        self._connection.write(response_head(status, reason, _without_length(headers)))
+        self._connection.write(response_head(status, reason, without_length(headers)))
 
     async def open_body(self) -> AppBody:
         """The body (seams.AppBody); the first call sends 100 Continue."""
@@ -210,7 +199,7 @@ class AppExchange:
         self.started = True
         self.status = status
         if status == 204:
-            headers = _without_length(headers)
+            headers = without_length(headers)
         if self._connection.closing:
             self.closes = True  # draining: tell the app this connection ends
         has_length = False
@@ -221,7 +210,7 @@ class AppExchange:
             elif len(name) == 4 and name.lower() == "date":
                 has_date = True
         if not has_date:
-            headers.append(("Date", _Date.now()))
+            headers.append(("Date", DateHeader.now()))
         if not self.body_complete:
             self.closes = True
         self._finish_headers(headers, has_length)
@@ -361,7 +350,7 @@ class AppConnection(BaseProtocol):
         before = getattr(prior[1], "total_bytes", 0) if prior is not None else 0
         spelled = None
         if clean:
-            method = _METHOD_START.match(data)
+            method = METHOD_START.match(data)
             if method is not None and not method.group().isupper():
                 # Both of aiohttp's parsers upper-case the method ("get" -> GET),
                 # but a method is case-sensitive (RFC 9110 §9.1): "get" is
@@ -372,7 +361,7 @@ class AppConnection(BaseProtocol):
         try:
             messages: Sequence[tuple[Any, Any]] = parser.feed_data(data)[0]
         except BadHttpMethod as exc:
-            if not _METHOD_START.match(data):
+            if not METHOD_START.match(data):
                 return [(self._refuse(exc, data), None)]  # not a token: 400
             if not clean:
                 return [(self._refuse(exc, data, unframed=True), None)]
@@ -654,7 +643,7 @@ class AppConnection(BaseProtocol):
                 [
                     ("Content-Type", "application/json"),
                     ("Content-Length", str(len(body))),
-                    ("Date", _Date.now()),
+                    ("Date", DateHeader.now()),
                     ("Connection", "close"),
                 ],
             )

@@ -31,16 +31,12 @@ from proxy.routing.router import valid_authority
 
 # RFC 9110 §9.1: a method is any token. llhttp knows a fixed table of them;
 # a request with another one is parsed by aiohttp's Python parser instead.
-_METHOD_START: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
-
-
+METHOD_START: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ ")
 _HEADER_NAME: Final = re.compile(rb"(?:^|\n)([!#$%&'*+.^_`|~0-9A-Za-z-]{1,64})[ \t]*:[ \t]*$")
-
-
 _REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
 
 
-class _Date:
+class DateHeader:
     """The ``Date`` header value, formatted at most once a second."""
 
     second = -1
@@ -62,7 +58,7 @@ def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, 
     return message_head(f"HTTP/1.1 {status} {reason}", headers)
 
 
-def _without_length(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+def without_length(headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     """RFC 9110 §8.6: no Content-Length in a 1xx or 204 answer (it would
     frame a body that answer cannot have)."""
     return [(name, value) for name, value in headers if name.lower() != "content-length"]
@@ -101,8 +97,8 @@ def _in_request_line(seen: bytes, recent: bytes) -> bool:
         return False
     line_start = recent.rfind(b"\n", 0, at) + 1
     if line_start == at:  # the Python parser reports the whole line, method first
-        return _METHOD_START.match(start) is not None
-    return _METHOD_START.fullmatch(recent[line_start:at]) is not None
+        return METHOD_START.match(start) is not None
+    return METHOD_START.fullmatch(recent[line_start:at]) is not None
 
 
 def _field_name(seen: bytes, recent: bytes) -> str:
@@ -153,7 +149,7 @@ def framing_error(message: Any) -> RequestFailed | None:
 # RFC 9110 §8.6: methods that define a meaning for content get "Content-Length: 0"
 # when they have none (some servers answer 411 otherwise); the rest go as the
 # app sent them, without a framing field (as nginx does).
-_CONTENT_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
+CONTENT_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
 
 
 def raw_fields(raw_headers: Sequence[tuple[bytes, bytes]]) -> Fields:
@@ -176,13 +172,15 @@ def request_head(
     return message_head(f"{method} {target} HTTP/1.1", headers, extra)
 
 
-def _framing(method: str, headers: Sequence[tuple[str, str]], body: Body) -> tuple[str, bool]:
+def request_framing(
+    method: str, headers: Sequence[tuple[str, str]], body: Body
+) -> tuple[str, bool]:
     """The framing header to add, and whether the body goes chunked."""
     for name, _ in headers:
         if len(name) == 14 and name.lower() == "content-length":
             return "", False
     if body is None:
-        return ("Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""), False
+        return ("Content-Length: 0\r\n" if method in CONTENT_METHODS else ""), False
     if isinstance(body, bytes):
         return f"Content-Length: {len(body)}\r\n", False
     return "Transfer-Encoding: chunked\r\n", True

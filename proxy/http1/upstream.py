@@ -43,18 +43,12 @@ from proxy.errors import (
     UpstreamProtocolError,
 )
 from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
-from proxy.http1.policy import _framing, raw_fields, request_head
+from proxy.http1.policy import raw_fields, request_framing, request_head
 from proxy.routing.table import Endpoint
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
-
-
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
-
-
 READ_BUFFER: Final = 2**16  # per response; aiohttp pauses the socket past twice this
-
-
 MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
 
 
@@ -255,7 +249,7 @@ class LeanClient:
         body: Body,
         interim: Interim | None = None,
     ) -> UpstreamResponse:
-        extra, chunked = _framing(method, headers, body)
+        extra, chunked = request_framing(method, headers, body)
         head = request_head(method, target, headers, extra)
         key = (endpoint.origin, endpoint.ssl)
         protocol = self._take(key)

@@ -8,17 +8,36 @@ partner route can shadow it and the apps' port exposes nothing but routes.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from proxy.metrics import CONTENT_TYPE
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyServer
+from proxy.metrics import CONTENT_TYPE, Metrics
 
 
-SERVER_KEY: web.AppKey[ProxyServer] = web.AppKey("server")
+class Reload(Protocol):
+    ok: bool
+    message: str
+
+    def as_json(self) -> dict[str, Any]: ...
+
+
+class Operated(Protocol):
+    """What the admin listener asks of the running proxy
+    (:class:`proxy.server.ProxyServer`), and nothing more."""
+
+    metrics: Metrics
+
+    def ready_reason(self) -> str | None: ...
+
+    async def refresh_gauges(self) -> None: ...
+
+    async def token_report(self) -> list[dict[str, Any]]: ...
+
+    def request_reload(self) -> Reload: ...
+
+
+SERVER_KEY: web.AppKey[Operated] = web.AppKey("server")
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -57,7 +76,7 @@ async def reload(request: web.Request) -> web.Response:
     return _json({"reloaded": False, "error": "config_invalid", "message": result.message}, 400)
 
 
-def admin_app(server: ProxyServer) -> web.Application:
+def admin_app(server: Operated) -> web.Application:
     app = web.Application()
     app[SERVER_KEY] = server
     app.router.add_get("/healthz", healthz)

@@ -27,11 +27,7 @@ from proxy.metrics import MULTIPROC_ENV, mark_worker_dead
 from proxy.server import ADMIN_PORT_ENV, RUNTIME_DIR_ENV, WORKER_PORT_ENV
 
 RESTART_BACKOFF_MAX: Final = 10.0  # seconds between restarts of a worker that keeps dying
-
-
 QUICK_DEATH: Final = 2.0  # a worker dying sooner than this after start counts as crashing
-
-
 log = get_logger("proxy.supervisor")
 
 

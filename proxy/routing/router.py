@@ -18,17 +18,11 @@ from proxy.config.model import RouteConfig
 from proxy.errors import BadRequest, MethodNotAllowed, PathEscapesRoute
 
 T = TypeVar("T")
-
-
 # Separators that some upstream stacks honour besides "/": encoded slashes and
 # backslashes (IIS, some Java containers). A dot-segment check that ignored them
 # could be walked around.
 _SEGMENT_SPLIT = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
-
-
 _DOT = re.compile(r"%2e", re.IGNORECASE)
-
-
 # RFC 9110 §7.2 / RFC 3986 §3.2: Host = uri-host [ ":" port ], no userinfo;
 # uri-host is an IP literal in brackets or a reg-name (IPv4 is one of those).
 _AUTHORITY = re.compile(

@@ -20,7 +20,6 @@ from proxy.metrics import Metrics, RouteMetrics
 from proxy.routing.router import Router, UpstreamBase
 from proxy.tls import default_tls, ssl_context
 from proxy.tokens.source import SharedTokenSource
-from proxy.tokens.sources import TokenSources
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,17 +130,3 @@ class Endpoint:
             connect_timeout=connect_timeout,
             read_timeout=read_timeout,
         )
-
-
-def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> RouteTable:
-    runtimes = {
-        route.name: route_runtime(
-            route,
-            sources.get(config.clients[route.client], route.scope),
-            metrics,
-            config.inbound.body_timeout,
-        )
-        for route in config.routes
-    }
-    sources.keep_only({(route.client, route.scope or "") for route in config.routes})
-    return RouteTable(config, runtimes)

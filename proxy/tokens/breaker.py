@@ -50,8 +50,6 @@ REJECTING_ERRORS: Final = frozenset(
         "access_denied",
     }
 )
-
-
 MAX_RETRY_AFTER: Final = 3600.0  # never obey a Retry-After longer than an hour
 
 

@@ -12,7 +12,7 @@ import base64
 import random
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -32,24 +32,15 @@ from proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from proxy.tokens.breaker import Failure, MintGuard
 from proxy.tokens.token import (
     MAX_TOKEN_RESPONSE_BYTES,
+    Minter,
     Token,
     parse_retry_after,
     parse_token_response,
 )
 
 USER_AGENT: Final = "authproxy"
-
-
 RETRY_FIRST: Final = 0.2  # seconds before the first retry of a transient failure, doubling
-
-
 log = get_logger("proxy.minter")
-
-
-class Minter(Protocol):
-    """Anything that can produce a fresh token for a scope. Safe to call concurrently."""
-
-    async def mint(self, scope: str | None) -> Token: ...
 
 
 def basic_credentials(client_id: str, client_secret: str) -> str:

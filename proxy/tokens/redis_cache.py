@@ -33,20 +33,12 @@ from proxy.tokens.cache import CacheKey, decode_token, encode_token, key_digest
 from proxy.tokens.token import Token
 
 T = TypeVar("T")
-
-
 OP_TIMEOUT: Final = 0.5  # seconds; a slow Redis must not stall mints for long
-
-
 LOCK_POLL: Final = 0.025  # seconds between tries for a held mint lock
-
-
 # Delete KEYS[1] only if it still holds ARGV[1] (the lock's value).
 _RELEASE = (
     "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 )
-
-
 # Delete KEYS[1] only if its token is still ARGV[1]: a newer token is kept.
 _INVALIDATE = (
     "local v = redis.call('GET', KEYS[1]) "

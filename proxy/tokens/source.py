@@ -25,20 +25,13 @@ from typing import Final, Protocol
 from proxy.errors import CacheUnavailable, TokenError
 from proxy.log import get_logger
 from proxy.tokens.cache import CacheKey, TokenCache
-from proxy.tokens.minter import Minter
-from proxy.tokens.token import Token
+from proxy.tokens.token import Minter, Token
 
 REFRESH_RETRY_FIRST: Final = 1.0  # seconds before retrying a failed background refresh
-
-
 REFRESH_RETRY_MAX: Final = 30.0  # ... doubling up to this, with jitter
-
-
 SHARED_RECHECK: Final = (
     1.0  # seconds between looks at a shared cache for a token replaced elsewhere
 )
-
-
 log = get_logger("proxy.source")
 
 

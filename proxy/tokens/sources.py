@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Final
 
-import aiohttp
-
 from proxy.config.model import ClientConfig, Config
 from proxy.metrics import Metrics
 from proxy.tokens.breaker import MintGuard, State
@@ -22,8 +20,9 @@ from proxy.tokens.cache import (
     cache_key,
     credentials_fingerprint,
 )
-from proxy.tokens.minter import ClientCredentialsMinter, GuardedMinter
+from proxy.tokens.minter import GuardedMinter
 from proxy.tokens.source import SharedTokenSource
+from proxy.tokens.token import Minter
 
 CIRCUIT_GAUGE: Final = {State.CLOSED: 0, State.HALF_OPEN: 1, State.OPEN: 2}
 
@@ -34,17 +33,20 @@ class TokenSources:
     Sources survive a reload for clients whose configuration did not change, so
     their cached tokens are kept. A client whose credentials changed gets a new
     cache key (its fingerprint), so no process adopts a token of the old ones.
+    ``minter_for`` makes the minter that talks to a client's token endpoint
+    (:class:`~proxy.tokens.minter.ClientCredentialsMinter` on the shared
+    session); the registry wraps it with the client's breaker and retries.
     """
 
     def __init__(
         self,
         cache: TokenCache,
-        session: aiohttp.ClientSession,
+        minter_for: Callable[[ClientConfig], Minter],
         clock: Callable[[], float],
         metrics: Metrics,
     ) -> None:
         self._cache = cache
-        self._session = session
+        self._minter_for = minter_for
         self._clock = clock
         self._metrics = metrics
         self._sources: dict[tuple[str, str], tuple[ClientConfig, SharedTokenSource]] = {}
@@ -68,7 +70,7 @@ class TokenSources:
         key = cache_key(client.name, scope, client_fingerprint(client))
         gauge = self._metrics.circuit_state.labels(client.name)
         minter = GuardedMinter(
-            ClientCredentialsMinter(client, self._session, self._clock),
+            self._minter_for(client),
             self.guard(client),
             client=client.name,
             budget=client.timeout,

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Final
+from typing import Final, Protocol
 
 from proxy.errors import TokenEndpointRejected, TokenResponseInvalid
 
@@ -25,8 +25,6 @@ def iso_time(epoch: float) -> str:
 
 
 MAX_TOKEN_RESPONSE_BYTES: Final = 64 * 1024  # a token response is < 10 KiB; cap a hostile one
-
-
 MAX_ERROR_SNIPPET: Final = 200  # characters of an error body quoted in a message
 
 
@@ -235,3 +233,11 @@ def parse_token_response(
         refresh_ahead=refresh_ahead,
         scope=granted if isinstance(granted, str) else requested_scope,
     )
+
+
+class Minter(Protocol):
+    """Anything that can produce a fresh token for a scope (golang/oauth2's
+    ``TokenSource``): the token endpoint client, and the guard around it.
+    Safe to call concurrently."""
+
+    async def mint(self, scope: str | None) -> Token: ...

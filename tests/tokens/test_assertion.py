@@ -12,9 +12,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from conftest import Stack, StackFactory, write_private_key
+from proxy.config.keys import load_private_key
 from proxy.config.load import parse_config
 from proxy.errors import ConfigError
-from proxy.tokens.assertion import client_assertion, load_private_key
+from proxy.tokens.assertion import client_assertion
 
 ROUTE = """routes:
   - match: {path_prefix: /demo/}
