@@ -126,6 +126,12 @@ class RequestFailed(AuthProxyError):
         self.route = route
         self.client = client
 
+    @classmethod
+    def at(cls, route: str, text: str, *, client: str | None = None) -> Self:
+        """``route 'NAME': text``, with ``route`` (and ``client``) set: the
+        one way a message names the route it happened on."""
+        return cls(route_prefix(route) + text, route=route, client=client)
+
     def on_route(self, route: str) -> Self:
         """A new error of the same class and facts for a request on ``route``:
         ``route`` set and the message prefixed ``route 'NAME': `` (once).
@@ -134,7 +140,7 @@ class RequestFailed(AuthProxyError):
         waited on the same mint, and rewriting it for each made the messages
         grow with the number of waiters (issue 11). Raise the copy.
         """
-        prefix = f"route {route!r}: "
+        prefix = route_prefix(route)
         message = self.message if self.message.startswith(prefix) else prefix + self.message
         return self._copy(message, route=route)
 
@@ -263,8 +269,23 @@ class MintBlocked(TokenError):
 
 
 class UpstreamError(RequestFailed):
+    """``resend``: the request never reached the partner's application (no
+    connection, or a kept-alive one found closed), so an idempotent one may be
+    sent once more."""
+
     status = 502
     code = "upstream_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        route: str | None = None,
+        client: str | None = None,
+        resend: bool = False,
+    ) -> None:
+        super().__init__(message, route=route, client=client)
+        self.resend = resend
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -274,6 +295,10 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
+
+
+def route_prefix(route: str) -> str:
+    return f"route {route!r}: "
 
 
 def malformed_reason(exc: BaseException | None) -> str:

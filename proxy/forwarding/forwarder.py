@@ -33,6 +33,7 @@ from proxy.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnreachable,
+    route_prefix,
 )
 from proxy.forwarding.body import BodyTee
 from proxy.forwarding.challenge import MAX_401_BODY, says_expired
@@ -227,11 +228,7 @@ class Forwarder:
                 check_access(route, request.remote, request.headers)
             url = upstream_url(route, runtime.base, target)
             if route.max_body is not None and (request.content_length or 0) > route.max_body:
-                raise BodyTooLarge(
-                    f"route {route.name!r} accepts bodies up to {route.max_body} bytes, "
-                    f"got Content-Length {request.content_length}",
-                    route=route.name,
-                )
+                raise _too_large(route, f", got Content-Length {request.content_length}")
             gate = runtime.gate
             if gate.limit is None:
                 await self._exchange(request, runtime, url, target, table, facts)
@@ -445,7 +442,9 @@ class Forwarder:
         A connect timeout is not tried again: that would double the wait."""
         try:
             return await self._send_once(runtime, outbound, data, tee, interim)
-        except _ConnectionFailed as failed:
+        except UpstreamError as failed:
+            if not failed.resend:
+                raise
             route = runtime.config
             retry_body: Any = data if isinstance(data, bytes) or data is None else None
             if tee is not None and retry_body is None:
@@ -455,16 +454,12 @@ class Forwarder:
                     retry_body = tee.body()
             if (
                 route.retry_idempotent
-                and failed.retry
                 and outbound.method in IDEMPOTENT
                 and (not outbound.has_body or retry_body is not None)
             ):
-                events.info("upstream_retry", route=route.name, reason=failed.error.code)
-                try:
-                    return await self._send_once(runtime, outbound, retry_body, tee, interim)
-                except _ConnectionFailed as again:
-                    raise again.error from None
-            raise failed.error from None
+                events.info("upstream_retry", route=route.name, reason=failed.code)
+                return await self._send_once(runtime, outbound, retry_body, tee, interim)
+            raise
 
     async def _send_once(
         self,
@@ -488,36 +483,33 @@ class Forwarder:
             )
         except TimeoutError:
             _inbound_failure(route, tee)
-            raise UpstreamTimeout(
-                f"route {route.name!r}: upstream did not answer within {route.timeout:g}s",
-                route=route.name,
+            raise UpstreamTimeout.at(
+                route.name,
+                f"upstream did not answer within {route.timeout:g}s",
                 client=route.client,
             ) from None
         except ConnectFailed as exc:
-            raise _ConnectionFailed(
-                UpstreamUnreachable(
-                    f"route {route.name!r}: cannot connect to upstream {runtime.base.origin}: "
-                    f"{exc.reason}",
-                    route=route.name,
-                    client=route.client,
-                ),
-                retry=not isinstance(exc, ConnectTimedOut),
+            raise UpstreamUnreachable(
+                f"{route_prefix(route.name)}cannot connect to upstream {runtime.base.origin}: "
+                f"{exc.reason}",
+                route=route.name,
+                client=route.client,
+                resend=not isinstance(exc, ConnectTimedOut),  # a second wait would double it
             ) from None
         except Dropped:
             _inbound_failure(route, tee)
-            raise _ConnectionFailed(  # e.g. a keep-alive connection the partner had closed
-                UpstreamError(
-                    f"route {route.name!r}: upstream {runtime.base.origin} closed the "
-                    "connection without answering",
-                    route=route.name,
-                    client=route.client,
-                )
+            raise UpstreamError(  # e.g. a keep-alive connection the partner had closed
+                f"{route_prefix(route.name)}upstream {runtime.base.origin} closed the "
+                "connection without answering",
+                route=route.name,
+                client=route.client,
+                resend=True,
             ) from None
         except (UpstreamProtocolError, BodyFailed) as exc:
             _inbound_failure(route, tee)
-            raise UpstreamError(
-                f"route {route.name!r}: upstream {runtime.base.origin} failed: {exc.reason}",
-                route=route.name,
+            raise UpstreamError.at(
+                route.name,
+                f"upstream {runtime.base.origin} failed: {exc.reason}",
                 client=route.client,
             ) from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
@@ -526,10 +518,10 @@ class Forwarder:
             # RFC 9112 §6.1: the proxy would strip the chunking and pass the
             # other coding's bytes on unlabelled; nginx answers 502 as well.
             response.close()
-            raise UpstreamError(
-                f"route {route.name!r}: upstream {runtime.base.origin} answered with transfer "
-                f"coding {', '.join(codings)!r}; the proxy implements only chunked",
-                route=route.name,
+            raise UpstreamError.at(
+                route.name,
+                f"upstream {runtime.base.origin} answered with transfer coding "
+                f"{', '.join(codings)!r}; the proxy implements only chunked",
                 client=route.client,
             )
         return response
@@ -583,16 +575,9 @@ async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> b
             body: bytes = await content.readexactly(length)
             return body
     except TimeoutError:
-        raise BodyTimeout(
-            f"route {route.name!r}: the request body stalled (no data within the body timeout)",
-            route=route.name,
-        ) from None
+        raise _stalled(route) from None
     except AppBodyFailed:
-        raise BadRequest(
-            f"route {route.name!r}: the request body ended early or was malformed",
-            route=route.name,
-            client=route.client,
-        ) from None
+        raise _broken(route) from None
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:
@@ -608,19 +593,8 @@ async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes
             chunks.append(chunk)
             size += len(chunk)
     except (UpstreamBodyFailed, TimeoutError):
-        raise UpstreamError(
-            f"route {route!r}: upstream broke while sending a 401 body", route=route
-        ) from None
+        raise UpstreamError.at(route, "upstream broke while sending a 401 body") from None
     return b"".join(chunks)
-
-
-class _ConnectionFailed(Exception):
-    """Internal: the request never reached the upstream's application."""
-
-    def __init__(self, error: UpstreamError, *, retry: bool = True) -> None:
-        super().__init__(error.message)
-        self.error = error
-        self.retry = retry
 
 
 def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
@@ -628,17 +602,22 @@ def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
     if tee is None:
         return
     if tee.too_large:
-        raise BodyTooLarge(
-            f"route {route.name!r} accepts bodies up to {route.max_body} bytes", route=route.name
-        )
+        raise _too_large(route)
     if tee.timed_out:
-        raise BodyTimeout(
-            f"route {route.name!r}: the request body stalled (no data within the body timeout)",
-            route=route.name,
-        )
+        raise _stalled(route)
     if tee.inbound_error is not None:
-        raise BadRequest(
-            f"route {route.name!r}: the request body ended early or was malformed",
-            route=route.name,
-            client=route.client,
-        )
+        raise _broken(route)
+
+
+def _too_large(route: RouteConfig, got: str = "") -> BodyTooLarge:
+    return BodyTooLarge.at(route.name, f"accepts bodies up to {route.max_body} bytes{got}")
+
+
+def _stalled(route: RouteConfig) -> BodyTimeout:
+    return BodyTimeout.at(route.name, "the request body stalled (no data within the body timeout)")
+
+
+def _broken(route: RouteConfig) -> BadRequest:
+    return BadRequest.at(
+        route.name, "the request body ended early or was malformed", client=route.client
+    )

@@ -24,13 +24,10 @@ def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
         except ValueError:
             address = None
         if address is None or not any(address in net for net in route.allow_from):
-            raise SourceNotAllowed(
-                f"route {route.name!r} does not accept requests from {remote}", route=route.name
-            )
+            raise SourceNotAllowed.at(route.name, f"requests from {remote} are not allowed")
     if route.inbound_auth is not None and not _key_ok(route.inbound_auth, headers):
-        raise ProxyKeyRequired(
-            f"route {route.name!r} needs a valid key in the {route.inbound_auth.header} header",
-            route=route.name,
+        raise ProxyKeyRequired.at(
+            route.name, f"needs a valid key in the {route.inbound_auth.header} header"
         )
 
 

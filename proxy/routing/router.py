@@ -208,9 +208,9 @@ def upstream_url(route: RouteConfig, base: UpstreamBase, target: RequestTarget) 
     """
     remainder = remainder_after(route.path_prefix, target.path)
     if climbs_out(remainder):
-        raise PathEscapesRoute(
-            f"path climbs out of route {route.name!r} after dot-segment removal",
-            route=route.name,
+        raise PathEscapesRoute.at(
+            route.name,
+            "the path climbs out of the route after dot-segment removal",
             client=route.client,
         )
     prefix = route.path_prefix

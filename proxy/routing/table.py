@@ -49,10 +49,8 @@ class Gate:
 
     def enter(self, route: str) -> None:
         if self.limit is not None and self.inflight >= self.limit:
-            raise RouteBusy(
-                f"route {route!r} has {self.limit} requests in flight (max_concurrent); "
-                "retry shortly",
-                route=route,
+            raise RouteBusy.at(
+                route, f"{self.limit} requests in flight (max_concurrent); retry shortly"
             )
         self.inflight += 1
 
