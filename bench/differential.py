@@ -72,6 +72,10 @@ KNOWN: frozenset[str] = frozenset(
         "response_101_without_upgrade_http_1_1",
         "response_204_with_content_length_late_bytes",
         "response_status_600",
+        "headers_rewrite_and_client_ip_fields_dropped",
+        "response_refused_407_from_partner",
+        "response_refused_http_2_0_status_line",
+        "target_path_parameter_dot_segment",
     }
 )
 

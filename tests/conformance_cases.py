@@ -65,6 +65,7 @@ class Case:
     after_continue: bytes = b""
     secret: bytes = b""
     why: str = ""
+    spoils_upstream: bool = False  # the partner's answer leaves its connection unfit for reuse
 
     @property
     def local(self) -> bool:
@@ -1076,6 +1077,66 @@ forwarded_get(
     request(b"GET http://partner.example/v HTTP/1.1", b"Host: partner.example"),
     request(b"GET /h/v HTTP/1.1"),
     why="RFC 9110 §7.6.3: as a forward proxy it adds Via to the answers (checked by the runner)",
+)
+
+# ------------------------------------- issue 11, third outside round
+
+for name, reply in (
+    ("space_before_colon", response(b"HTTP/1.1 200 OK", b"Content-Length : 2", body=b"ok")),
+    ("leading_whitespace_line", response(b"HTTP/1.1 200 OK", b" X-Lead: v", DATE.rstrip(), b"Content-Length: 2", body=b"ok", date=False)),
+    ("http_2_0_status_line", response(b"HTTP/2.0 200 OK", b"Content-Length: 2", body=b"ok")),
+    ("407_from_partner", response(b"HTTP/1.1 407 Proxy Authentication Required", b'Proxy-Authenticate: Basic realm="p"', b"Content-Length: 0")),
+):  # fmt: skip
+    case(
+        f"response_refused_{name}",
+        request(b"GET /acme/x HTTP/1.1", H),
+        replies=(reply,),
+        forwarded=(request(b"GET /v2/x HTTP/1.1"),),
+        status=(502,),
+        why="RFC 9112 §5.1, §2.2 (a field name is a token; no whitespace before the colon or "
+        "at a line start), §2.3; RFC 9110 §15.5.8 (a 407 is addressed to this hop)",
+    )
+case(
+    "response_longer_than_its_content_length",
+    (request(b"GET /acme/a HTTP/1.1", H), request(b"GET /acme/b HTTP/1.1", H)),
+    replies=(response(b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"abcd"), ok(b"two")),
+    forwarded=(request(b"GET /v2/a HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+    answers=(response(b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"ab"), ok(b"two")),
+    spoils_upstream=True,
+    why="RFC 9112 §6.3: Content-Length ends the answer; bytes after it are dropped with the "
+    "connection, in whatever reads they come (nginx does the same)",
+)
+forwarded_get(
+    "headers_rewrite_and_client_ip_fields_dropped",
+    request(
+        b"GET /acme/x HTTP/1.1",
+        H,
+        b"X-Original-URL: /admin",
+        b"X-Rewrite-URL: /admin",
+        b"True-Client-IP: 10.0.0.1",
+        b"X-Client-IP: 10.0.0.1",
+        b"X-Forwarded-Port: 443",
+        b"X-Forwarded-Prefix: /other",
+        b"X-Kept: 1",
+    ),
+    request(b"GET /v2/x HTTP/1.1", b"X-Kept: 1"),
+    why="docs/security.md: fields partners' stacks read as the original URL or the client",
+)
+case(
+    "pipelined_two_then_connection_close_then_more",
+    request(b"GET /acme/a HTTP/1.1", H)
+    + request(b"GET /acme/b HTTP/1.1", H, b"Connection: close")
+    + request(b"GET /acme/c HTTP/1.1", H),
+    replies=(ok(b"one"), ok(b"two")),
+    forwarded=(request(b"GET /v2/a HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+    answers=(ok(b"one"), ok(b"two")),
+    why="RFC 9112 §9.6: every request up to the one that says close is answered",
+)
+case(
+    "target_path_parameter_dot_segment",
+    request(b"GET /acme/..;/admin HTTP/1.1", H),
+    status=(400,),
+    why="Tomcat and Jetty read ..;x as ..: it would climb out of the route",
 )
 
 CASES_BY_NAME: Final = {c.name: c for c in CASES}

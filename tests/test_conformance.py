@@ -88,8 +88,8 @@ def closes_upstream(name: str) -> bool:
     """Whether the case's partner ends its connections itself (close-delimited
     answers, Connection: close), so that a second run needs a new one."""
     case = CASES_BY_NAME[name]
-    if case.status:
-        return True  # an answer the proxy refused to relay: that connection is not trusted again
+    if case.status or case.spoils_upstream:
+        return True  # an answer the proxy refused or cut: that connection is not trusted again
     for reply in case.replies:
         data = (
             reply
@@ -294,3 +294,43 @@ async def test_a_connect_timeout_is_a_502_naming_connect_timeout(
     finally:
         for server in running:
             await server.stop()  # type: ignore[attr-defined]
+
+
+async def test_good_requests_before_a_malformed_one_in_one_read_are_answered_first(
+    rig: Rig,
+) -> None:
+    """black-box round 2 (3.): a whole GET, then a malformed request, in one
+    write: the GET is forwarded and answered, then the 400, then the close
+    (RFC 9112 §9.3.2: answers in order; both parsers drop a refused read's
+    messages, so the listener parses it again)."""
+    rig.partner.reset()
+    rig.partner.script([Reply.of(b"HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 3\r\n\r\none")])
+    app = await AppConnection.open(rig.proxy.port)
+    await app.send(
+        b"GET /acme/first HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GET /acme/second HTTP/1.1\r\nHost: a\r\nBad Name: b\r\n\r\n"
+    )
+    first = (await app.response())[-1]
+    second = (await app.response())[-1]
+    assert (first.status, first.content) == (200, b"one"), render_bytes(first.raw)
+    assert second.status == 400, render_bytes(second.raw)
+    assert await app.closed()
+    await app.close()
+    assert [r.message.start_line for r in rig.partner.requests] == [b"GET /v2/first HTTP/1.1"]
+
+
+async def test_body_timeout_is_a_gap_for_a_small_sized_body_too(rig: Rig) -> None:
+    """black-box round 2 (7.): a 5-byte body sent a byte every 0.4 s under a
+    1 s body_timeout is whole after 1.6 s with no gap over 0.4 s: 200, the
+    bytes forwarded, as for a streamed body."""
+    rig.partner.reset()
+    rig.partner.script([Reply.of(b"HTTP/1.1 200 OK\r\nDate: x\r\nContent-Length: 2\r\n\r\nok")])
+    app = await AppConnection.open(rig.proxy.port)
+    await app.send(b"POST /acme/slow HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n")
+    for byte in b"hello":
+        await asyncio.sleep(0.4)
+        await app.send(bytes([byte]))
+    answer = (await app.response(method=b"POST"))[-1]
+    await app.close()
+    assert answer.status == 200, render_bytes(answer.raw)
+    assert [r.message.content for r in rig.partner.requests] == [b"hello"]

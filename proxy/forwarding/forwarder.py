@@ -513,6 +513,17 @@ class Forwarder:
                 client=route.client,
             ) from None
         runtime.metrics.upstream.observe(time.monotonic() - started)
+        if response.status == 407:
+            # Proxy-Authenticate is hop-by-hop: the challenge is addressed to
+            # this hop, which has no proxy credentials; relayed without it, a
+            # 407 would read as authproxy's own demand (RFC 9110 §15.5.8).
+            response.close()
+            raise UpstreamError.at(
+                route.name,
+                f"upstream {runtime.base.origin} asked for proxy authentication (407); "
+                "the proxy holds no proxy credentials",
+                client=route.client,
+            )
         codings = response.header_values("Transfer-Encoding")
         if codings and transfer_codings(codings) != ["chunked"]:
             # RFC 9112 §6.1: the proxy would strip the chunking and pass the
@@ -570,10 +581,18 @@ async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> b
     """A small body of known ``length``, within the body timeout."""
     route = runtime.config
     try:
-        async with asyncio.timeout(runtime.body_timeout):
-            content = await request.open_body()
-            body: bytes = await content.readexactly(length)
-            return body
+        content = await request.open_body()
+        chunks: list[bytes] = []
+        missing = length
+        while missing > 0:
+            # body_timeout bounds each gap, as for a streamed body, not the whole read.
+            async with asyncio.timeout(runtime.body_timeout):
+                chunk = await content.readany()
+            if not chunk:
+                raise AppBodyFailed("the body ended before its Content-Length")
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
     except TimeoutError:
         raise _stalled(route) from None
     except AppBodyFailed:

@@ -31,9 +31,15 @@ HOP_BY_HOP: Final = frozenset(
 _REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect"})
 # Forwarding headers the app could forge to pose as someone else; replaced by
 # the proxy's own unless trust_forwarded_headers is on.
+# The second line: fields that proxies and partners' stacks also read as the
+# client's address or the request's original URL (IIS/Symfony rewrite
+# headers, CDN client-IP fields): an app could climb out of its route or pose
+# as another client with them.
 FORWARDING: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
-)
+    | {"x-forwarded-port", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-server",
+       "x-original-url", "x-rewrite-url", "true-client-ip", "x-client-ip", "x-original-host"}
+)  # fmt: skip
 VIA: Final = "1.1 authproxy"
 # "Connection: keep-alive" (every nginx answer) and "close" name nothing beyond
 # the hop-by-hop set, so they need no per-message set.

@@ -27,10 +27,6 @@ class AppBody(Protocol):
         """The next bytes as they arrive; ``b""`` at the end."""
         ...
 
-    async def readexactly(self, n: int) -> bytes:
-        """Exactly ``n`` bytes; AppBodyFailed when the body ends first."""
-        ...
-
 
 class UpstreamBody(Protocol):
     """A partner's answer body, still on the wire. Raises UpstreamBodyFailed

@@ -81,19 +81,6 @@ class _Body:
             raise AppBodyFailed(type(exc).__name__) from None
         return data
 
-    async def readexactly(self, n: int) -> bytes:
-        try:
-            data: bytes = await self._payload.readexactly(n)
-        except (
-            asyncio.IncompleteReadError,
-            RequestPayloadError,
-            HttpProcessingError,
-            OSError,
-            ValueError,
-        ) as exc:
-            raise AppBodyFailed(type(exc).__name__) from None
-        return data
-
 
 class AppExchange:
     """One request from an app and the means to answer it. The request side is
@@ -134,7 +121,9 @@ class AppExchange:
         length = self.headers.get(hdrs.CONTENT_LENGTH)
         self.content_length: int | None = int(length) if length is not None else None
         self.body_exists: bool = message.chunked or bool(self.content_length)
-        self.closes: bool = message.should_close or connection.closing
+        self.closes: bool = (
+            message.should_close or connection.closing or message is connection.last_served
+        )
         # RFC 9110 §10.1.1: answer "100-continue" only when the body is wanted.
         self._continue = (
             self.body_exists
@@ -281,6 +270,7 @@ class AppConnection(BaseProtocol):
         "_task",
         "_waiter",
         "closing",
+        "last_served",
         "remote",
     )
 
@@ -291,6 +281,9 @@ class AppConnection(BaseProtocol):
         self._parser: Any = self._new_parser(HttpRequestParser)
         # The parser has consumed every byte and sits between two messages.
         self._clean = True
+        # The last request this connection serves, when the requests after it
+        # in the queue's read are dropped: its answer says Connection: close.
+        self.last_served: Any = None
         self._last: tuple[Any, Any] | None = None  # the latest message parsed
         self._previous = b""  # the bytes of the read before, to name a field in a refusal
         self._discard = False  # bytes after a request that cannot be parsed safely
@@ -380,6 +373,8 @@ class AppConnection(BaseProtocol):
                 return self._feed(data)
             if clean and _AFTER_CLOSE in text:
                 return self._until_close(type(parser), data)
+            if clean:
+                return self._salvage(type(parser), data, exc)
             return [(self._refuse(exc, data), None)]
         if spelled is not None and messages:
             first, payload = messages[0]
@@ -416,12 +411,11 @@ class AppConnection(BaseProtocol):
             self._clean = length - before == len(data)
         return messages
 
-    def _until_close(self, kind: Any, data: bytes) -> Sequence[tuple[Any, Any]]:
-        """Requests pipelined after one that says ``Connection: close`` (both
-        parsers refuse the read holding them): parse ``data`` again, one
-        message at a time, and keep the requests up to the closing one. The
-        rest are not served (RFC 9112 §9.6); the connection closes once the
-        answers owed are sent."""
+    def _reparse(self, kind: Any, data: bytes) -> list[tuple[Any, Any]]:
+        """Parse ``data`` again on a fresh parser, one message at a time,
+        after the read as a whole was refused: the requests it held before
+        the fault (or up to one that says ``Connection: close``). Both
+        parsers lose the messages of a read they refuse."""
         parser = self._parser = self._new_parser(kind)
         kept: list[tuple[Any, Any]] = []
         at = 0
@@ -439,11 +433,30 @@ class AppConnection(BaseProtocol):
             at = end
             if kept and kept[-1][0].chunked and kept[-1][1].is_eof():
                 parser = self._parser = self._new_parser(kind)  # no trailer carried over
+        if kept and not kept[-1][1].is_eof():
+            kept.pop()  # the request the fault is in
+        return kept
+
+    def _until_close(self, kind: Any, data: bytes) -> Sequence[tuple[Any, Any]]:
+        """Requests pipelined after one that says ``Connection: close``: the
+        requests up to the closing one are served, the rest not (RFC 9112
+        §9.6); the connection closes once the answers owed are sent."""
+        kept = self._reparse(kind, data)
         while kept and not kept[-1][0].should_close:
             kept.pop()
-        self._discard = True
-        self.closing = True
-        return kept
+        return self._serve_only(kept)
+
+    def _salvage(
+        self, kind: Any, data: bytes, exc: HttpProcessingError
+    ) -> Sequence[tuple[Any, Any]]:
+        """A malformed request pipelined after good ones in one read: the
+        good ones are answered first, in order (RFC 9112 §9.3.2), then the
+        refusal, then the connection closes."""
+        kept: list[tuple[Any, Any]] = list(self._reparse(kind, data))
+        refusal = self._refuse(exc, data)
+        if kept:
+            self.closing = False  # not yet: the requests before it are answered first
+        return [*kept, (refusal, None)]
 
     def _poison(self, messages: Sequence[tuple[Any, Any]]) -> Sequence[tuple[Any, Any]]:
         """After a chunked request, more bytes came in the same read: they may
@@ -454,8 +467,15 @@ class AppConnection(BaseProtocol):
         kept = list(messages)
         while kept and not kept[-1][0].chunked:
             kept.pop()
+        return self._serve_only(kept)
+
+    def _serve_only(self, kept: list[tuple[Any, Any]]) -> list[tuple[Any, Any]]:
+        """Read nothing more; answer ``kept`` in order, then close."""
         self._discard = True
-        self.closing = True
+        if kept:
+            self.last_served = kept[-1][0]
+        else:
+            self.closing = True
         return kept
 
     def _refuse(

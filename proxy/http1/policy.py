@@ -184,3 +184,49 @@ def request_framing(
     if isinstance(body, bytes):
         return f"Content-Length: {len(body)}\r\n", False
     return "Transfer-Encoding: chunked\r\n", True
+
+
+_FIELD_NAME: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1: a token
+_LENGTH_LINE: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n", re.IGNORECASE)
+_CODING_LINE: Final = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)
+
+
+def bad_field_name(raw_headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a field name is not a token: ``Content-Length : 4`` (RFC 9112
+    §5.1: a proxy MUST reject whitespace before the colon, or the next hop
+    may frame the body differently) or a line that starts with whitespace
+    (§2.2). llhttp lets both through in responses."""
+    return not all(_FIELD_NAME.fullmatch(name) for name, _ in raw_headers)
+
+
+def starts_folded(data: bytes) -> bool:
+    """Whether the line after the status line starts with whitespace (RFC
+    9112 §2.2: reject, or ignore the line). llhttp strips the whitespace and
+    keeps the field, which the next hop could read as part of the status line."""
+    line_end = data.find(b"\n")
+    return line_end != -1 and data[line_end + 1 : line_end + 2] in (b" ", b"\t")
+
+
+def answer_end(data: bytes, head_only: bool) -> int | None:
+    """Where the answer that starts ``data`` ends (after any 1xx before it),
+    when its head is whole and its length is known from the head; ``None``
+    otherwise (chunked, close-delimited, or not whole yet). A request is
+    never pipelined upstream, so bytes after that point are no answer."""
+    at = 0
+    while data.startswith(b"HTTP/1.", at):
+        end = data.find(b"\r\n\r\n", at)
+        if end == -1:
+            return None
+        end += 4
+        status = data[at + 9 : at + 12]
+        if status[:1] == b"1" and status != b"101":
+            at = end  # an interim answer; the final one follows
+            continue
+        if head_only or status in (b"204", b"304"):
+            return end
+        head = data[at:end]
+        if _CODING_LINE.search(head):
+            return None
+        length = _LENGTH_LINE.search(head)
+        return end + int(length.group(1)) if length else None
+    return None

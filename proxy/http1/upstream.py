@@ -43,7 +43,14 @@ from proxy.errors import (
     UpstreamProtocolError,
 )
 from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
-from proxy.http1.policy import raw_fields, request_framing, request_head
+from proxy.http1.policy import (
+    answer_end,
+    bad_field_name,
+    raw_fields,
+    request_framing,
+    request_head,
+    starts_folded,
+)
 from proxy.routing.table import Endpoint
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
@@ -65,21 +72,21 @@ class _Connection(ResponseHandler):
 
     params: tuple[bool, float] | None = None
     _deadline: float | None = None
+    folded = False  # the answer's first field line started with whitespace
 
     def data_received(self, data: bytes) -> None:
-        if (
-            data.startswith(b"HTTP/1.")
-            and (data[9:12] in (b"204", b"304") or (self.params is not None and self.params[0]))
-            and data[9:10] != b"1"
-        ):
-            end = data.find(b"\r\n\r\n")
-            if end != -1 and end + 4 < len(data):
-                # Bytes after a head that ends its answer (204, 304, any answer
-                # to HEAD): llhttp would parse them as the next answer and drop
-                # this one with an error. The answer is kept, the bytes are
-                # not, and the connection is not reused.
+        if data.startswith(b"HTTP/1."):
+            if starts_folded(data):
+                self.folded = True
+            end = answer_end(data, self.params is not None and self.params[0])
+            if end is not None and end < len(data):
+                # Bytes after a whole answer (a body longer than its
+                # Content-Length, a body after a 204, 304 or HEAD answer):
+                # llhttp would parse them as the next answer and drop this one
+                # with an error. The answer is kept, the bytes are not, and the
+                # connection is not reused (nginx does the same).
                 self.force_close()
-                data = data[: end + 4]
+                data = data[:end]
         super().data_received(data)
 
     def _reschedule_timeout(self) -> None:
@@ -313,6 +320,15 @@ class LeanClient:
             if isinstance(exc, _BROKEN):
                 raise UpstreamProtocolError(type(exc).__name__) from None
             raise
+        if message.version[0] != 1 or protocol.folded or bad_field_name(message.raw_headers):
+            protocol.close()
+            if writer is not None:
+                writer.cancel()
+            raise UpstreamProtocolError(
+                f"HTTP/{message.version[0]}.{message.version[1]} status line"
+                if message.version[0] != 1
+                else "a header field name that is not a token (RFC 9112 §5.1)"
+            )
         if code == 204 and (
             hdrs.CONTENT_LENGTH in message.headers or hdrs.TRANSFER_ENCODING in message.headers
         ):

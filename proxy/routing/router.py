@@ -23,6 +23,7 @@ T = TypeVar("T")
 # could be walked around.
 _SEGMENT_SPLIT = re.compile(r"/|\\|%2f|%5c", re.IGNORECASE)
 _DOT = re.compile(r"%2e", re.IGNORECASE)
+_PARAMS = re.compile(r"(?:;|%3b).*", re.IGNORECASE)  # a segment's ;parameters
 # RFC 9110 §7.2 / RFC 3986 §3.2: Host = uri-host [ ":" port ], no userinfo;
 # uri-host is an IP literal in brackets or a reg-name (IPv4 is one of those).
 _AUTHORITY = re.compile(
@@ -109,13 +110,15 @@ def climbs_out(remainder: str) -> bool:
     """True when dot-segments in ``remainder`` would climb above its start.
 
     RFC 3986 §5.2.4 removal, applied to the decoded forms too (``%2e%2e``,
-    ``%2f``, backslashes): what an upstream might decode must not escape either.
+    ``%2f``, backslashes) and to segments with path parameters (``..;x``,
+    which Tomcat and Jetty read as ``..``): what an upstream might decode must
+    not escape either.
     """
     if "." not in remainder and "%" not in remainder:
         return False  # no dot-segment, plain or encoded, can be in it
     depth = 0
     for segment in _SEGMENT_SPLIT.split(remainder):
-        segment = _DOT.sub(".", segment)
+        segment = _PARAMS.sub("", _DOT.sub(".", segment))
         if segment == "..":
             depth -= 1
             if depth < 0:

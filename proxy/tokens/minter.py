@@ -151,6 +151,15 @@ class ClientCredentialsMinter:
         )
         return token
 
+    def _sent_secrets(self, form: list[tuple[str, str]]) -> tuple[str, ...]:
+        """Every form in which this request carried a secret: the client
+        secret as is and form-encoded, the Basic credential, an assertion."""
+        secret = self.client.client_secret or ""
+        basic = self._headers.get("Authorization", "").removeprefix("Basic ")
+        assertion = dict(form).get("client_assertion", "")
+        key = self.client.private_key or ""
+        return (secret, quote_plus(secret, safe=""), basic, assertion, key)
+
     async def _mint(self, scope: str | None) -> Token:
         name = self.client.name
         # The lifetime counts from before the request left: the server's clock
@@ -202,6 +211,7 @@ class ClientCredentialsMinter:
                 margin=self.client.expiry_margin,
                 refresh_ahead=self.client.refresh_ahead,
                 requested_scope=scope,
+                redact_secrets=self._sent_secrets(form),
             )
         except TokenEndpointRejected as exc:
             if status not in (429, 503):

@@ -12,6 +12,8 @@ import binascii
 import email.utils
 import json
 import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Final, Protocol
@@ -142,8 +144,24 @@ def _lifetime_from(raw: object) -> float | None:
     return value
 
 
-def _snippet(body: bytes) -> str:
-    text = body[: MAX_ERROR_SNIPPET * 2].decode("utf-8", "replace")
+REDACTED: Final = "[redacted]"
+# RFC 6750 §2.1: a bearer token is visible ASCII; one with a space, a control
+# character (CR LF would split the partner request's head) or non-ASCII
+# cannot be sent in a header and is refused at mint time, not at every use.
+_TOKEN_CHARS: Final = re.compile(r"[\x21-\x7e]+")
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    """``text`` with each of ``secrets`` replaced: an endpoint that echoes
+    what it received (a debug page, a chatty error_description) must not put
+    the client's secret into a message."""
+    for secret in secrets:
+        if len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def _snippet(text: str) -> str:
     text = " ".join(text.split())
     return text[:MAX_ERROR_SNIPPET] + ("…" if len(text) > MAX_ERROR_SNIPPET else "")
 
@@ -159,13 +177,16 @@ def parse_token_response(
     margin: float,
     refresh_ahead: float,
     requested_scope: str | None,
+    redact_secrets: Sequence[str] = (),
 ) -> Token:
     """Turn a token endpoint's answer into a :class:`Token`, strictly.
 
     Raises :class:`TokenEndpointRejected` for a non-2xx status or an RFC 6749
     §5.2 error body (even under a 200), and :class:`TokenResponseInvalid` for a
     2xx that is not JSON, lacks ``access_token`` or is not a Bearer token.
-    Messages quote the endpoint's error code and description, never the token.
+    Messages quote the endpoint's error code and description (or the start
+    of a body that is not one), never the token, and with each of
+    ``redact_secrets`` (the credentials this request sent) replaced.
     """
     document: object = None
     try:
@@ -174,9 +195,9 @@ def parse_token_response(
         document = None
 
     if isinstance(document, dict) and "error" in document:
-        code = str(document.get("error"))[:64]
+        code = redact(str(document.get("error")), redact_secrets)[:64]
         description = document.get("error_description")
-        detail = f": {str(description)[:MAX_ERROR_SNIPPET]}" if description else ""
+        detail = f": {_snippet(redact(str(description), redact_secrets))}" if description else ""
         raise TokenEndpointRejected(
             f"token endpoint for client {client!r} answered {status} {code}{detail}",
             http_status=status,
@@ -186,7 +207,8 @@ def parse_token_response(
     if not 200 <= status < 300:
         kind = "HTML" if "html" in content_type.lower() else (content_type or "no content type")
         raise TokenEndpointRejected(
-            f"token endpoint for client {client!r} answered {status} ({kind}): {_snippet(body)!r}",
+            f"token endpoint for client {client!r} answered {status} ({kind}): "
+            f"{_snippet(redact(body.decode('utf-8', 'replace'), redact_secrets))!r}",
             http_status=status,
             client=client,
         )
@@ -199,6 +221,12 @@ def parse_token_response(
     if not isinstance(access_token, str) or not access_token:
         raise TokenResponseInvalid(
             f"token endpoint for client {client!r} sent no access_token", client=client
+        )
+    if not _TOKEN_CHARS.fullmatch(access_token):
+        raise TokenResponseInvalid(
+            f"token endpoint for client {client!r} sent an access_token with characters "
+            "a header cannot carry (RFC 6750 §2.1)",
+            client=client,
         )
     token_type = document.get("token_type")
     if not isinstance(token_type, str) or token_type.lower() != "bearer":

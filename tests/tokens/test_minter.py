@@ -245,3 +245,53 @@ async def test_a_failure_that_does_not_open_the_circuit_is_raised_as_it_came(
     with pytest.raises(TokenEndpointTimeout) as raised:
         await minter.mint("read")
     assert raised.value is cause and inner.calls == 1
+
+
+def _echo(url: Any, **kwargs: Any) -> CallbackResult:
+    """A token endpoint that quotes back everything it received."""
+    echoed = f"got Authorization={kwargs['headers'].get('Authorization')} body={kwargs['data']}"
+    return CallbackResult(
+        status=400,
+        payload={"error": "invalid_request", "error_description": echoed},
+        response_class=Response,
+    )
+
+
+def _echo_page(url: Any, **kwargs: Any) -> CallbackResult:
+    echoed = f"<pre>{kwargs['headers'].get('Authorization')}\n{kwargs['data']}</pre>"
+    return CallbackResult(
+        status=500, body=echoed, content_type="text/html", response_class=Response
+    )
+
+
+@pytest.mark.parametrize("answer", [_echo, _echo_page])
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+async def test_an_endpoint_that_echoes_the_request_cannot_put_a_secret_in_a_message(
+    mocked: Any, session: aiohttp.ClientSession, answer: Any, method: str
+) -> None:
+    """black-box round 2 (1.): the 502 message, /tokens and the log quote the
+    endpoint's description or body; the credentials this request sent are
+    replaced in them, in every form they travelled."""
+    mocked.post(URL, callback=answer, response_class=Response)
+    minter = ClientCredentialsMinter(client(auth_method=method), session, lambda: NOW)
+    with pytest.raises(TokenEndpointRejected) as info:
+        await minter.mint("read")
+    message = info.value.message
+    basic = basic_credentials("my id", "s&cr:t").removeprefix("Basic ")
+    for secret in ("s&cr:t", "s%26cr%3At", basic):
+        assert secret not in message, message
+    assert "[redacted]" in message
+
+
+async def test_an_access_token_a_header_cannot_carry_is_refused_at_mint(
+    mocked: Any, session: aiohttp.ClientSession
+) -> None:
+    """black-box round 2 (4.): a token with CR LF was cached and every request
+    got a 500 for its lifetime; it is refused when minted."""
+    mocked.post(
+        URL,
+        payload={"access_token": "abc\r\nX-Injected: 1", "token_type": "Bearer"},
+        response_class=Response,
+    )
+    with pytest.raises(TokenResponseInvalid, match="characters a header cannot carry"):
+        await ClientCredentialsMinter(client(), session, lambda: NOW).mint("read")
