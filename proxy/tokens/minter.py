@@ -11,6 +11,7 @@ import asyncio
 import base64
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 from urllib.parse import quote_plus
@@ -39,6 +40,7 @@ from proxy.tokens.token import (
 )
 
 USER_AGENT: Final = "authproxy"
+MINTED_REMEMBERED: Final = 4  # tokens of this client redacted from endpoint error text
 RETRY_FIRST: Final = 0.2  # seconds before the first retry of a transient failure, doubling
 log = get_logger("proxy.minter")
 
@@ -121,6 +123,9 @@ class ClientCredentialsMinter:
         self._ssl = ssl_context(
             client.ca_file, client.client_cert_file, client.client_key_file, client.tls_stamp
         )
+        # The last tokens minted here: an endpoint that echoes one in an error
+        # (a debug page of the request that follows) gets it redacted too.
+        self._minted: deque[str] = deque(maxlen=MINTED_REMEMBERED)
         if client.auth_method == "client_secret_basic":
             self._headers["Authorization"] = basic_credentials(
                 client.client_id, client.client_secret or ""
@@ -141,6 +146,7 @@ class ClientCredentialsMinter:
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
             )
             raise
+        self._minted.append(token.access_token)
         log.info(
             "mint",
             client=self.client.name,
@@ -158,7 +164,7 @@ class ClientCredentialsMinter:
         basic = self._headers.get("Authorization", "").removeprefix("Basic ")
         assertion = dict(form).get("client_assertion", "")
         key = self.client.private_key or ""
-        return (secret, quote_plus(secret, safe=""), basic, assertion, key)
+        return (secret, quote_plus(secret, safe=""), basic, assertion, key, *self._minted)
 
     async def _mint(self, scope: str | None) -> Token:
         name = self.client.name

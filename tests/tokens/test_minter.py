@@ -295,3 +295,25 @@ async def test_an_access_token_a_header_cannot_carry_is_refused_at_mint(
     )
     with pytest.raises(TokenResponseInvalid, match="characters a header cannot carry"):
         await ClientCredentialsMinter(client(), session, lambda: NOW).mint("read")
+
+
+async def test_a_token_minted_here_is_redacted_from_a_later_error(
+    mocked: Any, session: aiohttp.ClientSession
+) -> None:
+    mocked.post(
+        URL,
+        payload={"access_token": "tok-minted-here-1", "token_type": "Bearer"},
+        response_class=Response,
+    )
+    mocked.post(
+        URL,
+        status=400,
+        payload={"error": "invalid_request", "error_description": "saw tok-minted-here-1"},
+        response_class=Response,
+    )
+    minter = ClientCredentialsMinter(client(), session, lambda: NOW)
+    await minter.mint("read")
+    with pytest.raises(TokenEndpointRejected) as info:
+        await minter.mint("read")
+    assert "tok-minted-here-1" not in info.value.message
+    assert "saw [redacted]" in info.value.message
