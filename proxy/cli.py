@@ -74,20 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from proxy.server import WORKER_PORT_ENV, serve_forever
 
     workers = args.workers or config.workers
-    if workers > 1 and WORKER_PORT_ENV not in os.environ:
-        from proxy.ops.supervisor import Supervisor
-
-        try:
-            return Supervisor(config, path, workers).run()
-        except OSError as exc:
-            print(
-                f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
-                f"{exc.strerror}",
-                file=sys.stderr,
-            )
-            return 1
-
     try:
+        if workers > 1 and WORKER_PORT_ENV not in os.environ:
+            from proxy.ops.supervisor import Supervisor
+
+            return Supervisor(config, path, workers).run()
         _run(serve_forever(config))
     except OSError as exc:
         print(

@@ -46,6 +46,7 @@ from proxy.errors import (
 from proxy.forwarding.seams import AppBody, Fields
 from proxy.http1.policy import (
     METHOD_START,
+    READ_BUFFER,
     DateHeader,
     framing_error,
     raw_fields,
@@ -59,7 +60,6 @@ log = get_logger("proxy.inbound")
 
 LINGER: Final = 2.0  # seconds to drain an unread request body before closing
 MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
-READ_BUFFER: Final = 2**16
 _LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
 _AFTER_CLOSE: Final = "Data after `Connection: close`"
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange

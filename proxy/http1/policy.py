@@ -186,6 +186,13 @@ def request_framing(
     return "Transfer-Encoding: chunked\r\n", True
 
 
+# Bytes read per socket read on both sides, and the queue a body may fill before
+# reading pauses (aiohttp pauses past twice this): 64 KiB, as nginx's buffers.
+READ_BUFFER: Final = 2**16
+# A request head and body up to this size leave in one write: one copy is
+# cheaper than a second system call.
+ONE_WRITE: Final = 2**16
+
 _FIELD_NAME: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1: a token
 _LENGTH_LINE: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n", re.IGNORECASE)
 _CODING_LINE: Final = re.compile(rb"\r\ntransfer-encoding:", re.IGNORECASE)

@@ -44,6 +44,8 @@ from proxy.errors import (
 )
 from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
 from proxy.http1.policy import (
+    ONE_WRITE,
+    READ_BUFFER,
     answer_end,
     bad_field_name,
     raw_fields,
@@ -55,7 +57,6 @@ from proxy.routing.table import Endpoint
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
-READ_BUFFER: Final = 2**16  # per response; aiohttp pauses the socket past twice this
 MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
 
 
@@ -279,7 +280,7 @@ class LeanClient:
             transport.write(head)
             protocol.start_timeout()
         elif isinstance(body, bytes):
-            if len(body) <= 65536:  # one copy is cheaper than a second system call
+            if len(body) <= ONE_WRITE:
                 transport.write(head + body)
             else:
                 transport.write(head)

@@ -51,6 +51,14 @@ REJECTING_ERRORS: Final = frozenset(
     }
 )
 MAX_RETRY_AFTER: Final = 3600.0  # never obey a Retry-After longer than an hour
+# The default first cooldown is config's failure_cooldown (30 s); each
+# rejection in a row doubles it up to MAX_COOLDOWN, so a revoked secret costs
+# the endpoint one call per 5 minutes, not one per request.
+DEFAULT_COOLDOWN: Final = 30.0
+MAX_COOLDOWN: Final = 300.0
+# Transient failures (5xx, timeouts) in a row before the circuit opens: enough
+# to ride out a blip, few enough that a dead endpoint is not hammered.
+FAILURE_THRESHOLD: Final = 5
 
 
 class Failure(Enum):
@@ -97,7 +105,11 @@ class Blocked:
 
 class MintGuard:
     def __init__(
-        self, *, cooldown: float = 30.0, max_cooldown: float = 300.0, threshold: int = 5
+        self,
+        *,
+        cooldown: float = DEFAULT_COOLDOWN,
+        max_cooldown: float = MAX_COOLDOWN,
+        threshold: int = FAILURE_THRESHOLD,
     ) -> None:
         self.cooldown = cooldown
         self.max_cooldown = max_cooldown

@@ -12,13 +12,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from proxy.errors import CacheUnavailable
 from proxy.log import get_logger
 from proxy.tokens.token import Token
+
+T = TypeVar("T")
 
 CacheKey = tuple[str, str, str]
 
@@ -185,36 +187,30 @@ class FallbackTokenCache:
                 self._on_state(True)
             get_logger("proxy.cache").warning("cache_backend_up", backend=self._name)
 
+    async def _on_primary(self, call: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+        """``call`` against the primary when it is (or may again be) up:
+        (True, its result), or (False, None) when it is down or just failed."""
+        if not self._use_primary():
+            return False, None
+        try:
+            result = await call()
+        except CacheUnavailable as exc:
+            self._failed(exc)
+            return False, None
+        self._succeeded()
+        return True, result
+
     async def get(self, key: CacheKey) -> Token | None:
-        if self._use_primary():
-            try:
-                token = await self.primary.get(key)
-            except CacheUnavailable as exc:
-                self._failed(exc)
-            else:
-                self._succeeded()
-                return token
-        return await self.fallback.get(key)
+        answered, token = await self._on_primary(lambda: self.primary.get(key))
+        return token if answered else await self.fallback.get(key)
 
     async def put(self, key: CacheKey, token: Token) -> None:
         await self.fallback.put(key, token)  # kept locally too: ready for an outage
-        if self._use_primary():
-            try:
-                await self.primary.put(key, token)
-            except CacheUnavailable as exc:
-                self._failed(exc)
-            else:
-                self._succeeded()
+        await self._on_primary(lambda: self.primary.put(key, token))
 
     async def invalidate(self, key: CacheKey, token: Token) -> None:
         await self.fallback.invalidate(key, token)
-        if self._use_primary():
-            try:
-                await self.primary.invalidate(key, token)
-            except CacheUnavailable as exc:
-                self._failed(exc)
-            else:
-                self._succeeded()
+        await self._on_primary(lambda: self.primary.invalidate(key, token))
 
     @asynccontextmanager
     async def mint_lock(self, key: CacheKey) -> AsyncIterator[None]:

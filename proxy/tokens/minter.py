@@ -12,7 +12,7 @@ import base64
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 from urllib.parse import quote_plus
 
@@ -114,10 +114,12 @@ class ClientCredentialsMinter:
         client: ClientConfig,
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self._session = session
         self._clock = clock
+        self._monotonic = monotonic
         self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
         self._headers.update(client.token_headers)
         self._ssl = ssl_context(
@@ -132,7 +134,7 @@ class ClientCredentialsMinter:
             )
 
     async def mint(self, scope: str | None) -> Token:
-        started = time.monotonic()
+        started = self._monotonic()
         try:
             token = await self._mint(scope)
         except TokenError as exc:
@@ -143,7 +145,7 @@ class ClientCredentialsMinter:
                 outcome="error",
                 error=exc.code,
                 reason=exc.message,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
+                duration_ms=round((self._monotonic() - started) * 1000, 1),
             )
             raise
         self._minted.append(token.access_token)
@@ -153,7 +155,7 @@ class ClientCredentialsMinter:
             scope=scope,
             outcome="success",
             lifetime_s=round(token.lifetime, 3),
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round((self._monotonic() - started) * 1000, 1),
         )
         return token
 
@@ -254,8 +256,12 @@ class GuardedMinter:
         attempts: int,
         clock: Callable[[], float] = time.time,
         on_state: Callable[[MintGuard], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.inner = inner
+        self._monotonic = monotonic
+        self._sleep = sleep
         self.guard = guard
         self._client = client
         self._budget = budget
@@ -264,13 +270,13 @@ class GuardedMinter:
         self._on_state = on_state
 
     async def mint(self, scope: str | None) -> Token:
-        deadline = time.monotonic() + self._budget
+        deadline = self._monotonic() + self._budget
         attempt = 0
         while True:
             blocked = self.guard.check(self._clock())
             if blocked is not None:
                 raise MintBlocked(blocked.message, code=blocked.code, client=self._client)
-            remaining = deadline - time.monotonic()
+            remaining = deadline - self._monotonic()
             try:
                 async with asyncio.timeout(remaining):
                     token = await self.inner.mint(scope)
@@ -294,7 +300,7 @@ class GuardedMinter:
             if (
                 kind is not Failure.TRANSIENT
                 or attempt >= self._attempts
-                or time.monotonic() + delay >= deadline
+                or self._monotonic() + delay >= deadline
             ):
                 raise exc if opened is None else exc.with_message(opened.message)
             log.info(
@@ -304,7 +310,7 @@ class GuardedMinter:
                 in_s=round(delay, 3),
                 reason=exc.code,
             )
-            await asyncio.sleep(delay)
+            await self._sleep(delay)
 
     def _changed(self) -> None:
         if self._on_state is not None:

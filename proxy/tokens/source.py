@@ -81,7 +81,9 @@ class SharedTokenSource:
         remint_min_interval: float,
         clock: Callable[[], float] = time.time,
         events: SourceEvents | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._monotonic = monotonic
         self.key = key
         self.current: Token | None = None
         self.last_error: str | None = None
@@ -238,13 +240,13 @@ class SharedTokenSource:
             if shared is not None:
                 self.current = shared
                 return shared
-            started = time.monotonic()
+            started = self._monotonic()
             try:
                 token = await self._minter.mint(self.key[1] or None)
             except Exception:
-                self.events.minted(time.monotonic() - started, ok=False)
+                self.events.minted(self._monotonic() - started, ok=False)
                 raise
-            self.events.minted(time.monotonic() - started, ok=True)
+            self.events.minted(self._monotonic() - started, ok=True)
             self.mints += 1
             await self._cache.put(self.key, token)
         self.current = token

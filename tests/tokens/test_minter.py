@@ -317,3 +317,35 @@ async def test_a_token_minted_here_is_redacted_from_a_later_error(
         await minter.mint("read")
     assert "tok-minted-here-1" not in info.value.message
     assert "saw [redacted]" in info.value.message
+
+
+async def test_transient_failures_back_off_on_the_injected_clock(clock: FakeClock) -> None:
+    """Retries wait on the injected sleep, which moves the injected
+    monotonic clock: three calls, doubling jittered delays, no real waiting,
+    and no retry once the next wait would pass the budget."""
+    cause = TokenEndpointUnreachable("token endpoint for client 'acme' is down", client="acme")
+    inner = FailingMinter(cause)
+    waited: list[float] = []
+    now = [0.0]
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+        now[0] += seconds
+
+    minter = GuardedMinter(
+        inner, MintGuard(), client="acme", budget=5, attempts=3, clock=clock,
+        monotonic=lambda: now[0], sleep=sleep,
+    )  # fmt: skip
+    with pytest.raises(TokenEndpointUnreachable):
+        await minter.mint("read")
+    assert inner.calls == 3 and len(waited) == 2
+    assert 0.1 <= waited[0] <= 0.2 and 0.2 <= waited[1] <= 0.4
+    now[0] = 0.0
+    inner.calls = 0
+    tight = GuardedMinter(
+        inner, MintGuard(), client="acme", budget=0.05, attempts=3, clock=clock,
+        monotonic=lambda: now[0], sleep=sleep,
+    )  # fmt: skip
+    with pytest.raises(TokenEndpointUnreachable):
+        await tight.mint("read")
+    assert inner.calls == 1  # the first wait (>= 0.1 s) would pass the 0.05 s budget
