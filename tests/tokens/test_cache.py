@@ -37,23 +37,6 @@ def test_encoding_round_trip_and_garbage(clock: FakeClock) -> None:
     assert decode_token(b'{"access_token": "x"}') is None
 
 
-async def test_memory_invalidate_keeps_a_newer_token(clock: FakeClock) -> None:
-    cache = MemoryTokenCache(clock)
-    old, new = token("old", clock), token("new", clock)
-    await cache.put(KEY, new)
-    await cache.invalidate(KEY, old)
-    assert await cache.get(KEY) == new
-    await cache.invalidate(KEY, new)
-    assert await cache.get(KEY) is None
-
-
-async def test_memory_drops_expired(clock: FakeClock) -> None:
-    cache = MemoryTokenCache(clock)
-    await cache.put(KEY, token("t", clock, lifetime=10))
-    clock.advance(10)
-    assert await cache.get(KEY) is None
-
-
 async def test_file_cache_shares_and_protects(tmp_path: Path, clock: FakeClock) -> None:
     one, two = FileTokenCache(str(tmp_path), clock), FileTokenCache(str(tmp_path), clock)
     await one.put(KEY, token("t1", clock))

@@ -47,16 +47,6 @@ async def test_put_get_with_ttl_of_remaining_life(
         await client.aclose()
 
 
-async def test_invalidate_is_compare_and_delete(cache: RedisTokenCache, clock: FakeClock) -> None:
-    old = make_token("old", minted_at=clock(), lifetime=100, margin=0, refresh_ahead=0)
-    new = make_token("new", minted_at=clock(), lifetime=100, margin=0, refresh_ahead=0)
-    await cache.put(KEY, new)
-    await cache.invalidate(KEY, old)
-    assert await cache.get(KEY) == new
-    await cache.invalidate(KEY, new)
-    assert await cache.get(KEY) is None
-
-
 async def test_lock_excludes_and_expires(
     cache: RedisTokenCache, redis_url: str, prefix: str
 ) -> None:
