@@ -70,8 +70,8 @@ class CacheUnavailable(AuthProxyError):
 
 class TransportFailure(AuthProxyError):
     """A fact an engine reports about a connection, translated from the
-    library's exceptions once, where they happen (proxy/upstream.py,
-    proxy/listener.py). ``reason`` is safe to show: no request bytes."""
+    library's exceptions once, where they happen (proxy/http1/upstream.py,
+    proxy/http1/listener.py). ``reason`` is safe to show: no request bytes."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)

@@ -41,7 +41,7 @@ def multiprocess_dir() -> str | None:
 
 
 class ClientEvents:
-    """:class:`~proxy.source.SourceEvents` for one client, labels bound once."""
+    """:class:`~proxy.tokens.source.SourceEvents` for one client, labels bound once."""
 
     def __init__(self, metrics: Metrics, client: str) -> None:
         self._hit = metrics.token_cache.labels(client, "hit")

@@ -1,7 +1,7 @@
-"""Assembly: from a :class:`~proxy.config.Config` to a listening proxy.
+"""Assembly: from a :class:`~proxy.config.model.Config` to a listening proxy.
 
 :class:`ProxyServer` owns the two client sessions, one
-:class:`~proxy.source.SharedTokenSource` per (client, scope), the route table
+:class:`~proxy.tokens.source.SharedTokenSource` per (client, scope), the route table
 and the listening socket. It is where the pieces are wired, and nowhere else.
 """
 

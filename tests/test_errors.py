@@ -98,3 +98,42 @@ def test_malformed_reason_never_quotes_the_request_bytes() -> None:
     ):
         reason = malformed_reason(exc)
         assert reason.startswith("malformed request: ") and "app-secret" not in reason, reason
+
+
+def test_the_drawn_tree_is_the_tree() -> None:
+    """errors.py's docstring draws every error class, under its real parent,
+    and nothing else; no other module defines an exception of its own."""
+    import ast
+    import inspect
+    import re
+    from pathlib import Path
+
+    import proxy.errors as errors
+
+    drawn: dict[str, str | None] = {}
+    stack: list[tuple[int, str]] = []
+    for line in (errors.__doc__ or "").splitlines():
+        found = re.match(r"^\s{4}([│ ]*[├└]── )?([A-Z][A-Za-z]+)\b", line)
+        if not found:
+            continue
+        depth = len(found.group(1) or "")
+        while stack and stack[-1][0] >= depth:
+            stack.pop()
+        drawn[found.group(2)] = stack[-1][1] if stack else None
+        stack.append((depth, found.group(2)))
+    actual = {
+        name: (cls.__bases__[0].__name__ if cls is not errors.AuthProxyError else None)
+        for name, cls in vars(errors).items()
+        if inspect.isclass(cls) and issubclass(cls, errors.AuthProxyError)
+    }
+    assert drawn == actual
+    package = Path(errors.__file__).parent
+    elsewhere = [
+        f"{path.relative_to(package)}: {node.name}"
+        for path in package.rglob("*.py")
+        if path.name != "errors.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef)
+        and any(getattr(b, "id", "").endswith(("Error", "Exception")) for b in node.bases)
+    ]
+    assert elsewhere == []

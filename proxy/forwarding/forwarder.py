@@ -97,9 +97,8 @@ class Exchange:
 
 
 class AppSide(Protocol):
-    """One app request and the means to answer it, as the forwarder sees it on
-    either engine (proxy/listener.py's AppExchange, proxy/inbound.py's
-    AiohttpExchange). The request side is read-only."""
+    """One app request and the means to answer it, as the forwarder sees it
+    (proxy/http1/listener.py's AppExchange). The request side is read-only."""
 
     method: str
     raw_path: str

@@ -1,6 +1,6 @@
 """The aiohttp internals the lean engine relies on, checked once at start.
 
-proxy/listener.py and proxy/upstream.py build on aiohttp's C parsers and
+proxy/http1/listener.py and proxy/http1/upstream.py build on aiohttp's C parsers and
 protocol classes rather than its public server and client (docs/design.md,
 "One engine"). Those are private members, so aiohttp is pinned to the minor
 versions the whole suite has passed on (pyproject.toml), and :func:`check`

@@ -1,15 +1,15 @@
-"""The apps' side of the socket on the lean engine: HTTP/1.1 connections parsed
-by aiohttp's own C request parser, answered by the forwarder directly.
+"""The apps' side of the engine: HTTP/1.1 connections parsed by aiohttp's own
+C request parser, answered by the forwarder directly.
 
 What aiohttp's ``web.Server`` does per request that a proxy does not need
 (a ``BaseRequest`` with its URL, cookies, match info and lazy properties; a
 ``StreamResponse`` with content-type, charset and compression logic) is
 skipped: about half of the proxy's CPU per request on the benchmark machine
-(docs/performance.md). The limits are the same as on the aiohttp engine
-(``inbound:``): request-line and header sizes, header count, a deadline for a
-request's head (slowloris), idle keep-alive connections closed, a bounded
-queue of pipelined requests; malformed requests get a JSON 400 that never
-quotes their bytes.
+(docs/performance.md). The limits (``inbound:``): request-line and header
+sizes, header count, a deadline for a request's head (slowloris), idle
+keep-alive connections closed, a bounded queue of pipelined requests;
+malformed requests get a JSON refusal (http1/policy.py) that never quotes
+their bytes.
 
 Connections are served one request at a time, in order (pipelined requests
 wait in the queue). A request whose body was not read to its end closes the

@@ -1,22 +1,19 @@
-"""HTTP/1.1 to the partner APIs: the upstream half of the forwarding path.
+"""HTTP/1.1 to the partner APIs: the upstream half of the engine.
 
-Two clients behind one small interface (:class:`UpstreamClient`):
+:class:`LeanClient` implements :class:`~proxy.forwarding.seams.UpstreamClient`:
+a keep-alive pool per origin and a request writer of its own, on aiohttp's
+response protocol and C parser (``ResponseHandler``). It skips what
+``ClientSession`` does per request that a transparent proxy does not need (URL
+objects, cookie jars, redirects, tracing, header normalisation, a response
+object with charset and content-type logic), and forwards what
+``ClientSession`` cannot (1xx answers, header spelling).
 
-- :class:`LeanClient` (the default): a keep-alive pool per origin and a request
-  writer of its own, on aiohttp's own response protocol and C parser
-  (``ResponseHandler``). It skips what ``ClientSession`` does per request that a
-  transparent proxy does not need (URL objects, cookie jars, redirects, tracing,
-  header normalisation, a response object with charset and content-type logic):
-  about a seventh of the client's CPU per request on the benchmark machine
-  (docs/performance.md).
-- :class:`SessionClient`: the same interface on ``aiohttp.ClientSession``, kept
-  as a fallback (``engine: aiohttp``) and as the reference the
-  behaviour tests also run against.
-
-Both translate transport failures, once, into the three facts the forwarder
-acts on: :class:`ConnectFailed` (never connected), :class:`Dropped` (the
-connection closed before any answer: safe to resend an idempotent request) and
-``TimeoutError``. Anything else is an upstream protocol failure.
+Transport failures are translated here, once, into the facts the forwarder
+acts on: :class:`~proxy.errors.ConnectFailed` (never connected;
+``ConnectTimedOut`` within ``connect_timeout``), :class:`~proxy.errors.Dropped`
+(closed before any answer: safe to resend an idempotent request),
+``TimeoutError``, and :class:`~proxy.errors.UpstreamProtocolError` for an
+answer that is not one (http1/policy.py says what an answer may be).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Minting: the one piece that talks to a token endpoint.
 
 :class:`ClientCredentialsMinter` performs the RFC 6749 §4.4 client-credentials
-grant for one client and returns a :class:`~proxy.token.Token`. It knows
+grant for one client and returns a :class:`~proxy.tokens.token.Token`. It knows
 nothing of caching, single-flight or routing; those wrap it (see source.py).
 """
 
@@ -235,14 +235,14 @@ class ClientCredentialsMinter:
 
 
 class GuardedMinter:
-    """Wraps a :class:`Minter` with the client's :class:`~proxy.breaker.MintGuard`
+    """Wraps a :class:`Minter` with the client's :class:`~proxy.tokens.breaker.MintGuard`
     and bounded retries: transient failures (timeouts, connection errors, 5xx)
     are retried with jittered exponential backoff while the budget (the
     client's ``timeout``) lasts, at most ``attempts`` calls; rejections and
     throttling are not retried, and while the guard is open no call goes out.
 
     A failure that opens the guard is raised restated as the guard's message,
-    the one every call blocked by it gets (:attr:`~proxy.breaker.Blocked.message`),
+    the one every call blocked by it gets (:attr:`~proxy.tokens.breaker.Blocked.message`),
     so that the first answer and the cooled-down ones say the same (issue 11).
     """
 

@@ -3,8 +3,8 @@ margin-adjusted expiry, refresh ahead of it, and replacement of a token the
 partner has declared expired.
 
 :class:`SharedTokenSource` serves one (client, scope). It wraps a
-:class:`~proxy.minter.Minter` (talks to the token endpoint) and a
-:class:`~proxy.cache.TokenCache` (stores tokens), the way golang/oauth2's
+:class:`~proxy.tokens.token.Minter` (talks to the token endpoint) and a
+:class:`~proxy.tokens.cache.TokenCache` (stores tokens), the way golang/oauth2's
 ``ReuseTokenSource`` wraps a ``TokenSource``.
 
 Concurrency contract (one asyncio loop): any number of tasks may call
