@@ -2,8 +2,9 @@
 
 The forwarder (proxy/forwarding/forwarder.py) is written against these
 protocols only; the engine (proxy/http1/listener.py on the apps' side,
-proxy/http1/upstream.py on the partners' side) implements them and translates every library exception into
-the error tree (proxy/errors.py) before it crosses. No aiohttp type appears
+proxy/http1/upstream.py on the partners' side) implements them and
+translates every library exception into the error tree (proxy/errors.py)
+before it crosses. No aiohttp type appears
 here, as in Go's ``http.RoundTripper`` and ``ResponseWriter``: the forwarder
 does not know which library frames the bytes.
 """
