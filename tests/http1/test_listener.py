@@ -193,60 +193,8 @@ async def test_a_slow_app_slows_the_partner_instead_of_filling_memory(stack: Sta
 # ---- issue 11: defects found by black-box tests, one test each --------------
 
 
-async def test_a_request_trailer_never_becomes_a_header_of_the_next_request(
-    stack: Stack,
-) -> None:
-    # Item 2: llhttp keeps the last trailer field pending and aiohttp's C
-    # parser handed it to the next request on the connection as a header.
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
-    writer.write(
-        b"POST /demo/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\nX-Injected: 1\r\n\r\n"
-    )
-    head, _ = await read_response(reader)
-    assert raw_status(head) == 200
-    writer.write(b"GET /demo/n HTTP/1.1\r\nHost: a\r\n\r\n")  # the same connection
-    head, _ = await read_response(reader)
-    writer.close()
-    assert raw_status(head) == 200
-    post, get = stack.partner.requests
-    assert post.body == b"hello"
-    for seen in (post, get):
-        assert "x-injected" not in {name.lower() for name, _ in seen.headers}
-
-
-async def test_a_trailer_and_a_request_in_one_write_close_instead_of_leaking(
-    stack: Stack,
-) -> None:
-    # The same, pipelined: the GET arrives in the read that ends the chunked
-    # POST. It is not served on this connection (it could carry the trailer);
-    # the POST's answer says Connection: close.
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
-    writer.write(
-        b"POST /demo/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"5\r\nhello\r\n0\r\nX-Injected: 1\r\n\r\n"
-        b"GET /demo/n HTTP/1.1\r\nHost: a\r\n\r\n"
-    )
-    head, _ = await read_response(reader)
-    assert raw_status(head) == 200 and b"connection: close" in head.lower()
-    assert await asyncio.wait_for(reader.read(), 5) == b""
-    writer.close()
-    assert [r.raw_path for r in stack.partner.requests] == ["/v2/u"]
-    assert all(name.lower() != "x-injected" for name, _ in stack.partner.requests[0].headers)
-
-
-async def test_forty_pipelined_requests_are_all_answered(stack: Stack) -> None:
-    # Item 12: past 16 the parser paused with the rest hidden in its buffer
-    # and nothing fed it again: 16 answers, then a hung connection.
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
-    writer.write(b"".join(b"GET /demo/p%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(40)))
-    paths = []
-    for _ in range(40):
-        head, body = await read_response(reader)
-        assert raw_status(head) == 200
-        paths.append(json.loads(body)["raw_path"])
-    writer.close()
-    assert paths == [f"/v2/p{i}" for i in range(40)]
+# Trailers across requests and 40 pipelined requests: tests/conformance_cases.py
+# (isolation_request_trailer_*, pipelined_*), on fresh and pooled connections.
 
 
 async def test_trace_is_answered_by_the_proxy_and_never_carries_the_token(

@@ -49,23 +49,6 @@ async def test_file_cache_shares_and_protects(tmp_path: Path, clock: FakeClock) 
     assert await one.get(KEY) is None
 
 
-async def test_file_lock_excludes_other_holders(tmp_path: Path, clock: FakeClock) -> None:
-    cache = FileTokenCache(str(tmp_path), clock)
-    inside = 0
-    most = 0
-
-    async def hold() -> None:
-        nonlocal inside, most
-        async with cache.mint_lock(KEY):
-            inside += 1
-            most = max(most, inside)
-            await asyncio.sleep(0.01)
-            inside -= 1
-
-    await asyncio.gather(*(hold() for _ in range(20)))
-    assert most == 1
-
-
 def _hold_lock_then_die(directory: str, ready: multiprocessing.synchronize.Event) -> None:
     import fcntl
 
