@@ -1,5 +1,6 @@
 """The request body on its way upstream: :class:`BodyTee` streams it while
-keeping a bounded copy for the one expired-token replay.
+keeping a bounded copy for the one expired-token replay; :func:`read_whole`
+reads a small one; and the three ways an app's body fails, named once.
 """
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from proxy.config.model import RouteConfig
+from proxy.errors import AppBodyFailed, BadRequest, BodyTimeout, BodyTooLarge
 from proxy.forwarding.seams import (
     AppBody,
 )
@@ -104,3 +107,37 @@ class BodyTee:
 
     def body(self) -> bytes:
         return b"".join(self._chunks)
+
+
+async def read_whole(content: AppBody, length: int, route: RouteConfig, gap: float) -> bytes:
+    """A small body of known ``length``; ``gap`` (body_timeout) bounds each
+    wait, as for a streamed body, not the whole read."""
+    try:
+        chunks: list[bytes] = []
+        missing = length
+        while missing > 0:
+            async with asyncio.timeout(gap):
+                chunk = await content.readany()
+            if not chunk:
+                raise AppBodyFailed("the body ended before its Content-Length")
+            chunks.append(chunk)
+            missing -= len(chunk)
+        return b"".join(chunks)
+    except TimeoutError:
+        raise stalled(route) from None
+    except AppBodyFailed:
+        raise broken(route) from None
+
+
+def too_large(route: RouteConfig, got: str = "") -> BodyTooLarge:
+    return BodyTooLarge.at(route.name, f"accepts bodies up to {route.max_body} bytes{got}")
+
+
+def stalled(route: RouteConfig) -> BodyTimeout:
+    return BodyTimeout.at(route.name, "the request body stalled (no data within the body timeout)")
+
+
+def broken(route: RouteConfig) -> BadRequest:
+    return BadRequest.at(
+        route.name, "the request body ended early or was malformed", client=route.client
+    )

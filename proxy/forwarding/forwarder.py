@@ -8,51 +8,37 @@ Outbound again with a new token".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
 from proxy.config.model import RouteConfig
 from proxy.errors import (
-    AppBodyFailed,
-    BadRequest,
-    BodyFailed,
-    BodyTimeout,
-    BodyTooLarge,
-    ConnectFailed,
-    ConnectTimedOut,
-    Dropped,
     MethodNotAllowed,
     NoRoute,
     RequestFailed,
     UpstreamBodyFailed,
     UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-    route_prefix,
 )
-from proxy.forwarding.body import BodyTee
+from proxy.forwarding.body import BodyTee, read_whole, too_large
 from proxy.forwarding.challenge import MAX_401_BODY, says_expired
 from proxy.forwarding.headers import (
     VIA,
     decrement_max_forwards,
     downstream_response_headers,
     request_id,
-    transfer_codings,
     upstream_request_headers,
 )
 from proxy.forwarding.seams import (
-    AppBody,
+    AppSide,
     Fields,
-    Headers,
     Interim,
     UpstreamClient,
     UpstreamResponse,
 )
+from proxy.forwarding.send import Outbound, Sender
 from proxy.log import get_logger
 from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
@@ -62,26 +48,11 @@ from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
 events = get_logger("proxy.forward")
-# RFC 9110 §9.2.2, less TRACE: the proxy never forwards TRACE (a 405 of its own).
-IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 # A body with a Content-Length up to this many bytes (and within the route's
 # replay_limit) is read whole and sent in one write, as nginx buffers request
 # bodies by default: no streaming task per request, and the replay copy is the
 # body itself. Larger and chunked bodies stream as they arrive.
 BUFFERED_BODY: Final = 64 * 1024
-
-
-@dataclass(slots=True)
-class Outbound:
-    """The request as it goes upstream. Built once from the inbound request;
-    only ``headers`` changes between the first send and a replay (the token)."""
-
-    method: str
-    url: str
-    target: str  # the url's path and query: the request line's target
-    headers: list[tuple[str, str]]
-    has_body: bool
-    body: bytes | None = None  # a small body read whole before sending (BUFFERED_BODY)
 
 
 @dataclass(slots=True)
@@ -94,56 +65,6 @@ class Exchange:
     replayed: bool = False
     waited_for_mint: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class AppSide(Protocol):
-    """One app request and the means to answer it, as the forwarder sees it
-    (proxy/http1/listener.py's AppExchange). The request side is read-only."""
-
-    method: str
-    raw_path: str
-    version: tuple[int, int]
-    remote: str | None
-    scheme: str
-
-    @property
-    def headers(self) -> Headers: ...
-
-    @property
-    def fields(self) -> Fields:
-        """The header fields as the app spelled them, in order."""
-        ...
-
-    content_length: int | None
-    body_exists: bool
-    status: int  # of the answer, once started
-
-    async def open_body(self) -> AppBody:
-        """The body; answers Expect: 100-continue first."""
-        ...
-
-    async def start(
-        self,
-        status: int,
-        reason: str | None,
-        headers: list[tuple[str, str]],
-        *,
-        hold: bool = False,
-    ) -> None: ...
-
-    async def write(self, data: bytes) -> None: ...
-
-    async def finish(self) -> None: ...
-
-    async def interim(self, status: int, reason: str, headers: Fields) -> None:
-        """Pass on a 1xx answer of the partner's (103 Early Hints...)."""
-        ...
-
-    def abort(self) -> None: ...
-
-    async def respond(
-        self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
-    ) -> None: ...
 
 
 async def json_error(app: AppSide, exc: RequestFailed, request_id: str | None = None) -> None:
@@ -188,7 +109,7 @@ class Forwarder:
 
     def __init__(self, table: RouteTable, client: UpstreamClient, metrics: Metrics) -> None:
         self.table = table
-        self._client = client
+        self._sender = Sender(client)
         self._metrics = metrics
         self._unrouted = metrics.for_route(UNROUTED)
         self.inflight = 0
@@ -227,7 +148,7 @@ class Forwarder:
                 check_access(route, request.remote, request.headers)
             url = upstream_url(route, runtime.base, target)
             if route.max_body is not None and (request.content_length or 0) > route.max_body:
-                raise _too_large(route, f", got Content-Length {request.content_length}")
+                raise too_large(route, f", got Content-Length {request.content_length}")
             gate = runtime.gate
             if gate.limit is None:
                 await self._exchange(request, runtime, url, target, table, facts)
@@ -325,7 +246,9 @@ class Forwarder:
         if not outbound.has_body:
             pass
         elif length is not None and length <= BUFFERED_BODY and length <= route.replay_limit:
-            data = outbound.body = await _read_whole(request, length, runtime)
+            data = outbound.body = await read_whole(
+                await request.open_body(), length, route, runtime.body_timeout
+            )
         else:
             tee = BodyTee(
                 await request.open_body(),
@@ -338,7 +261,7 @@ class Forwarder:
         # adds Via to the answers it forwards; as a gateway it need not.
         via = VIA if target.absolute else None
         interim = _interim_to(request, via)
-        upstream = await self._send(runtime, outbound, data, tee, interim)
+        upstream = await self._sender.send(runtime, outbound, data, tee, interim)
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
@@ -412,129 +335,13 @@ class Forwarder:
             for name, value in outbound.headers
         ]
         facts.replayed = True
-        return await self._send(
+        return await self._sender.send(
             runtime,
-            Outbound(
-                outbound.method,
-                outbound.url,
-                outbound.target,
-                headers,
-                outbound.has_body,
-                outbound.body,
-            ),
+            replace(outbound, headers=headers),  # the same request, another token
             body,
             None,
             interim,
         )
-
-    async def _send(
-        self,
-        runtime: RouteRuntime,
-        outbound: Outbound,
-        data: Any,
-        tee: BodyTee | None,
-        interim: Interim,
-    ) -> UpstreamResponse:
-        """Send once; a request that was refused a connection (or whose reused
-        keep-alive connection turned out dead) is sent once more on a fresh
-        connection when it is idempotent and its body, if any, is whole in hand.
-        A connect timeout is not tried again: that would double the wait."""
-        try:
-            return await self._send_once(runtime, outbound, data, tee, interim)
-        except UpstreamError as failed:
-            if not failed.resend:
-                raise
-            route = runtime.config
-            retry_body: Any = data if isinstance(data, bytes) or data is None else None
-            if tee is not None and retry_body is None:
-                if tee.untouched:  # never connected: the body was not read yet
-                    retry_body = tee.stream()
-                elif tee.replayable:
-                    retry_body = tee.body()
-            if (
-                route.retry_idempotent
-                and outbound.method in IDEMPOTENT
-                and (not outbound.has_body or retry_body is not None)
-            ):
-                events.info("upstream_retry", route=route.name, reason=failed.code)
-                return await self._send_once(runtime, outbound, retry_body, tee, interim)
-            raise
-
-    async def _send_once(
-        self,
-        runtime: RouteRuntime,
-        outbound: Outbound,
-        data: Any,
-        tee: BodyTee | None,
-        interim: Interim,
-    ) -> UpstreamResponse:
-        route = runtime.config
-        started = time.monotonic()
-        try:
-            response = await self._client.request(
-                runtime.endpoint,
-                outbound.method,
-                outbound.url,
-                outbound.target,
-                outbound.headers,
-                data,
-                interim,
-            )
-        except TimeoutError:
-            _inbound_failure(route, tee)
-            raise UpstreamTimeout.at(
-                route.name,
-                f"upstream did not answer within {route.timeout:g}s",
-                client=route.client,
-            ) from None
-        except ConnectFailed as exc:
-            raise UpstreamUnreachable(
-                f"{route_prefix(route.name)}cannot connect to upstream {runtime.base.origin}: "
-                f"{exc.reason}",
-                route=route.name,
-                client=route.client,
-                resend=not isinstance(exc, ConnectTimedOut),  # a second wait would double it
-            ) from None
-        except Dropped:
-            _inbound_failure(route, tee)
-            raise UpstreamError(  # e.g. a keep-alive connection the partner had closed
-                f"{route_prefix(route.name)}upstream {runtime.base.origin} closed the "
-                "connection without answering",
-                route=route.name,
-                client=route.client,
-                resend=True,
-            ) from None
-        except (UpstreamProtocolError, BodyFailed) as exc:
-            _inbound_failure(route, tee)
-            raise UpstreamError.at(
-                route.name,
-                f"upstream {runtime.base.origin} failed: {exc.reason}",
-                client=route.client,
-            ) from None
-        runtime.metrics.upstream.observe(time.monotonic() - started)
-        if response.status == 407:
-            # Proxy-Authenticate is hop-by-hop: the challenge is addressed to
-            # this hop, which has no proxy credentials; relayed without it, a
-            # 407 would read as authproxy's own demand (RFC 9110 §15.5.8).
-            response.close()
-            raise UpstreamError.at(
-                route.name,
-                f"upstream {runtime.base.origin} asked for proxy authentication (407); "
-                "the proxy holds no proxy credentials",
-                client=route.client,
-            )
-        codings = response.header_values("Transfer-Encoding")
-        if codings and transfer_codings(codings) != ["chunked"]:
-            # RFC 9112 §6.1: the proxy would strip the chunking and pass the
-            # other coding's bytes on unlabelled; nginx answers 502 as well.
-            response.close()
-            raise UpstreamError.at(
-                route.name,
-                f"upstream {runtime.base.origin} answered with transfer coding "
-                f"{', '.join(codings)!r}; the proxy implements only chunked",
-                client=route.client,
-            )
-        return response
 
     async def _relay(
         self,
@@ -576,28 +383,6 @@ class Forwarder:
         await request.finish()
 
 
-async def _read_whole(request: AppSide, length: int, runtime: RouteRuntime) -> bytes:
-    """A small body of known ``length``, within the body timeout."""
-    route = runtime.config
-    try:
-        content = await request.open_body()
-        chunks: list[bytes] = []
-        missing = length
-        while missing > 0:
-            # body_timeout bounds each gap, as for a streamed body, not the whole read.
-            async with asyncio.timeout(runtime.body_timeout):
-                chunk = await content.readany()
-            if not chunk:
-                raise AppBodyFailed("the body ended before its Content-Length")
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
-    except TimeoutError:
-        raise _stalled(route) from None
-    except AppBodyFailed:
-        raise _broken(route) from None
-
-
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:
     """Up to ``cap`` bytes of a 401 body, for the route's body rule; the rest
     stays unread and is streamed to the app after it."""
@@ -613,29 +398,3 @@ async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes
     except (UpstreamBodyFailed, TimeoutError):
         raise UpstreamError.at(route, "upstream broke while sending a 401 body") from None
     return b"".join(chunks)
-
-
-def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
-    """The exchange failed because the app's body did: say so, not "upstream"."""
-    if tee is None:
-        return
-    if tee.too_large:
-        raise _too_large(route)
-    if tee.timed_out:
-        raise _stalled(route)
-    if tee.inbound_error is not None:
-        raise _broken(route)
-
-
-def _too_large(route: RouteConfig, got: str = "") -> BodyTooLarge:
-    return BodyTooLarge.at(route.name, f"accepts bodies up to {route.max_body} bytes{got}")
-
-
-def _stalled(route: RouteConfig) -> BodyTimeout:
-    return BodyTimeout.at(route.name, "the request body stalled (no data within the body timeout)")
-
-
-def _broken(route: RouteConfig) -> BadRequest:
-    return BadRequest.at(
-        route.name, "the request body ended early or was malformed", client=route.client
-    )

@@ -98,3 +98,53 @@ class UpstreamClient(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class AppSide(Protocol):
+    """One app request and the means to answer it, as the forwarder sees it
+    (proxy/http1/listener.py's AppExchange). The request side is read-only."""
+
+    method: str
+    raw_path: str
+    version: tuple[int, int]
+    remote: str | None
+    scheme: str
+
+    @property
+    def headers(self) -> Headers: ...
+
+    @property
+    def fields(self) -> Fields:
+        """The header fields as the app spelled them, in order."""
+        ...
+
+    content_length: int | None
+    body_exists: bool
+    status: int  # of the answer, once started
+
+    async def open_body(self) -> AppBody:
+        """The body; answers Expect: 100-continue first."""
+        ...
+
+    async def start(
+        self,
+        status: int,
+        reason: str | None,
+        headers: list[tuple[str, str]],
+        *,
+        hold: bool = False,
+    ) -> None: ...
+
+    async def write(self, data: bytes) -> None: ...
+
+    async def finish(self) -> None: ...
+
+    async def interim(self, status: int, reason: str, headers: Fields) -> None:
+        """Pass on a 1xx answer of the partner's (103 Early Hints...)."""
+        ...
+
+    def abort(self) -> None: ...
+
+    async def respond(
+        self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
+    ) -> None: ...

@@ -622,11 +622,9 @@ class AppConnection(BaseProtocol):
                 except Exception as exc:  # a bug: the app gets a 500, not a traceback
                     log.error("internal_error", exc_info=exc)
                     if not exchange.started:
+                        failed = RequestFailed("internal error")  # the tree's 500
                         await exchange.respond(
-                            500,
-                            b'{"error": "internal_error", "message": "internal error"}',
-                            None,
-                            close=True,
+                            failed.status, json.dumps(failed.as_json()).encode(), None, close=True
                         )
                     else:
                         exchange.abort()
