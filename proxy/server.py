@@ -121,7 +121,7 @@ class ProxyServer:
         self.forwarder: Forwarder | None = None
         self.port: int = config.listen_port if port is None else port
         self.admin_port: int | None = (
-            admin_port if admin_port is not None else (config.admin[1] if config.admin else None)
+            admin_port if admin_port is not None else (config.admin.port if config.admin else None)
         )
         self.draining = False
         self.listening = False
@@ -143,7 +143,7 @@ class ProxyServer:
             build_table(self.config, self.sources, self.metrics), self._upstream, self.metrics
         )
         if self.config.admin is not None:
-            await self._start_admin(self.config.admin[0])
+            await self._start_admin(self.config.admin.host)
         serve: Callable[[AppExchange], Awaitable[None]] = self.forwarder.serve  # AppSide check
         self._listener = Listener(serve, self.config.inbound)
         self.port = await self._listener.start(
@@ -180,7 +180,7 @@ class ProxyServer:
     @property
     def admin_url(self) -> str:
         assert self.config.admin is not None
-        return f"http://{_host(self.config.admin[0])}:{self.admin_port}"
+        return f"http://{_host(self.config.admin.host)}:{self.admin_port}"
 
     # ------------------------------------------------------------ readiness
 

@@ -48,6 +48,7 @@ from proxy.config.model import (
     MAX_WORKERS,
     SECRET_METHODS,
     TOKEN_REQUEST_FORMATS,
+    AdminConfig,
     AuthMethod,
     CacheBackend,
     CacheConfig,
@@ -699,6 +700,7 @@ def parse_config(
     admin = top.convert("admin", _parse_listen, None)
     if admin is not None and admin == listen and admin[1] != 0:
         raise top.error("admin", "must not be the same address as listen")
+    admin_config = AdminConfig(*admin) if admin is not None else None
     grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
     engine = top.string("engine", "lean")
     if engine == "aiohttp":
@@ -717,7 +719,7 @@ def parse_config(
         trust_forwarded_headers=top.boolean("trust_forwarded_headers", False),
         workers=workers,
         cache=cache,
-        admin=admin,
+        admin=admin_config,
         shutdown_grace=grace,
         log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
         access_log=top.boolean("access_log", True),

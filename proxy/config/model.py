@@ -224,6 +224,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """``admin:``: the operations listener. ``auth_token_file`` holds the
+    bearer token every admin endpoint but /healthz and /readyz asks for;
+    without one the listener must be on loopback unless
+    ``allow_unauthenticated`` says otherwise."""
+
+    host: str
+    port: int
+    auth_token_file: str | None = None
+    allow_unauthenticated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated proxy.yaml. ``clients`` is read-only (a
     mapping proxy over a copy), like everything else here."""
@@ -235,7 +248,7 @@ class Config:
     trust_forwarded_headers: bool = False
     workers: int = 1
     cache: CacheConfig = CacheConfig()
-    admin: tuple[str, int] | None = None  # (host, port) of the admin listener; off when None
+    admin: AdminConfig | None = None  # off when None
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
     log: LogConfig = LogConfig()
     access_log: bool = True

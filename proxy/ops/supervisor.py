@@ -91,7 +91,7 @@ class Supervisor:
         port = reserved.getsockname()[1]
         admin_reserved = None
         if self.config.admin is not None:
-            admin_reserved = reserve_port(*self.config.admin)
+            admin_reserved = reserve_port(self.config.admin.host, self.config.admin.port)
             self.admin_port = admin_reserved.getsockname()[1]
         runtime = tempfile.mkdtemp(prefix="authproxy-", dir=runtime_base())  # 0700: tokens
         os.mkdir(os.path.join(runtime, "metrics"))

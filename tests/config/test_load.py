@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config.load import config_path, expand_env, load_config, parse_config
+from proxy.config.model import AdminConfig
 from proxy.errors import ConfigError
 
 GOOD = """\
@@ -76,7 +77,7 @@ def test_operations_keys() -> None:
     text += "admin: 127.0.0.1:9090\nshutdown_grace: 5s\naccess_log: false\n"
     text += "log: {level: WARNING, format: console}\n"
     config = parse_config(text, "proxy.yaml", ENV)
-    assert config.admin == ("127.0.0.1", 9090) and config.shutdown_grace == 5
+    assert config.admin == AdminConfig("127.0.0.1", 9090) and config.shutdown_grace == 5
     assert config.access_log is False and config.clients["acme"].warm is True
     assert (config.log.level, config.log.format) == ("warning", "console")
 
