@@ -50,6 +50,7 @@ class ClientEvents:
         self._ok = metrics.mints.labels(client, "success")
         self._error = metrics.mints.labels(client, "error")
         self._duration = metrics.mint_duration.labels(client)
+        self._rotation = metrics.credentials_pending.labels(client)
 
     def hit(self) -> None:
         self._hit.inc()
@@ -63,6 +64,9 @@ class ClientEvents:
     def minted(self, seconds: float, ok: bool) -> None:
         (self._ok if ok else self._error).inc()
         self._duration.observe(seconds)
+
+    def rotation(self, pending: bool) -> None:
+        self._rotation.set(1 if pending else 0)
 
 
 class RouteMetrics:
@@ -166,6 +170,14 @@ class Metrics:
             "authproxy_token_circuit_state",
             "The client's token-endpoint circuit: 0 closed, 1 half-open (probing), 2 open "
             "(no calls: rejected credentials, Retry-After, or repeated failures).",
+            ["client"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.credentials_pending = Gauge(
+            "authproxy_credentials_rotation_pending",
+            "1 while a client's new credentials have not minted yet (the previous "
+            "credentials' token still serves); alert when it stays 1",
             ["client"],
             registry=r,
             multiprocess_mode="livemax",

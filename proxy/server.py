@@ -125,8 +125,44 @@ class ProxyServer:
         )
         self.draining = False
         self.listening = False
+        self._loaded = config  # as last read from the file: what the watcher compares
+        self._watcher: asyncio.Task[None] | None = None
+        self._watch_error: str | None = None
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            # A bind that fails leaves no session or admin listener open.
+            if self._admin_runner is not None:
+                await self._admin_runner.cleanup()
+            await self._close_clients()
+            raise
+        watched = os.path.isfile(self.config.source)  # noqa: ASYNC240 - one stat at start
+        if self.config.watch_interval > 0 and watched:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_files())
+
+    async def _watch_files(self) -> None:
+        """Re-read the config file and every file it names each
+        ``watch_interval``; a change in any (a secret swapped through its
+        Kubernetes symlink, a new certificate) reloads, as SIGHUP does."""
+        while True:
+            await asyncio.sleep(self.config.watch_interval)
+            if self.draining:
+                return
+            try:
+                new = await asyncio.to_thread(load_config, self.config.source)
+            except ConfigError as exc:
+                if str(exc) != self._watch_error:  # once per distinct fault
+                    self._watch_error = str(exc)
+                    log.warning("watch_reload_rejected", config=self.config.source, reason=str(exc))
+                continue
+            self._watch_error = None
+            if new != self._loaded:
+                log.info("config_files_changed", config=self.config.source)
+                self.reload(new)
+
+    async def _start(self) -> None:
         self._upstream = LeanClient()
         self._tokens = token_session()
         self.cache = build_cache(
@@ -262,6 +298,7 @@ class ProxyServer:
         """Swap in ``new`` for new requests; in-flight ones finish on the old
         table. Tokens of clients whose credentials did not change are kept."""
         assert self.sources is not None and self.forwarder is not None
+        self._loaded = new
         restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         if restart:
             # Keep what cannot change live, so the running state stays coherent.
@@ -275,12 +312,14 @@ class ProxyServer:
             log.warning("config_warning", reason=warning)
         self.metrics.config_reloads.labels("success").inc()
         message = f"{new.source}: {len(new.routes)} routes, {len(new.clients)} clients"
-        log.info(
-            "reloaded",
-            config=new.source,
-            routes=[route.name for route in new.routes],
-            restart_needed=restart or None,
-        )
+        log.info("reloaded", config=new.source, routes=[route.name for route in new.routes])
+        if restart:
+            log.warning(
+                "restart_needed",
+                config=new.source,
+                keys=restart,
+                reason="these keys are read at start only; the running values are kept",
+            )
         return ReloadResult(True, message, restart)
 
     def reload_from_file(self) -> ReloadResult:
@@ -309,6 +348,29 @@ class ProxyServer:
 
     # ------------------------------------------------------------------ stop
 
+    async def _close_clients(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
+        if self._tokens is not None:
+            await self._tokens.close()
+            self._tokens = None
+        primary = getattr(self.cache, "primary", None)
+        if primary is not None and hasattr(primary, "close"):
+            await primary.close()
+
+    async def drop_tokens(self, client: str) -> dict[str, Any]:
+        """``POST /tokens/CLIENT/drop``: the client's credentials are
+        compromised; its tokens go here and in the shared cache, and the next
+        request mints once (other workers stop using theirs within a second,
+        when their shared-cache watcher looks). KeyError: no such client."""
+        assert self.sources is not None
+        dropped = await self.sources.drop(client)
+        return {"client": client, "dropped": dropped}
+
     async def stop(self) -> None:
         """Draining stop: refuse new connections, let in-flight requests (long
         streams too) finish for up to ``shutdown_grace``, then close."""
@@ -323,13 +385,7 @@ class ProxyServer:
             await self._listener.shutdown(self.config.shutdown_grace)
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
-        if self._upstream is not None:
-            await self._upstream.close()
-        if self._tokens is not None:
-            await self._tokens.close()
-        primary = getattr(self.cache, "primary", None)
-        if primary is not None and hasattr(primary, "close"):
-            await primary.close()
+        await self._close_clients()
         log.info("stopped")
 
 

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from conftest import StackFactory, write_private_key
+from conftest import StackFactory, eventually, write_private_key
 from proxy.config.load import parse_config
 from proxy.config.model import ClientConfig
 from proxy.errors import ConfigError
@@ -128,6 +128,8 @@ async def test_a_rotated_client_certificate_gets_a_new_tls_context_and_token(
     pki.issue_client()
     result = stack.proxy.reload_from_file()  # what SIGHUP does
     assert result.ok, result.message
+    # Make before break (issue 13): the new certificate mints in the background.
+    await eventually(lambda: stack.tokens.mint_count == 2)
     async with stack.http.get(stack.url("/demo/y")) as response:
         assert response.status == 200, await response.text()
     assert stack.tokens.mint_count == 2

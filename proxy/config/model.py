@@ -55,6 +55,10 @@ DEFAULT_CONNECT_TIMEOUT: Final = 5.0  # a partner that takes longer to accept is
 DEFAULT_REPLAY_LIMIT: Final = 1024 * 1024  # request body kept for an expired-token replay
 DEFAULT_LOCK_TTL: Final = 15.0  # a dead mint-lock holder blocks others at most this long
 DEFAULT_SHUTDOWN_GRACE: Final = 20.0  # in-flight requests get this long to finish on SIGTERM
+# How often the config file and every file it names (secrets, keys,
+# certificates) are re-read: a Kubernetes secret swapped through its symlink
+# is in use within this long, with no SIGHUP. 0 turns watching off.
+DEFAULT_WATCH_INTERVAL: Final = 10.0
 MAX_WORKERS: Final = 64  # more processes than this on one host is a misconfiguration
 # inbound: aiohttp's and nginx's own defaults (8 KiB lines, 100 fields), so an
 # app that works through either works through this proxy.
@@ -250,6 +254,7 @@ class Config:
     cache: CacheConfig = CacheConfig()
     admin: AdminConfig | None = None  # off when None
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
     log: LogConfig = LogConfig()
     access_log: bool = True
     inbound: InboundLimits = InboundLimits()

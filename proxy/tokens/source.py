@@ -50,6 +50,9 @@ class SourceEvents(Protocol):
     def minted(self, seconds: float, ok: bool) -> None:
         """A call to the token endpoint finished (``ok``: a token came back)."""
 
+    def rotation(self, pending: bool) -> None:
+        """New credentials are waiting for their first token (``pending``), or got it."""
+
 
 class NoEvents:
     def hit(self) -> None:
@@ -62,6 +65,9 @@ class NoEvents:
         pass
 
     def minted(self, seconds: float, ok: bool) -> None:
+        pass
+
+    def rotation(self, pending: bool) -> None:
         pass
 
 
@@ -99,6 +105,10 @@ class SharedTokenSource:
         self.events: SourceEvents = events or NoEvents()
         self._shared = bool(getattr(cache, "shared", False))
         self._watcher: asyncio.Task[None] | None = None
+        # Make-before-break (issue 13): the valid token of the previous
+        # credentials, served until the new ones have minted, and its key.
+        self._rotating = False
+        self._predecessor: tuple[CacheKey, Token] | None = None
 
     # ------------------------------------------------------------------ reads
 
@@ -114,7 +124,8 @@ class SharedTokenSource:
         now = self._clock()
         if now >= token.expires_at:
             return None
-        if now >= token.refresh_at and self._inflight is None and now >= self._refresh_not_before:
+        due = self._rotating or now >= token.refresh_at
+        if due and self._inflight is None and now >= self._refresh_not_before:
             self.events.refresh_ahead()
             self._start(reject=None, background=True)
         self.events.hit()
@@ -202,6 +213,44 @@ class SharedTokenSource:
             self.current = None
         return await self._join(reject=failed)
 
+    def succeed(self, key: CacheKey, predecessor: Token) -> None:
+        """Make-before-break: this source's credentials replace those of the
+        source that held ``predecessor`` (under ``key``). The predecessor keeps
+        serving while the new credentials mint in the background; it is
+        replaced only by a token they got. If they are refused it serves until
+        it expires, retried with backoff, the failure in ``last_error``."""
+        self.current = predecessor
+        self._predecessor = (key, predecessor)
+        self._rotating = True
+        self.events.rotation(pending=True)
+        self._start(reject=None, background=True)
+
+    @property
+    def rotating(self) -> bool:
+        """New credentials have not minted yet; the previous ones' token serves."""
+        return self._rotating
+
+    async def drop(self) -> int:
+        """Discard this (client, scope)'s tokens here and in the shared cache
+        (credentials compromised): the next request mints, once for every
+        process that shares the cache. Returns how many tokens were dropped."""
+        held, self.current = self.current, None
+        self._rotating = False
+        dropped: dict[str, tuple[CacheKey, Token]] = {}
+        if held is not None:
+            dropped[held.access_token] = (self.key, held)
+        if self._predecessor is not None:
+            dropped[self._predecessor[1].access_token] = self._predecessor
+            self._predecessor = None
+        shared = await self._cache.get(self.key)
+        if shared is not None:
+            dropped[shared.access_token] = (self.key, shared)
+        for key, token in dropped.values():
+            await self._cache.invalidate(key, token)
+        self.events.rotation(pending=False)
+        log.warning("tokens_dropped", client=self.key[0], scope=self.key[1] or None)
+        return len(dropped)
+
     def forget(self, failed: Token) -> None:
         """Stop using ``failed`` locally without minting (the next request mints).
 
@@ -275,8 +324,20 @@ class SharedTokenSource:
             self.last_error = None
             self._refresh_failures = 0
             self._refresh_not_before = 0.0
+            if self._rotating:
+                self._rotating = False
+                self.events.rotation(pending=False)
+                log.info("credentials_rotated", client=self.key[0], scope=self.key[1] or None)
             return
         self.last_error = exc.message if isinstance(exc, TokenError) else type(exc).__name__
+        if self._rotating and background:
+            log.warning(
+                "credentials_rotation_failed",
+                client=self.key[0],
+                scope=self.key[1] or None,
+                reason=self.last_error,
+                serving="the previous credentials' token, until it expires",
+            )
         if background:
             # The token in hand is still valid: keep it, retry with jittered backoff.
             self._refresh_failures += 1

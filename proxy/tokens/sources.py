@@ -87,11 +87,24 @@ class TokenSources:
             events=self._metrics.for_client(client.name),
         )
         if known is not None:
-            known[1].close()
-            if known[1].key == key and known[1].current is not None:
-                source.current = known[1].current  # same credentials: keep the token in hand
+            previous = known[1]
+            previous.close()
+            held = previous.current
+            if previous.key == key and held is not None:
+                source.current = held  # same credentials: keep the token in hand
+            elif held is not None and held.valid(self._clock()):
+                # New credentials: make before break (issue 13).
+                source.succeed(previous.key, held)
         self._sources[name] = (client, source)
         return source
+
+    async def drop(self, client: str) -> int:
+        """Drop every token of ``client`` (all its scopes), here and in the
+        shared cache. Raises KeyError for a client no route uses."""
+        sources = [source for (name, _), (_, source) in self._sources.items() if name == client]
+        if not sources:
+            raise KeyError(client)
+        return sum([await source.drop() for source in sources])
 
     def keep_only(self, used: set[tuple[str, str]]) -> None:
         """Forget sources no route uses any more (after a reload)."""

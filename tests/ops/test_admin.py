@@ -231,6 +231,9 @@ async def test_reload_with_new_credentials_mints_anew(
     path.write_text(path.read_text().replace("demo-secret", "rotated-secret"))
     async with stack.http.post(stack.proxy.admin_url + "/reload") as response:
         assert response.status == 200
+    # Make before break (issue 13): the new credentials mint in the background
+    # while the old token serves; then the new token is in use.
+    await eventually(lambda: stack.tokens.mint_count == 2)
     assert await get(stack, "/demo/x") == 200
     assert stack.tokens.mint_count == 2
     assert stack.partner.requests[-1].token == stack.tokens.issued[-1]
