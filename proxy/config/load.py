@@ -41,6 +41,7 @@ from proxy.config.model import (
     DEFAULT_REPLAY_LIMIT,
     DEFAULT_ROUTE_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE,
+    DEFAULT_WATCH_INTERVAL,
     DEFAULT_TOKEN_TIMEOUT,
     ENGINES,
     LOG_FORMATS,
@@ -702,6 +703,7 @@ def parse_config(
         raise top.error("admin", "must not be the same address as listen")
     admin_config = AdminConfig(*admin) if admin is not None else None
     grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
+    watch = top.convert("watch_interval", parse_duration, DEFAULT_WATCH_INTERVAL)
     engine = top.string("engine", "lean")
     if engine == "aiohttp":
         raise top.error(
@@ -721,6 +723,7 @@ def parse_config(
         cache=cache,
         admin=admin_config,
         shutdown_grace=grace,
+        watch_interval=watch,
         log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
         access_log=top.boolean("access_log", True),
         inbound=_parse_inbound(top.child("inbound")) if top.has("inbound") else InboundLimits(),
