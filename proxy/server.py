@@ -271,6 +271,8 @@ class ProxyServer:
                 "scope": source.key[1] or None,
                 "cached": valid,
                 "last_error": source.last_error,
+                # New credentials not yet minted; the previous ones' token serves.
+                "rotation_pending": source.rotating,
                 "mints_by_this_process": source.mints,
                 "circuit": self.sources.guard(client).describe(now),
             }

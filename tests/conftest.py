@@ -84,7 +84,9 @@ def stack_yaml(
     extra_routes: str = "",
     top: str = "",
     secret: str = "demo-secret",  # noqa: S107 - the fakes' test secret
+    secret_file: str = "",
 ) -> str:
+    credential = f"client_secret_file: {secret_file}" if secret_file else f"client_secret: {secret}"
     return f"""
 listen: 127.0.0.1:0
 {top}
@@ -92,7 +94,7 @@ clients:
   demo:
     token_url: {tokens.token_url}
     client_id: demo-client
-    client_secret: {secret}
+    {credential}
     scope: orders.read
 {client}
 routes:

@@ -48,6 +48,7 @@ class FakeTokenEndpoint(LocalServer):
         super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
+        self.also_accepted: set[str] = set()  # more secrets of the client (a rotation under way)
         self.assertion_key: Any = None  # verify client assertions with it (PEM public key, secret)
         self.public_clients = False  # accept a bare client_id (auth_method none)
         self.assertions: list[dict[str, Any]] = []  # verified assertion claims
@@ -61,6 +62,11 @@ class FakeTokenEndpoint(LocalServer):
         self.requests: list[MintRequest] = []
         self.issued: list[str] = []
         self._serial = itertools.count(1)
+
+    @property
+    def secrets(self) -> set[str]:
+        """The client secrets this identity provider accepts now."""
+        return {self.client_secret, *self.also_accepted}
 
     @property
     def token_url(self) -> str:
@@ -107,14 +113,10 @@ class FakeTokenEndpoint(LocalServer):
         if authorization and authorization.startswith("Basic "):
             pair = base64.b64decode(authorization[6:]).decode()
             client_id, _, secret = pair.partition(":")
-            return (unquote_plus(client_id), unquote_plus(secret)) == (
-                self.client_id,
-                self.client_secret,
+            return (
+                unquote_plus(client_id) == self.client_id and unquote_plus(secret) in self.secrets
             )
-        return (form.get("client_id"), form.get("client_secret")) == (
-            self.client_id,
-            self.client_secret,
-        )
+        return form.get("client_id") == self.client_id and form.get("client_secret") in self.secrets
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         self.calls += 1
