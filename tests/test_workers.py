@@ -206,3 +206,34 @@ async def test_an_expiry_learned_by_one_instance_reaches_the_others(
     assert tokens.mint_count == 2
     for instance in (one, two):
         assert await instance.stop() == 0
+
+
+async def test_a_drop_reaches_every_worker_and_instance_and_mints_once(
+    servers: tuple[FakeTokenEndpoint, FakePartner], redis_url: str, proxy_processes: Factory
+) -> None:
+    """issue 13: POST /tokens/CLIENT/drop on one worker of one instance
+    discards the client's token in the shared cache and, within a second (the
+    shared-cache watcher), in every worker of every instance; the next burst
+    makes exactly one mint, shared by all."""
+    tokens, partner = servers
+    prefix = secrets.token_hex(4)
+    text = config(tokens, partner, workers=2, redis_url=redis_url, prefix=prefix)
+    text = text.replace("workers: 2\n", "workers: 2\nadmin: 127.0.0.1:0\n")
+    instances = [proxy_processes(text) for _ in range(2)]
+    for instance in instances:
+        await instance.start()
+        await workers_serving(instance, 2)
+    assert await fire([i.url for i in instances], 100) == [200] * 100
+    assert tokens.mint_count == 1
+    async with aiohttp.ClientSession() as http:
+        async with http.post(instances[0].admin_url + "/tokens/demo/drop") as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["client"] == "demo"
+    await asyncio.sleep(1.5)  # every worker's shared-cache watcher has looked
+    before = len(partner.requests)
+    tokens.delay = 0.3
+    assert await fire([i.url for i in instances], 100) == [200] * 100
+    assert tokens.mint_count == 2  # one mint for 4 processes
+    assert {r.token for r in partner.requests[before:]} == {tokens.issued[1]}
+    for instance in instances:
+        assert await instance.stop() == 0

@@ -273,6 +273,47 @@ def _check_private(path: str, reader: _Reader, key: str, warnings: list[str]) ->
         )
 
 
+_LOOPBACK_NAMES: Final = frozenset({"localhost", "::1"})
+
+
+def _loopback(host: str) -> bool:
+    return host in _LOOPBACK_NAMES or host.startswith("127.")
+
+
+def _parse_admin(top: _Reader, warnings: list[str]) -> AdminConfig:
+    """``admin: HOST:PORT`` or ``admin: {listen, auth_token_file,
+    allow_unauthenticated}``. Without a token file the admin port stays on
+    loopback unless ``allow_unauthenticated`` says otherwise."""
+    if not isinstance(top.raw("admin"), dict):
+        host, port = top.convert("admin", _parse_listen, ("", 0))
+        token_file: str | None = None
+        open_anyway = False
+        reader = top
+        key = "admin"
+    else:
+        reader = top.child("admin")
+        host, port = reader.convert("listen", _parse_listen, ("", 0))
+        if not host:
+            raise reader.error("listen", "is required (host:port of the admin listener)")
+        token_file = reader.convert("auth_token_file", _readable_file, None)
+        open_anyway = reader.boolean("allow_unauthenticated", False)
+        reader.finish()
+        key = "auth_token_file"
+    if token_file is not None:
+        if not Path(token_file).read_text(encoding="utf-8").strip():
+            raise reader.error(key, f"{token_file!r} is empty")
+        _check_private(token_file, reader, key, warnings)
+    elif not _loopback(host):
+        if not open_anyway:
+            raise top.error(
+                "admin",
+                f"listens on {host}, beyond loopback, with no auth_token_file: set "
+                "admin.auth_token_file (or admin.allow_unauthenticated: true)",
+            )
+        warnings.append(top.warning("admin", f"unauthenticated admin port on {host}"))
+    return AdminConfig(host, port, token_file, open_anyway)
+
+
 def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConfig:
     token_url = reader.convert("token_url", _http_url, None)
     if token_url is None:
@@ -698,10 +739,13 @@ def parse_config(
     )
     workers = top.convert("workers", _worker_count, 1)
     cache = _parse_cache(top.child("cache")) if top.has("cache") else CacheConfig()
-    admin = top.convert("admin", _parse_listen, None)
-    if admin is not None and admin == listen and admin[1] != 0:
+    admin_config = _parse_admin(top, warnings) if top.has("admin") else None
+    if (
+        admin_config is not None
+        and (admin_config.host, admin_config.port) == listen
+        and admin_config.port != 0
+    ):
         raise top.error("admin", "must not be the same address as listen")
-    admin_config = AdminConfig(*admin) if admin is not None else None
     grace = top.convert("shutdown_grace", parse_duration, DEFAULT_SHUTDOWN_GRACE)
     watch = top.convert("watch_interval", parse_duration, DEFAULT_WATCH_INTERVAL)
     engine = top.string("engine", "lean")

@@ -194,3 +194,25 @@ def test_shipped_example_is_valid() -> None:
 def test_unreadable_file() -> None:
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config("/nonexistent/proxy.yaml")
+
+
+def test_admin_long_form_and_its_rules(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken\n")
+    token.chmod(0o600)
+    text = GOOD + f"admin: {{listen: 0.0.0.0:9090, auth_token_file: {token}}}\n"
+    config = parse_config(text, "proxy.yaml", ENV)
+    assert config.admin == AdminConfig("0.0.0.0", 9090, str(token), False)  # noqa: S104
+    with pytest.raises(ConfigError, match="beyond loopback, with no auth_token_file"):
+        parse_config(text.replace(f", auth_token_file: {token}", ""), "proxy.yaml", ENV)
+    opened = parse_config(
+        text.replace(f"auth_token_file: {token}", "allow_unauthenticated: true"), "proxy.yaml", ENV
+    )
+    assert opened.admin is not None and opened.admin.allow_unauthenticated
+    assert any("unauthenticated admin port" in w for w in opened.warnings)
+    with pytest.raises(ConfigError, match="beyond loopback"):
+        parse_config(
+            text.replace(f"{{listen: 0.0.0.0:9090, auth_token_file: {token}}}", "0.0.0.0:9090"),
+            "proxy.yaml",
+            ENV,
+        )
