@@ -1,15 +1,23 @@
-"""The ``authproxy`` command: serve, check, demo."""
+"""The ``authproxy`` command: serve, check, token, demo.
+
+Exit codes: 0 success, 1 a configuration or bind error (the message names the
+file, line and key, or the address), 2 a usage error (argparse's).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from typing import Any
+from importlib import metadata
+from typing import Any, cast
 
+from proxy import __version__
 from proxy.config.load import config_path, load_config
+from proxy.config.model import Config, LogConfig, LogFormat, LogLevel
 from proxy.errors import ConfigError
 from proxy.http1 import compat
 from proxy.log import configure_logging
@@ -30,22 +38,47 @@ def _parser() -> argparse.ArgumentParser:
         prog="authproxy",
         description="Authenticating egress proxy for OAuth 2.0 client-credentials partners.",
     )
+    parser.add_argument("-V", "--version", action="version", version=f"authproxy {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     help_config = "config file (default: $AUTHPROXY_CONFIG, then ./proxy.yaml)"
     serve = commands.add_parser("serve", help="run the proxy")
-    serve.add_argument("--config", help=help_config)
-    serve.add_argument("--log-level", help="overrides log.level")
+    serve.add_argument("-c", "--config", help=help_config)
+    serve.add_argument("--log-level", help="overrides log.level (debug, info, warning, error)")
+    serve.add_argument("--log-format", help="overrides log.format (json, console)")
     serve.add_argument("--workers", type=int, help="worker processes (overrides workers:)")
-    check = commands.add_parser("check", help="validate the config and exit")
-    check.add_argument("--config", help=help_config)
+    check = commands.add_parser("check", help="validate the config, print its warnings, exit")
+    check.add_argument("-c", "--config", help=help_config)
     token = commands.add_parser(
         "token", help="mint one token for CLIENT and print its metadata (never the token)"
     )
     token.add_argument("client")
-    token.add_argument("--config", help=help_config)
+    token.add_argument("-c", "--config", help=help_config)
     token.add_argument("--scope", help="scope to ask for (default: the client's)")
     commands.add_parser("demo", help="run a self-contained demo against local mock servers")
     return parser
+
+
+def version() -> str:
+    """The installed package's version (pyproject.toml), else the source's."""
+    try:
+        return metadata.version("authproxy")
+    except metadata.PackageNotFoundError:
+        return __version__
+
+
+def _with_flags(config: Config, args: argparse.Namespace) -> Config:
+    """The config with the command line's overrides, checked by the same
+    rules as their YAML keys (the model validates itself)."""
+    changes: dict[str, Any] = {}
+    level, form = getattr(args, "log_level", None), getattr(args, "log_format", None)
+    if level or form:
+        changes["log"] = LogConfig(  # the model refuses what YAML would refuse
+            level=cast(LogLevel, (level or config.log.level).lower()),
+            format=cast(LogFormat, form or config.log.format),
+        )
+    if getattr(args, "workers", None) is not None:
+        changes["workers"] = args.workers
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,22 +91,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("serve", "check"):
             compat.check()  # the lean engine's aiohttp internals, before anything runs
-        config = load_config(path)
+        config = _with_flags(load_config(path), args)
     except ConfigError as exc:
         print(f"authproxy: {exc}", file=sys.stderr)
         return 1
     if args.command == "check":
+        for warning in config.warnings:  # what serve would log as config_warning
+            print(f"authproxy: warning: {warning}", file=sys.stderr)
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0
     if args.command == "token":
         from proxy.tokens.tokeninfo import inspect_token
 
-        configure_logging("warning")  # the mint line goes to stderr; stdout is the JSON
+        # The mint line goes to stderr, in the configured format; stdout is the JSON.
+        configure_logging("warning", log_format=config.log.format)
         return int(_run(inspect_token(config, args.client, args.scope)))
-    configure_logging(args.log_level or config.log.level, log_format=config.log.format)
+    configure_logging(config.log.level, log_format=config.log.format)
     from proxy.server import WORKER_PORT_ENV, serve_forever
 
-    workers = args.workers or config.workers
+    workers = config.workers
     try:
         if workers > 1 and WORKER_PORT_ENV not in os.environ:
             from proxy.ops.supervisor import Supervisor

@@ -175,3 +175,36 @@ async def test_token_command_reports_a_rejection(tmp_path: Path) -> None:
         assert code == 1 and "no client named 'nobody' (clients: demo)" in err
     finally:
         await tokens.stop()
+
+
+ACME = {"ACME_CLIENT_ID": "x", "ACME_CLIENT_SECRET": "y"}
+
+
+async def test_version_is_the_packages() -> None:
+    code, out, _ = await run("--version")
+    version = next(
+        line.split('"')[1]
+        for line in (ROOT / "pyproject.toml").read_text().splitlines()
+        if line.startswith("version = ")
+    )
+    assert code == 0 and out.strip() == f"authproxy {version}"
+
+
+async def test_flags_are_held_to_their_yaml_keys_rules() -> None:
+    code, _, err = await run("serve", "-c", "proxy.yaml", "--workers", "0", env=ACME)
+    assert code == 1 and "workers" in err and "1 to 64" in err
+    code, _, err = await run("serve", "-c", "proxy.yaml", "--log-level", "verbose", env=ACME)
+    assert code == 1 and "level 'verbose'" in err
+    code, _, err = await run("serve", "-c", "proxy.yaml", "--log-format", "xml", env=ACME)
+    assert code == 1 and "format 'xml'" in err
+    code, _, _ = await run("serve", "--no-such-flag")
+    assert code == 2  # usage
+
+
+async def test_check_prints_the_warnings_serve_would(tmp_path: Path) -> None:
+    text = (ROOT / "proxy.yaml").read_text().replace("${ACME_CLIENT_SECRET}", "literal-secret")
+    config = tmp_path / "proxy.yaml"
+    config.write_text(text)
+    code, out, err = await run("check", "-c", str(config), env=ACME)
+    assert code == 0 and "OK" in out
+    assert "warning:" in err and "literal secret" in err and "literal-secret" not in err

@@ -205,8 +205,8 @@ async def test_access_and_mint_lines_carry_the_facts(stack: Stack, log_stream: i
     assert access[0]["route"] == "demo-orders"
     assert access[0]["path"] == "/demo/a"  # no query string
     assert access[0]["status"] == 200 and access[0]["upstream_status"] == 200
-    assert access[0]["minted"] is True and access[0]["replayed"] is False
-    assert access[1]["replayed"] is True and access[1]["minted"] is True
+    assert access[0]["waited_for_mint"] is True and access[0]["replayed"] is False
+    assert access[1]["replayed"] is True and access[1]["waited_for_mint"] is True
     mints = [e for e in events if e["event"] == "mint"]
     assert [m["outcome"] for m in mints] == ["success", "success"]
     assert mints[0]["client"] == "demo" and mints[0]["scope"] == "orders.read"

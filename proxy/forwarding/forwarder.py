@@ -195,7 +195,7 @@ class Forwarder:
                 upstream_status=facts.upstream_status,
                 duration_ms=round(duration * 1000, 2),
                 replayed=facts.replayed,
-                minted=facts.waited_for_mint,
+                waited_for_mint=facts.waited_for_mint,
                 **facts.extra,
             )
 
