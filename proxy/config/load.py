@@ -8,6 +8,7 @@ YAML tells it) and the dotted key, e.g.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
@@ -141,7 +142,7 @@ class _Reader:
         self.path = path
         self.environ = environ
         if not isinstance(data, dict):
-            raise self._error(path, line, f"expected a mapping, got {type(data).__name__}")
+            raise self._error(path, line, f"expected a mapping, got {_kind(data)}")
         self.data: dict[str, Any] = data
         self.lines: dict[str, int] = getattr(data, "lines", {})
         self.line: int = getattr(data, "line", line)
@@ -159,6 +160,10 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> ConfigError:
+        if message.startswith("is required") and key not in self.data:
+            typo = self._typo_of(key)
+            if typo is not None:  # unknown keys before missing ones: name the typo
+                key, message = typo, f"unknown key (did you mean {key!r}?)"
         return self._error(self.key_path(key), self.lines.get(key, self.line), message)
 
     def has(self, key: str) -> bool:
@@ -175,7 +180,7 @@ class _Reader:
                 raise self.error(key, "is required")
             return default
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise self.error(key, f"expected a string, got {type(value).__name__}")
+            raise self.error(key, f"expected text, got {_kind(value)}")
         try:
             return expand_env(str(value), self.environ)
         except KeyError as exc:
@@ -207,10 +212,34 @@ class _Reader:
             self.raw(key), self.key_path(key), self.source, self.environ, self.lines.get(key, 0)
         )
 
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.seen)
+    def _typo_of(self, key: str) -> str | None:
+        """An unread key of this mapping that looks like a misspelt ``key``."""
+        unread = [k for k in self.data if k not in self.seen and isinstance(k, str)]
+        close = difflib.get_close_matches(key, unread, n=1, cutoff=0.75)
+        return close[0] if close else None
+
+    def finish(self, known: tuple[str, ...] = ()) -> None:
+        unknown = sorted(set(self.data) - self.seen, key=str)
         if unknown:
-            raise self.error(unknown[0], "unknown key")
+            name = str(unknown[0])
+            close = difflib.get_close_matches(name, sorted(self.seen | set(known)), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise self.error(name, f"unknown key{hint}")
+
+
+def _kind(value: object) -> str:
+    """What a YAML value is, in plain words (never a Python type name)."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "text"
 
 
 def _parse_listen(value: object) -> tuple[str, int]:

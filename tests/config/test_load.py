@@ -216,3 +216,31 @@ def test_admin_long_form_and_its_rules(tmp_path: Path) -> None:
             "proxy.yaml",
             ENV,
         )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            GOOD.replace("token_url:", "token_ulr:"),
+            "proxy.yaml:4: clients.acme.token_ulr: unknown key (did you mean 'token_url'?)",
+        ),
+        (
+            GOOD.replace("    scope: orders.read\n", "    scopee: orders.read\n", 1),
+            "proxy.yaml:8: clients.acme.scopee: unknown key (did you mean 'scope'?)",
+        ),
+        (
+            "listen: 127.0.0.1:1\nclients:\nroutes: []\n",
+            "proxy.yaml:2: clients: expected a mapping, got nothing",
+        ),
+        (
+            "listen: 127.0.0.1:1\nclients: [1]\nroutes: []\n",
+            "proxy.yaml:2: clients: expected a mapping, got a list",
+        ),
+    ],
+)
+def test_errors_name_the_typo_and_the_line_in_plain_words(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "proxy.yaml", ENV)
+    assert str(raised.value) == message
+    assert not re.search(r"NoneType|\bdict\b|\bstr\b|\blist\b\)", str(raised.value))
