@@ -14,6 +14,7 @@ live workers, point-in-time gauges taken from the worker that wrote last).
 from __future__ import annotations
 
 import os
+from importlib import metadata
 from typing import Final
 
 from prometheus_client import (
@@ -34,6 +35,13 @@ LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 MINT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("authproxy")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def multiprocess_dir() -> str | None:
@@ -188,6 +196,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.build_info = Gauge(
+            "authproxy_build_info",
+            "1, labelled with the running authproxy version.",
+            ["version"],
+            registry=r,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(_version()).set(1)
 
     def for_client(self, client: str) -> ClientEvents:
         return ClientEvents(self, client)

@@ -300,3 +300,11 @@ async def test_reload_keeps_start_only_keys_and_says_so(
     assert body["restart_needed"] == ["listen_port"]
     assert stack.proxy.config.listen_port == 0 and stack.proxy.port == port
     assert await get(stack, "/demo/x") == 200
+
+
+async def test_build_info_names_the_version(make_stack: StackFactory) -> None:
+    from importlib import metadata
+
+    stack = await make_stack(top=ADMIN)
+    scraped = await scrape(stack)
+    assert value(scraped, "authproxy_build_info", version=metadata.version("authproxy")) == 1
