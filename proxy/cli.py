@@ -54,8 +54,41 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("client")
     token.add_argument("-c", "--config", help=help_config)
     token.add_argument("--scope", help="scope to ask for (default: the client's)")
+    token.add_argument(
+        "--drop",
+        action="store_true",
+        help="instead: discard CLIENT's tokens in the running proxy and its shared cache "
+        "(POST /tokens/CLIENT/drop on its admin port)",
+    )
     commands.add_parser("demo", help="run a self-contained demo against local mock servers")
     return parser
+
+
+async def _drop(config: Config, client: str) -> int:
+    """``authproxy token CLIENT --drop``: ask the running proxy's admin port."""
+    import aiohttp
+
+    if config.admin is None:
+        print("authproxy: --drop needs the admin port (admin: in the config)", file=sys.stderr)
+        return 1
+    host = config.admin.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host  # noqa: S104 - any -> loopback
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.admin.port}"
+    headers = {}
+    if config.admin.auth_token_file is not None:
+        with open(config.admin.auth_token_file, encoding="utf-8") as file:  # noqa: ASYNC230
+            headers["Authorization"] = f"Bearer {file.read().strip()}"
+    try:
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{url}/tokens/{client}/drop", headers=headers) as response,
+        ):
+            body = await response.text()
+    except aiohttp.ClientError as exc:
+        print(f"authproxy: cannot reach the admin port at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(body)
+    return 0 if response.status == 200 else 1
 
 
 def version() -> str:
@@ -100,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"authproxy: warning: {warning}", file=sys.stderr)
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0
+    if args.command == "token" and args.drop:
+        return int(_run(_drop(config, args.client)))
     if args.command == "token":
         from proxy.tokens.tokeninfo import inspect_token
 

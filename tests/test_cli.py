@@ -208,3 +208,39 @@ async def test_check_prints_the_warnings_serve_would(tmp_path: Path) -> None:
     code, out, err = await run("check", "-c", str(config), env=ACME)
     assert code == 0 and "OK" in out
     assert "warning:" in err and "literal secret" in err and "literal-secret" not in err
+
+
+async def test_token_drop_asks_the_running_proxy(tmp_path: Path) -> None:
+    """authproxy token CLIENT --drop: the running proxy's tokens for CLIENT go."""
+    from conftest import ProxyProcess, free_port
+
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    partner = FakePartner(tokens)
+    await partner.start()
+    admin = free_port()
+    text = f"""
+listen: 127.0.0.1:0
+admin: 127.0.0.1:{admin}
+clients:
+  demo: {{token_url: {tokens.token_url}, client_id: demo-client, client_secret: demo-secret}}
+routes:
+  - {{match: {{path_prefix: /demo/}}, upstream: "{partner.url}/v2/", client: demo}}
+"""
+    proxy = ProxyProcess(text, tmp_path, "dropped")
+    try:
+        await proxy.start()
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/demo/a") as r:
+            assert r.status == 200
+        code, out, err = await run("token", "demo", "--drop", "-c", str(proxy.config))
+        assert code == 0, err
+        assert json.loads(out) == {"client": "demo", "dropped": 1}
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/demo/b") as r:
+            assert r.status == 200
+        assert tokens.mint_count == 2
+        code, _, _ = await run("token", "nobody", "--drop", "-c", str(proxy.config))
+        assert code == 1
+    finally:
+        await proxy.stop()
+        await partner.stop()
+        await tokens.stop()
