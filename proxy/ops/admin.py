@@ -2,7 +2,14 @@
 partner route can shadow it and the apps' port exposes nothing but routes.
 
 ``/healthz`` (alive), ``/readyz`` (send me traffic), ``/metrics`` (Prometheus),
-``/tokens`` (token state without tokens), ``POST /reload``.
+``/tokens`` (token state without tokens), ``POST /reload``,
+``POST /tokens/{client}/drop`` (discard a client's tokens everywhere) and ``/``
+(the status page, :mod:`proxy.ops.status`).
+
+With an ``auth_token`` every endpoint but ``/healthz`` and ``/readyz`` (the
+probes) needs ``Authorization: Bearer <auth_token>``, compared in constant
+time. A request without it gets a 401 that says what is needed; the value it
+presented is never logged nor echoed.
 """
 
 from __future__ import annotations
@@ -13,8 +20,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from proxy import __version__
+from proxy.log import get_logger
 from proxy.metrics import CONTENT_TYPE, Metrics
+from proxy.ops.status import CSP, render_status
+
+UNAUTHENTICATED_PATHS: Final = frozenset({"/healthz", "/readyz"})  # the probes
+REALM: Final = "authproxy-admin"
+log = get_logger("proxy.admin")
 
 
 class Reload(Protocol):
@@ -39,18 +54,25 @@ class Operated(Protocol):
     def request_reload(self) -> Reload: ...
 
     async def drop_tokens(self, client: str) -> dict[str, Any]:
-        """Discard ``client``'s tokens everywhere; KeyError for an unknown client."""
+        """Discard ``client``'s tokens in every worker and the shared cache;
+        e.g. ``{"client": "acme", "dropped": 1}``. KeyError: no such client."""
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        """The status page's data, shaped as :class:`proxy.ops.status.Status`."""
         ...
 
 
 SERVER_KEY: web.AppKey[Operated] = web.AppKey("server")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _json(body: Any, status: int = 200) -> web.Response:
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
         status=status,
         body=json.dumps(body, indent=1).encode() + b"\n",
         content_type="application/json",
+        headers=headers,
     )
 
 
@@ -85,55 +107,91 @@ async def reload(request: web.Request) -> web.Response:
 async def drop(request: web.Request) -> web.Response:
     client = request.match_info["client"]
     try:
-        return _json(await request.app[SERVER_KEY].drop_tokens(client))
+        result = await request.app[SERVER_KEY].drop_tokens(client)
     except KeyError:
         return _json(
-            {"error": "unknown_client", "message": f"no route uses a client named {client!r}"},
+            {
+                "error": "unknown_client",
+                "client": client,
+                "message": f"no route uses a client named {client!r}",
+            },
             404,
         )
+    return _json(result)
 
 
-# /healthz and /readyz answer anyone: orchestrators probe them without a token.
-OPEN_PATHS: Final = frozenset({"/healthz", "/readyz"})
+async def status_page(request: web.Request) -> web.Response:
+    data = {"version": __version__, **await request.app[SERVER_KEY].status()}
+    return web.Response(
+        text=render_status(data),
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Cache-Control": "no-store",
+            "Content-Security-Policy": CSP,
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+def _bearer(request: web.Request) -> bytes | None:
+    """The presented bearer credential, or ``None`` (no header, another scheme)."""
+    scheme, _, credential = request.headers.get("Authorization", "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        return None
+    return credential.strip().encode("utf-8", "surrogateescape")
 
 
-def _guard(token: str) -> Any:
-    """Bearer authentication for every admin path but the probes, compared in
-    constant time; the presented value is never logged or echoed."""
-    expected = f"Bearer {token}".encode()
+def _require_token(token: str) -> Middleware:
+    expected = token.encode()
 
     @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in UNAUTHENTICATED_PATHS:
             return await handler(request)
-        presented = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(presented, expected):
-            response = _json(
-                {
-                    "error": "admin_auth_required",
-                    "message": "send Authorization: Bearer <admin token>",
-                },
-                401,
-            )
-            response.headers["WWW-Authenticate"] = 'Bearer realm="authproxy-admin"'
-            return response
-        return await handler(request)
+        presented = _bearer(request)
+        if presented is not None and hmac.compare_digest(presented, expected):
+            return await handler(request)
+        problem = "missing" if presented is None else "wrong"
+        # Only the path and the kind of failure: never the value presented.
+        log.warning(
+            "admin_unauthorized",
+            method=request.method,
+            path=request.path,
+            remote=request.remote,
+            credential=problem,
+        )
+        return _json(
+            {
+                "error": "admin_auth_required",
+                "message": f"{problem} admin token: send Authorization: Bearer <the token in "
+                "admin.auth_token_file>",
+            },
+            401,
+            headers={"WWW-Authenticate": f'Bearer realm="{REALM}"'},
+        )
 
-    return check
+    return authenticate
 
 
 def admin_app(server: Operated, auth_token: str | None = None) -> web.Application:
-    """The admin app; with ``auth_token`` (admin.auth_token_file) every path
-    but /healthz and /readyz asks for ``Authorization: Bearer <token>``."""
-    app = web.Application(middlewares=[_guard(auth_token)] if auth_token else [])
+    """The admin application for ``server``; with ``auth_token`` (the contents
+    of ``admin.auth_token_file``; surrounding whitespace is ignored) every
+    endpoint except ``/healthz`` and ``/readyz`` needs it as a bearer token."""
+    middlewares: list[Middleware] = []
+    if auth_token is not None:
+        auth_token = auth_token.strip()
+        if not auth_token:
+            raise ValueError("the admin auth token is empty")
+        middlewares.append(_require_token(auth_token))
+    app = web.Application(middlewares=middlewares)
     app[SERVER_KEY] = server
+    app.router.add_get("/", status_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/tokens", tokens)
-    app.router.add_post("/reload", reload)
     app.router.add_post("/tokens/{client}/drop", drop)
+    app.router.add_post("/reload", reload)
     return app
