@@ -144,12 +144,12 @@ def _routes(routes: list[Mapping[str, Any]], uptime: float) -> str:
             "route",
             "client",
             "upstream",
-            "requests",
-            "req/s",
-            "errors (5xx)",
-            "err/s",
-            "error share",
-            "replays",
+            "#requests",
+            "#req/s",
+            "#errors (5xx)",
+            "#err/s",
+            "#error share",
+            "#replays",
         ],
         rows,
         "no routes",
@@ -217,8 +217,8 @@ def _token_cells(token: Mapping[str, Any]) -> str:
         outcome_cell += ' <span class="pill warn">rotation pending</span>'
     return (
         f"<td>{_e(token.get('scope') or '(none)')}</td>"
-        f"<td>{bar}</td>"
-        f"<td>{_e(token.get('minted_at') or '-')}</td>"
+        f'<td class="life">{bar}</td>'
+        f'<td class="t">{_e(token.get("minted_at") or "-")}</td>'
         f"<td>{outcome_cell}</td>"
     )
 
@@ -234,7 +234,7 @@ def _workers(data: Mapping[str, Any]) -> str:
     ]
     configured = data.get("workers_configured")
     title = f"Workers ({_e(configured)} configured)" if configured is not None else "Workers"
-    return _section(title, "workers", ["worker", "pid", ""], rows, "no workers reported")
+    return _section(title, "workers", ["worker", "#pid", ""], rows, "no workers reported")
 
 
 def _config(config: Mapping[str, Any], cache: Mapping[str, Any]) -> str:
@@ -262,7 +262,11 @@ def _config(config: Mapping[str, Any], cache: Mapping[str, Any]) -> str:
 
 
 def _section(title: str, ident: str, heads: list[str], rows: list[str], empty: str) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in heads)
+    """A titled table; a head written "#name" heads a right-aligned column of numbers."""
+    head = "".join(
+        f'<th class="n">{_e(h[1:])}</th>' if h.startswith("#") else f"<th>{_e(h)}</th>"
+        for h in heads
+    )
     body = "".join(rows) or f'<tr><td colspan="{len(heads)}" class="muted">{_e(empty)}</td></tr>'
     return (
         f'<section id="{ident}"><h2>{title}</h2>'
@@ -346,9 +350,9 @@ header p{margin:0;color:#5b6b7c}
 table{border-collapse:collapse;width:100%;background:#fff;box-shadow:0 1px 2px #0002}
 th,td{padding:6px 10px;border-bottom:1px solid #e3e8ee;text-align:left;vertical-align:middle}
 th{background:#27435e;color:#fff;font-weight:600;font-size:12px;text-transform:uppercase}
-td.n{text-align:right;font-variant-numeric:tabular-nums}
-td.name{font-weight:600}td.url{color:#5b6b7c;font-family:monospace;font-size:12px}
-.bar{display:inline-block;vertical-align:middle;width:180px;height:12px;margin-right:8px;
+td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+td.name{font-weight:600}td.life,td.t{white-space:nowrap}td.url{color:#5b6b7c;font-family:monospace;font-size:12px}
+.bar{display:inline-block;vertical-align:middle;width:160px;height:12px;margin-right:8px;
 background:#dfe5eb;border-radius:6px;overflow:hidden}
 .fill{height:100%;border-radius:6px}.fill.high{background:#2e9e5b}
 .fill.mid{background:#d9a400}.fill.low{background:#d3452f}.fill.none{background:none}
