@@ -89,8 +89,15 @@ class RouteMetrics:
         self.replayed = metrics.replays.labels(route, "replayed")
         self.passed_through = metrics.replays.labels(route, "passed_through")
         self.too_large = metrics.replays.labels(route, "too_large")
+        # This process's totals, for the status page (Prometheus has the rest).
+        self.requests = 0
+        self.errors = 0
+        self.replays = 0
 
     def finished(self, status: int, seconds: float) -> None:
+        self.requests += 1
+        if status >= 500:
+            self.errors += 1
         counter = self._by_status.get(status)
         if counter is None:
             counter = self._by_status[status] = self._metrics.requests.labels(

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final, cast
 
 import aiohttp
@@ -126,6 +128,9 @@ class ProxyServer:
         self.draining = False
         self.listening = False
         self._loaded = config  # as last read from the file: what the watcher compares
+        self._started_at = clock()
+        self._loaded_at = self._started_at
+        self._last_reload: tuple[float, str] | None = None  # (when, "success" | "error")
         self._watcher: asyncio.Task[None] | None = None
         self._watch_error: str | None = None
 
@@ -306,6 +311,8 @@ class ProxyServer:
         table. Tokens of clients whose credentials did not change are kept."""
         assert self.sources is not None and self.forwarder is not None
         self._loaded = new
+        self._loaded_at = self._clock()
+        self._last_reload = (self._loaded_at, "success")
         restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         if restart:
             # Keep what cannot change live, so the running state stays coherent.
@@ -335,6 +342,7 @@ class ProxyServer:
             new = load_config(self.config.source)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("error").inc()
+            self._last_reload = (self._clock(), "error")
             log.error("reload_rejected", config=self.config.source, reason=str(exc))
             return ReloadResult(False, str(exc))
         return self.reload(new)
@@ -368,6 +376,96 @@ class ProxyServer:
         primary = getattr(self.cache, "primary", None)
         if primary is not None and hasattr(primary, "close"):
             await primary.close()
+
+    async def status(self) -> dict[str, Any]:
+        """The status page's data (proxy.ops.status.Status); no secret in it."""
+        assert self.sources is not None and self.forwarder is not None
+        now = self._clock()
+        report = await self.token_report()
+        runtimes = self.forwarder.table.router
+        routes = []
+        for route in self.config.routes:
+            matched = next((rt for r, rt in runtimes.entries if r.name == route.name), None)
+            metrics = matched.metrics if matched is not None else None
+            routes.append(
+                {
+                    "name": route.name,
+                    "client": route.client,
+                    "upstream": route.upstream,
+                    "requests": metrics.requests if metrics else 0,
+                    "errors": metrics.errors if metrics else 0,
+                    "replays": metrics.replays if metrics else 0,
+                }
+            )
+        clients = []
+        for name, client in self.config.clients.items():
+            circuit = self.sources.guard(client).describe(now)
+            tokens = []
+            for entry in (e for e in report if e["client"] == name):
+                source = next(
+                    (
+                        s
+                        for c, s in self.sources.all()
+                        if c.name == name and (s.key[1] or None) == entry["scope"]
+                    ),
+                    None,
+                )
+                held = source.current if source is not None else None
+                tokens.append(
+                    {
+                        "scope": entry["scope"],
+                        "cached": entry["cached"],
+                        "expires_in_s": entry.get("expires_in_s"),
+                        "lifetime_s": (held.expires_at - held.minted_at) if held else None,
+                        "minted_at": entry.get("minted_at"),
+                        "last_mint_outcome": (
+                            "error" if entry["last_error"] else ("success" if held else None)
+                        ),
+                        "last_error": entry["last_error"],
+                        "rotation_pending": entry["rotation_pending"],
+                    }
+                )
+            clients.append(
+                {
+                    "name": name,
+                    "circuit": str(circuit.get("state", "closed")),
+                    "circuit_reason": circuit.get("reason"),
+                    "circuit_open_for_s": circuit.get("open_for_s"),
+                    "tokens": tokens,
+                }
+            )
+        settings = self.config.cache
+        backend = (
+            settings.backend if settings.backend == "redis" or not self._runtime_dir else "file"
+        )
+        try:
+            content = await asyncio.to_thread(Path(self.config.source).read_bytes)
+            stamp = hashlib.sha256(content).hexdigest()[:12]
+        except OSError:
+            stamp = "-"
+        reason = self.ready_reason()
+        return {
+            "generated_at": iso_time(now),
+            "uptime_s": round(now - self._started_at, 1),
+            "ready": reason is None,
+            "ready_reason": reason,
+            "routes": routes,
+            "clients": clients,
+            "workers_configured": self.config.workers,
+            "workers": [{"name": "this", "pid": os.getpid(), "this": True}],
+            "cache": {
+                "backend": backend,
+                "url": settings.url,
+                "up": bool(getattr(self.cache, "up", True)),
+            },
+            "config": {
+                "source": self.config.source,
+                "stamp": stamp,
+                "loaded_at": iso_time(self._loaded_at),
+                "last_reload_at": iso_time(self._last_reload[0]) if self._last_reload else None,
+                "last_reload_outcome": self._last_reload[1] if self._last_reload else None,
+            },
+        }
 
     async def drop_tokens(self, client: str) -> dict[str, Any]:
         """``POST /tokens/CLIENT/drop``: the client's credentials are

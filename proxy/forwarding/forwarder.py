@@ -328,6 +328,7 @@ class Forwarder:
             facts.extra["replay"] = "suppressed"
             return None
         runtime.metrics.replayed.inc()
+        runtime.metrics.replays += 1
         facts.waited_for_mint = runtime.source.mints != mints_before
         upstream.release()  # its connection goes back to the pool if the 401 was read whole
         headers = [

@@ -185,6 +185,11 @@ class Router(Generic[T]):
     def __init__(self, routes: Sequence[tuple[RouteConfig, T]]) -> None:
         self._routes = tuple(routes)
 
+    @property
+    def entries(self) -> tuple[tuple[RouteConfig, T], ...]:
+        """Every (route, value), in match order."""
+        return self._routes
+
     def match(self, target: RequestTarget) -> tuple[RouteConfig, T] | None:
         """The first route whose host and/or path prefix match ``target``.
 

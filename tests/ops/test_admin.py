@@ -308,3 +308,19 @@ async def test_build_info_names_the_version(make_stack: StackFactory) -> None:
     stack = await make_stack(top=ADMIN)
     scraped = await scrape(stack)
     assert value(scraped, "authproxy_build_info", version=metadata.version("authproxy")) == 1
+
+
+async def test_the_status_page_of_the_real_server(make_stack: StackFactory) -> None:
+    stack = await make_stack(top=ADMIN)
+    async with stack.http.get(stack.url("/demo/x")) as response:
+        assert response.status == 200
+    async with stack.http.get(stack.proxy.admin_url + "/") as response:
+        page = await response.text()
+        assert response.status == 200, page[:500]
+    assert "demo-orders" in page and "demo" in page
+    assert "demo-secret" not in page and stack.tokens.issued[0] not in page
+    status = await stack.proxy.status()
+    (route,) = status["routes"]
+    assert (route["requests"], route["errors"]) == (1, 0)
+    (client,) = status["clients"]
+    assert client["tokens"][0]["cached"] is True and client["tokens"][0]["lifetime_s"] > 0
