@@ -15,7 +15,7 @@ import re
 import ssl
 import stat
 from collections.abc import Callable, Mapping
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 
@@ -74,6 +74,31 @@ CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
 
 T = TypeVar("T")
 
+# The keys of each section that has required ones, so that a misspelt key is
+# reported (with a suggestion) before the key it was meant to be is missing.
+# _Reader.raw asserts that every key a parser reads is declared here.
+_TOP_KEYS: Final = frozenset(
+    {"listen", "clients", "routes", "admin", "workers", "cache", "shutdown_grace",
+     "watch_interval", "log", "access_log", "inbound", "engine",
+     "trust_forwarded_headers"}
+)  # fmt: skip
+_TLS_KEYS: Final = frozenset({"ca_file", "client_cert_file", "client_key_file"})
+_CLIENT_KEYS: Final = _TLS_KEYS | frozenset(
+    {"token_url", "client_id", "client_secret", "client_secret_file", "auth_method", "scope",
+     "params", "expiry_margin", "refresh_ahead", "default_lifetime", "remint_min_interval",
+     "timeout", "warm", "private_key_file", "certificate_file", "key_id", "algorithm",
+     "assertion_audience", "token_headers", "token_request_format", "mint_attempts",
+     "failure_cooldown"}
+)  # fmt: skip
+_ROUTE_KEYS: Final = _TLS_KEYS | frozenset(
+    {"name", "match", "upstream", "client", "scope", "timeout", "connect_timeout",
+     "replay_limit", "expired_token", "token_header", "token_prefix", "max_body",
+     "max_concurrent", "retry_idempotent", "allow_from", "inbound_auth"}
+)  # fmt: skip
+_MATCH_KEYS: Final = frozenset({"host", "path_prefix"})
+_ADMIN_KEYS: Final = frozenset({"listen", "auth_token_file", "allow_unauthenticated"})
+_INBOUND_AUTH_KEYS: Final = frozenset({"header", "keys_file"})
+
 
 class _LineMap(dict[str, Any]):
     """A YAML mapping that remembers the line of each of its keys (1-based)."""
@@ -95,10 +120,10 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> _LineMap:
         key = loader.construct_object(key_node, deep=True)
         if not isinstance(key, str):
             raise ConfigError(
-                f"line {key_node.start_mark.line + 1}: keys must be strings, got {key!r}"
+                f"{key_node.start_mark.line + 1}: keys must be text, got {_shown(key)}"
             )
         if key in result:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r}")
+            raise ConfigError(f"{key_node.start_mark.line + 1}: duplicate key {key!r}")
         result[key] = loader.construct_object(value_node, deep=True)
         result.lines[key] = key_node.start_mark.line + 1
     return result
@@ -136,7 +161,13 @@ class _Reader:
     """Walks one mapping of the YAML tree, turning each value into a typed one."""
 
     def __init__(
-        self, data: object, path: str, source: str, environ: Mapping[str, str], line: int = 0
+        self,
+        data: object,
+        path: str,
+        source: str,
+        environ: Mapping[str, str],
+        line: int = 0,
+        known: frozenset[str] | None = None,
     ) -> None:
         self.source = source
         self.path = path
@@ -145,8 +176,16 @@ class _Reader:
             raise self._error(path, line, f"expected a mapping, got {_kind(data)}")
         self.data: dict[str, Any] = data
         self.lines: dict[str, int] = getattr(data, "lines", {})
-        self.line: int = getattr(data, "line", line)
+        # the line of this mapping's key (a missing key's error points at
+        # its parent), else where the mapping starts
+        self.line: int = line or getattr(data, "line", 0)
         self.seen: set[str] = set()
+        self.known = known
+        if known is not None:  # unknown keys before missing or wrong ones
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                name = min(unknown, key=lambda k: self.lines.get(k, 0))
+                raise self._unknown(name, sorted(known))
 
     def _error(self, key: str, line: int, message: str) -> ConfigError:
         where = f"{self.source}:{line}" if line else self.source
@@ -160,7 +199,7 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def error(self, key: str, message: str) -> ConfigError:
-        if message.startswith("is required") and key not in self.data:
+        if message.startswith("is required") and key not in self.data and self.known is None:
             typo = self._typo_of(key)
             if typo is not None:  # unknown keys before missing ones: name the typo
                 key, message = typo, f"unknown key (did you mean {key!r}?)"
@@ -170,6 +209,7 @@ class _Reader:
         return key in self.data
 
     def raw(self, key: str) -> object:
+        assert self.known is None or key in self.known, f"{self.key_path(key)} is not declared"
         self.seen.add(key)
         return self.data.get(key)
 
@@ -204,27 +244,60 @@ class _Reader:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {value!r}")
+            raise self.error(key, f"expected true or false, got {_shown(value)}")
         return value
 
-    def child(self, key: str) -> _Reader:
+    def child(self, key: str, known: frozenset[str] | None = None, *, what: str = "") -> _Reader:
+        """The mapping under ``key``. Missing or empty, the error points at
+        the line of the key, or of this mapping when the key is absent."""
+        value = self.raw(key)
+        if value is None:
+            missing = key not in self.data
+            if missing and (typo := self._typo_of(key)) is not None:
+                raise self._unknown(typo, [key])
+            if missing:
+                raise self.error(key, f"is required{what and f' ({what})'}")
+            raise self.error(key, f"is empty{what and f'; {what}'}")
         return _Reader(
-            self.raw(key), self.key_path(key), self.source, self.environ, self.lines.get(key, 0)
+            value,
+            self.key_path(key),
+            self.source,
+            self.environ,
+            self.lines.get(key, self.line),
+            known,
         )
+
+    def _unknown(self, name: str, known: list[str]) -> ConfigError:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return self.error(name, f"unknown key{hint}")
 
     def _typo_of(self, key: str) -> str | None:
         """An unread key of this mapping that looks like a misspelt ``key``."""
-        unread = [k for k in self.data if k not in self.seen and isinstance(k, str)]
+        unread = [
+            k
+            for k in self.data
+            if k not in self.seen and isinstance(k, str) and k not in (self.known or ())
+        ]
         close = difflib.get_close_matches(key, unread, n=1, cutoff=0.75)
         return close[0] if close else None
 
     def finish(self, known: tuple[str, ...] = ()) -> None:
-        unknown = sorted(set(self.data) - self.seen, key=str)
+        unknown = sorted(set(self.data) - self.seen, key=lambda k: self.lines.get(k, 0))
         if unknown:
-            name = str(unknown[0])
-            close = difflib.get_close_matches(name, sorted(self.seen | set(known)), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise self.error(name, f"unknown key{hint}")
+            raise self._unknown(str(unknown[0]), sorted(self.seen | set(known)))
+
+
+def _shown(value: object) -> str:
+    """A value for a message: text quoted, a number as it is, anything else
+    in plain words ("a mapping", "a list")."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    return _kind(value)
 
 
 def _kind(value: object) -> str:
@@ -243,6 +316,8 @@ def _kind(value: object) -> str:
 
 
 def _parse_listen(value: object) -> tuple[str, int]:
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise ValueError(f"expected host:port like 127.0.0.1:8080, got {_shown(value)}")
     text = str(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -253,7 +328,7 @@ def _parse_listen(value: object) -> tuple[str, int]:
 
 def _http_url(text: object) -> str:
     if not isinstance(text, str):
-        raise ValueError(f"expected a URL, got {text!r}")
+        raise ValueError(f"expected a URL, got {_shown(text)}")
     url = URL(text)
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(f"expected an http:// or https:// URL, got {text!r}")
@@ -264,7 +339,7 @@ def _http_url(text: object) -> str:
 
 def _readable_file(text: object) -> str:
     if not isinstance(text, str) or not text:
-        raise ValueError(f"expected a file path, got {text!r}")
+        raise ValueError(f"expected a file path, got {_shown(text)}")
     if not os.access(text, os.R_OK) or not Path(text).is_file():
         raise ValueError(f"cannot read file {text!r}")
     return text
@@ -302,25 +377,33 @@ def _check_private(path: str, reader: _Reader, key: str, warnings: list[str]) ->
         )
 
 
-_LOOPBACK_NAMES: Final = frozenset({"localhost", "::1"})
-
-
 def _loopback(host: str) -> bool:
-    return host in _LOOPBACK_NAMES or host.startswith("127.")
+    """127.0.0.0/8, ::1 or localhost: only this machine can connect."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:  # another host name: it may resolve anywhere
+        return False
 
 
 def _parse_admin(top: _Reader, warnings: list[str]) -> AdminConfig:
     """``admin: HOST:PORT`` or ``admin: {listen, auth_token_file,
     allow_unauthenticated}``. Without a token file the admin port stays on
     loopback unless ``allow_unauthenticated`` says otherwise."""
-    if not isinstance(top.raw("admin"), dict):
+    value = top.raw("admin")
+    if value is None:
+        raise top.error(
+            "admin", "is empty; give host:port, or {listen: host:port, auth_token_file: path}"
+        )
+    if not isinstance(value, dict):
         host, port = top.convert("admin", _parse_listen, ("", 0))
         token_file: str | None = None
         open_anyway = False
         reader = top
         key = "admin"
     else:
-        reader = top.child("admin")
+        reader = top.child("admin", _ADMIN_KEYS)
         host, port = reader.convert("listen", _parse_listen, ("", 0))
         if not host:
             raise reader.error("listen", "is required (host:port of the admin listener)")
@@ -329,7 +412,11 @@ def _parse_admin(top: _Reader, warnings: list[str]) -> AdminConfig:
         reader.finish()
         key = "auth_token_file"
     if token_file is not None:
-        if not Path(token_file).read_text(encoding="utf-8").strip():
+        try:  # read to check it, never kept: the server reads the file itself
+            empty = not Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            raise reader.error(key, f"cannot read {token_file!r} as text") from None
+        if empty:
             raise reader.error(key, f"{token_file!r} is empty")
         _check_private(token_file, reader, key, warnings)
     elif not _loopback(host):
@@ -339,7 +426,13 @@ def _parse_admin(top: _Reader, warnings: list[str]) -> AdminConfig:
                 f"listens on {host}, beyond loopback, with no auth_token_file: set "
                 "admin.auth_token_file (or admin.allow_unauthenticated: true)",
             )
-        warnings.append(top.warning("admin", f"unauthenticated admin port on {host}"))
+        warnings.append(
+            top.warning(
+                "admin",
+                f"unauthenticated admin port on {host}: whoever reaches it can reload "
+                "and drop tokens; set admin.auth_token_file",
+            )
+        )
     return AdminConfig(host, port, token_file, open_anyway)
 
 
@@ -492,7 +585,7 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
 
 def _attempts(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 10:
-        raise ValueError(f"expected a whole number from 1 to 10, got {value!r}")
+        raise ValueError(f"expected a whole number from 1 to 10, got {_shown(value)}")
     return value
 
 
@@ -501,7 +594,7 @@ _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.6.2
 
 def _header_name(value: object) -> str:
     if not isinstance(value, str) or not _TOKEN.fullmatch(value):
-        raise ValueError(f"expected a header name like X-Api-Token, got {value!r}")
+        raise ValueError(f"expected a header name like X-Api-Token, got {_shown(value)}")
     if value.lower() in ("host", "content-length", "transfer-encoding", "connection"):
         raise ValueError(f"{value} is not a header the token can go in")
     return value
@@ -526,8 +619,11 @@ def _tls_files(reader: _Reader, ca_file: str | None) -> tuple[str | None, str | 
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(cert, key)
         except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc.strerror or "unreadable"
+            if reason == "KEY_VALUES_MISMATCH":
+                reason = "the key does not belong to the certificate"
             raise reader.error(
-                "client_cert_file", f"cannot load the certificate and key: {exc.__class__.__name__}"
+                "client_cert_file", f"cannot load the certificate and key: {reason}"
             ) from None
     digest = hashlib.sha256()
     for path in (ca_file, cert, key):
@@ -538,7 +634,7 @@ def _tls_files(reader: _Reader, ca_file: str | None) -> tuple[str | None, str | 
 
 def _positive_int(value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+        raise ValueError(f"expected a whole number of at least 1, got {_shown(value)}")
     return value
 
 
@@ -549,7 +645,9 @@ def _networks(value: object) -> tuple[IPv4Network | IPv6Network, ...]:
         try:
             networks.append(ip_network(str(item), strict=False))
         except ValueError:
-            raise ValueError(f"expected CIDRs like 10.0.0.0/8 or ::1/128, got {item!r}") from None
+            raise ValueError(
+                f"expected CIDRs like 10.0.0.0/8 or ::1/128, got {_shown(item)}"
+            ) from None
     return tuple(networks)
 
 
@@ -577,13 +675,13 @@ def _parse_inbound_auth(reader: _Reader, warnings: list[str]) -> InboundAuth:
 
 def _normalise_host(value: object) -> str:
     if not isinstance(value, str) or not value or "/" in value or " " in value:
-        raise ValueError(f"expected a host name like api.example.com, got {value!r}")
+        raise ValueError(f"expected a host name like api.example.com, got {_shown(value)}")
     return value.lower().rstrip(".")
 
 
 def _path_prefix(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
-        raise ValueError(f"expected a path starting with /, got {value!r}")
+        raise ValueError(f"expected a path starting with /, got {_shown(value)}")
     if "?" in value or "#" in value:
         raise ValueError(f"a path prefix cannot hold a query or fragment, got {value!r}")
     return value
@@ -610,7 +708,7 @@ def _parse_route(
         raise reader.error("upstream", "is required")
     if URL(upstream).query_string:
         raise reader.error("upstream", "cannot carry a query string")
-    match = reader.child("match")
+    match = reader.child("match", _MATCH_KEYS, what="path_prefix, host, or both")
     host = match.convert("host", _normalise_host, None)
     prefix = match.convert("path_prefix", _path_prefix, None)
     if host is None and prefix is None:
@@ -647,7 +745,9 @@ def _parse_route(
         max_concurrent=reader.convert("max_concurrent", _positive_int, None),
         retry_idempotent=reader.boolean("retry_idempotent", True),
         allow_from=reader.convert("allow_from", _networks, ()),
-        inbound_auth=_parse_inbound_auth(reader.child("inbound_auth"), warnings)
+        inbound_auth=_parse_inbound_auth(
+            reader.child("inbound_auth", _INBOUND_AUTH_KEYS, what="keys_file"), warnings
+        )
         if reader.has("inbound_auth")
         else None,
     )
@@ -655,12 +755,32 @@ def _parse_route(
     return route
 
 
+def check_workers(value: object) -> int:
+    """``workers:`` (and ``--workers``): 1 to MAX_WORKERS, or ValueError."""
+    return _worker_count(value)
+
+
+def check_log_level(value: object) -> LogLevel:
+    """``log.level`` (and ``--log-level``), lower-cased, or ValueError."""
+    level = str(value).lower()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"expected one of {', '.join(sorted(LOG_LEVELS))}, got {level!r}")
+    return cast(LogLevel, level)
+
+
+def check_log_format(value: object) -> LogFormat:
+    """``log.format`` (and ``--log-format``): json or console, or ValueError."""
+    if value not in LOG_FORMATS:
+        raise ValueError(f"expected json or console, got {_shown(value)}")
+    return cast(LogFormat, value)
+
+
 def _worker_count(value: object) -> int:
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise ValueError(
-            f"expected a whole number of workers from 1 to {MAX_WORKERS}, got {value!r}"
+            f"expected a whole number of workers from 1 to {MAX_WORKERS}, got {_shown(value)}"
         )
     return value
 
@@ -712,16 +832,11 @@ def _parse_inbound(reader: _Reader) -> InboundLimits:
 
 
 def _parse_log(reader: _Reader) -> LogConfig:
-    level = (reader.string("level", "info") or "info").lower()
-    if level not in LOG_LEVELS:
-        raise reader.error(
-            "level", f"expected one of {', '.join(sorted(LOG_LEVELS))}, got {level!r}"
-        )
-    form = reader.string("format", "json") or "json"
-    if form not in LOG_FORMATS:
-        raise reader.error("format", f"expected json or console, got {form!r}")
+    default = LogConfig()
+    level = reader.convert("level", check_log_level, default.level)
+    form = reader.convert("format", check_log_format, default.format)
     reader.finish()
-    return LogConfig(level=cast(LogLevel, level), format=cast(LogFormat, form))
+    return LogConfig(level=level, format=form)
 
 
 def parse_config(
@@ -731,8 +846,8 @@ def parse_config(
     env = os.environ if environ is None else environ
     try:
         data = yaml.load(text, Loader=_LineLoader)  # noqa: S506 - a SafeLoader subclass
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from None
+    except ConfigError as exc:  # a key problem, "LINE: message"
+        raise ConfigError(f"{source}:{exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -740,26 +855,39 @@ def parse_config(
         raise ConfigError(f"{where}: not valid YAML: {problem}") from None
     if data is None:
         raise ConfigError(f"{source}: the file is empty")
-    top = _Reader(data, "", source, env)
+    top = _Reader(data, "", source, env, known=_TOP_KEYS)
     listen = top.convert("listen", _parse_listen, _parse_listen(DEFAULT_LISTEN))
 
     warnings: list[str] = []
     clients: dict[str, ClientConfig] = {}
-    clients_reader = top.child("clients")
+    clients_reader = top.child("clients", what="define at least one client")
     if not clients_reader.data:
         raise top.error("clients", "define at least one client")
     for name in clients_reader.data:
-        clients[name] = _parse_client(name, clients_reader.child(name), warnings)
+        client_reader = clients_reader.child(
+            name, _CLIENT_KEYS, what="expected token_url, client_id and its other keys"
+        )
+        clients[name] = _parse_client(name, client_reader, warnings)
         clients_reader.seen.add(name)
 
     raw_routes = top.raw("routes")
+    if raw_routes is None:
+        state = "is empty" if top.has("routes") else "is required"
+        raise top.error("routes", f"{state}; give a list of routes")
     if not isinstance(raw_routes, list) or not raw_routes:
-        raise top.error("routes", "expected a non-empty list of routes")
+        raise top.error("routes", f"expected a non-empty list of routes, got {_kind(raw_routes)}")
     names: set[str] = set()
     routes = tuple(
         _parse_route(
             i,
-            _Reader(item, f"routes[{i}]", source, env, top.lines.get("routes", 0)),
+            _Reader(
+                item,
+                f"routes[{i}]",
+                source,
+                env,
+                getattr(item, "line", top.lines["routes"]),  # the item's "- " line
+                _ROUTE_KEYS,
+            ),
             clients,
             names,
             warnings,

@@ -45,6 +45,19 @@ routes:
 
 ENV = {"ACME_ID": "id-1"}
 
+BASE = """\
+listen: 127.0.0.1:8080
+clients:
+  acme:
+    token_url: https://auth.example/token
+    client_id: id
+    client_secret: ${S:-s}
+routes:
+  - match: {path_prefix: /a/}
+    upstream: https://api.example/
+    client: acme
+"""
+
 
 def test_good_config_parses_into_frozen_objects() -> None:
     config = parse_config(GOOD, "proxy.yaml", ENV)
@@ -231,16 +244,207 @@ def test_admin_long_form_and_its_rules(tmp_path: Path) -> None:
         ),
         (
             "listen: 127.0.0.1:1\nclients:\nroutes: []\n",
-            "proxy.yaml:2: clients: expected a mapping, got nothing",
+            "proxy.yaml:2: clients: is empty; define at least one client",
         ),
         (
             "listen: 127.0.0.1:1\nclients: [1]\nroutes: []\n",
             "proxy.yaml:2: clients: expected a mapping, got a list",
         ),
+        # unknown keys first, even when a required key is missing too
+        (
+            BASE.replace("    client_id: id\n", "    colour: blue\n"),
+            "proxy.yaml:5: clients.acme.colour: unknown key",
+        ),
+        (
+            BASE.replace("listen:", "listne:"),
+            "proxy.yaml:1: listne: unknown key (did you mean 'listen'?)",
+        ),
+        (
+            BASE.replace("clients:", "client:").replace("routes:", "rutes:"),
+            "proxy.yaml:2: client: unknown key (did you mean 'clients'?)",
+        ),
+        (
+            BASE.replace("    upstream:", "    upstrem:"),
+            "proxy.yaml:9: routes[0].upstrem: unknown key (did you mean 'upstream'?)",
+        ),
+        (
+            BASE.replace("{path_prefix: /a/}", "{path_prefx: /a/}"),
+            "proxy.yaml:8: routes[0].match.path_prefx: unknown key (did you mean 'path_prefix'?)",
+        ),
+        # a missing or empty section points at the line of its key, or of its parent
+        (
+            "listen: 127.0.0.1:1\nroutes: []\n",
+            "proxy.yaml:1: clients: is required (define at least one client)",
+        ),
+        (
+            BASE.split("routes:")[0],
+            "proxy.yaml:1: routes: is required; give a list of routes",
+        ),
+        (
+            BASE.split("  - match")[0],
+            "proxy.yaml:7: routes: is empty; give a list of routes",
+        ),
+        (
+            BASE.replace("    token_url: https://auth.example/token\n", "", 1)
+            .replace("    client_id: id\n", "")
+            .replace("    client_secret: ${S:-s}\n", ""),
+            "proxy.yaml:3: clients.acme: is empty; expected token_url, client_id and its other keys",
+        ),
+        (
+            BASE.replace("    token_url: https://auth.example/token\n", ""),
+            "proxy.yaml:3: clients.acme.token_url: is required",
+        ),
+        (
+            BASE.replace("  - match: {path_prefix: /a/}\n    upstream", "  - upstream"),
+            "proxy.yaml:8: routes[0].match: is required (path_prefix, host, or both)",
+        ),
+        (
+            BASE.replace("{path_prefix: /a/}", ""),
+            "proxy.yaml:8: routes[0].match: is empty; path_prefix, host, or both",
+        ),
+        # wrong types, in plain words
+        (
+            BASE.replace(
+                "routes:\n  - match: {path_prefix: /a/}\n    upstream: https://api.example/\n"
+                "    client: acme\n",
+                "routes: {a: 1}\n",
+            ),
+            "proxy.yaml:7: routes: expected a non-empty list of routes, got a mapping",
+        ),
+        (
+            BASE.replace(
+                "  - match: {path_prefix: /a/}\n    upstream: https://api.example/\n"
+                "    client: acme\n",
+                "  - /a/\n",
+            ),
+            "proxy.yaml:7: routes[0]: expected a mapping, got text",
+        ),
+        (
+            BASE.replace("token_url: https://auth.example/token", "token_url: [a]"),
+            "proxy.yaml:4: clients.acme.token_url: expected a URL, got a list",
+        ),
+        (
+            BASE.replace("client_id: id", "client_id: {a: 1}"),
+            "proxy.yaml:5: clients.acme.client_id: expected text, got a mapping",
+        ),
+        (
+            BASE.replace("client_id: id", "client_id:"),
+            "proxy.yaml:5: clients.acme.client_id: is required",
+        ),
+        (
+            BASE + "workers: {n: 2}\n",
+            "proxy.yaml:11: workers: expected a whole number of workers from 1 to 64, got a mapping",
+        ),
+        (
+            BASE + "workers: 0\n",
+            "proxy.yaml:11: workers: expected a whole number of workers from 1 to 64, got 0",
+        ),
+        (
+            BASE.replace("listen: 127.0.0.1:8080", "listen: [1]"),
+            "proxy.yaml:1: listen: expected host:port like 127.0.0.1:8080, got a list",
+        ),
+        (
+            BASE + "access_log: [yes]\n",
+            "proxy.yaml:11: access_log: expected true or false, got a list",
+        ),
+        (BASE + "log: verbose\n", "proxy.yaml:11: log: expected a mapping, got text"),
+        (
+            BASE + "log: {level: verbose}\n",
+            "proxy.yaml:11: log.level: expected one of debug, error, info, warning, got 'verbose'",
+        ),
+        (BASE + "1: x\n", "proxy.yaml:11: keys must be text, got 1"),
+        (BASE + "workers: 2\nworkers: 3\n", "proxy.yaml:12: duplicate key 'workers'"),
     ],
 )
 def test_errors_name_the_typo_and_the_line_in_plain_words(text: str, message: str) -> None:
     with pytest.raises(ConfigError) as raised:
         parse_config(text, "proxy.yaml", ENV)
     assert str(raised.value) == message
-    assert not re.search(r"NoneType|\bdict\b|\bstr\b|\blist\b\)", str(raised.value))
+    assert not re.search(r"NoneType|\b(dict|str|int|float|bool)\b", str(raised.value))
+
+
+@pytest.mark.parametrize(
+    ("admin", "message"),
+    [
+        (
+            "admin:",
+            "proxy.yaml:11: admin: is empty; give host:port, or "
+            "{listen: host:port, auth_token_file: path}",
+        ),
+        (
+            "admin: {listen: 127.0.0.1:9090, auth_token: x}",
+            "proxy.yaml:11: admin.auth_token: unknown key (did you mean 'auth_token_file'?)",
+        ),
+        (
+            "admin: {allow_unauthenticated: true}",
+            "proxy.yaml:11: admin.listen: is required (host:port of the admin listener)",
+        ),
+        (
+            "admin: {listen: 127.0.0.1:9090, allow_unauthenticated: maybe}",
+            "proxy.yaml:11: admin.allow_unauthenticated: expected true or false, got 'maybe'",
+        ),
+        (
+            "admin: {listen: 127.0.0.1:9090, auth_token_file: /nonexistent/token}",
+            "proxy.yaml:11: admin.auth_token_file: cannot read file '/nonexistent/token'",
+        ),
+        (
+            "admin: :9090",
+            "proxy.yaml:11: admin: listens on 0.0.0.0, beyond loopback, with no "
+            "auth_token_file: set admin.auth_token_file (or admin.allow_unauthenticated: true)",
+        ),
+        (
+            "admin:\n  listen: 127.evil.example:9090",
+            "proxy.yaml:11: admin: listens on 127.evil.example, beyond loopback, with no "
+            "auth_token_file: set admin.auth_token_file (or admin.allow_unauthenticated: true)",
+        ),
+        (
+            "admin: {listen: '[::]:9090', allow_unauthenticated: false}",
+            "proxy.yaml:11: admin: listens on ::, beyond loopback, with no "
+            "auth_token_file: set admin.auth_token_file (or admin.allow_unauthenticated: true)",
+        ),
+    ],
+)
+def test_admin_errors(admin: str, message: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        parse_config(BASE + admin + "\n", "proxy.yaml", ENV)
+    assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1:9090", "127.8.9.10:9090", "localhost:9090", "[::1]:9090"]
+)
+def test_admin_on_loopback_needs_no_token(listen: str) -> None:
+    for text in (f"admin: '{listen}'", f"admin: {{listen: '{listen}'}}"):
+        config = parse_config(BASE + text + "\n", "proxy.yaml", ENV)
+        assert config.admin is not None and config.admin.auth_token_file is None
+        assert config.warnings == ()
+
+
+def test_admin_token_file_is_checked_and_kept_as_a_path(tmp_path: Path) -> None:
+    token = tmp_path / "admin-token"
+    token.write_text("  \n")
+    text = BASE + f"admin:\n  listen: 0.0.0.0:9090\n  auth_token_file: {token}\n"
+    with pytest.raises(ConfigError) as raised:
+        parse_config(text, "proxy.yaml", ENV)
+    assert str(raised.value) == f"proxy.yaml:13: admin.auth_token_file: '{token}' is empty"
+    token.write_text("s3cret-admin-token\n")
+    token.chmod(0o644)
+    config = parse_config(text, "proxy.yaml", ENV)
+    assert config.admin == AdminConfig("0.0.0.0", 9090, str(token), False)  # noqa: S104
+    assert "s3cret-admin-token" not in repr(config)  # the server reads the file itself
+    assert config.warnings == (
+        f"proxy.yaml:13: admin.auth_token_file: '{token}' is readable by group or others "
+        "(mode 0644); chmod 600 it",
+    )
+    token.chmod(0o600)
+    assert parse_config(text, "proxy.yaml", ENV).warnings == ()
+
+
+def test_unauthenticated_admin_beyond_loopback_is_a_warning() -> None:
+    text = BASE + "admin: {listen: 10.0.0.7:9090, allow_unauthenticated: true}\n"
+    config = parse_config(text, "proxy.yaml", ENV)
+    assert config.admin == AdminConfig("10.0.0.7", 9090, None, True)
+    assert config.warnings == (
+        "proxy.yaml:11: admin: unauthenticated admin port on 10.0.0.7: whoever reaches it "
+        "can reload and drop tokens; set admin.auth_token_file",
+    )
