@@ -1,7 +1,8 @@
 """The ``authproxy`` command: serve, check, token, demo.
 
 Exit codes: 0 success, 1 a configuration or bind error (the message names the
-file, line and key, or the address), 2 a usage error (argparse's).
+file, line and key, or the address), 2 a usage error (argparse's: an unknown
+flag, or a flag value its YAML key would refuse, with that key's message).
 """
 
 from __future__ import annotations
@@ -10,14 +11,21 @@ import argparse
 import asyncio
 import dataclasses
 import os
+import re
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import metadata
-from typing import Any, cast
+from typing import Any
 
 from proxy import __version__
-from proxy.config.load import config_path, load_config
-from proxy.config.model import Config, LogConfig, LogFormat, LogLevel
+from proxy.config.load import (
+    check_log_format,
+    check_log_level,
+    check_workers,
+    config_path,
+    load_config,
+)
+from proxy.config.model import MAX_WORKERS, Config, LogConfig
 from proxy.errors import ConfigError
 from proxy.http1 import compat
 from proxy.log import configure_logging
@@ -33,6 +41,19 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
         return runner.run(coro)
 
 
+def _as_key(check: Callable[[object], Any]) -> Callable[[str], Any]:
+    """An argparse type that holds a flag to its YAML key's rule and message
+    (refused, it is a usage error: exit 2, the message as for the key)."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="authproxy",
@@ -43,9 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     help_config = "config file (default: $AUTHPROXY_CONFIG, then ./proxy.yaml)"
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("-c", "--config", help=help_config)
-    serve.add_argument("--log-level", help="overrides log.level (debug, info, warning, error)")
-    serve.add_argument("--log-format", help="overrides log.format (json, console)")
-    serve.add_argument("--workers", type=int, help="worker processes (overrides workers:)")
+    serve.add_argument(
+        "--log-level",
+        type=_as_key(check_log_level),
+        help="overrides log.level (debug, info, warning, error)",
+    )
+    serve.add_argument(
+        "--log-format",
+        type=_as_key(check_log_format),
+        help="overrides log.format (json, console)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_as_key(check_workers),
+        help=f"worker processes, 1 to {MAX_WORKERS} (overrides workers:)",
+    )
     check = commands.add_parser("check", help="validate the config, print its warnings, exit")
     check.add_argument("-c", "--config", help=help_config)
     token = commands.add_parser(
@@ -54,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("client")
     token.add_argument("-c", "--config", help=help_config)
     token.add_argument("--scope", help="scope to ask for (default: the client's)")
+    token.add_argument(
+        "--log-format",
+        type=_as_key(check_log_format),
+        help="overrides log.format (json, console) for the lines on stderr",
+    )
     token.add_argument(
         "--drop",
         action="store_true",
@@ -100,14 +138,13 @@ def version() -> str:
 
 
 def _with_flags(config: Config, args: argparse.Namespace) -> Config:
-    """The config with the command line's overrides, checked by the same
-    rules as their YAML keys (the model validates itself)."""
+    """The config with the command line's overrides (already held to their
+    YAML keys' rules by argparse)."""
     changes: dict[str, Any] = {}
     level, form = getattr(args, "log_level", None), getattr(args, "log_format", None)
     if level or form:
-        changes["log"] = LogConfig(  # the model refuses what YAML would refuse
-            level=cast(LogLevel, (level or config.log.level).lower()),
-            format=cast(LogFormat, form or config.log.format),
+        changes["log"] = LogConfig(
+            level=level or config.log.level, format=form or config.log.format
         )
     if getattr(args, "workers", None) is not None:
         changes["workers"] = args.workers
@@ -139,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.tokens.tokeninfo import inspect_token
 
         # The mint line goes to stderr, in the configured format; stdout is the JSON.
-        configure_logging("warning", log_format=config.log.format)
+        configure_logging("warning", log_format=config.log.format)  # --log-format applied
         return int(_run(inspect_token(config, args.client, args.scope)))
     configure_logging(config.log.level, log_format=config.log.format)
     from proxy.server import WORKER_PORT_ENV, serve_forever
@@ -152,10 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Supervisor(config, path, workers).run()
         _run(serve_forever(config))
     except OSError as exc:
-        print(
-            f"authproxy: cannot listen on {config.listen_host}:{config.listen_port}: "
-            f"{exc.strerror}",
-            file=sys.stderr,
-        )
+        print(f"authproxy: {_cannot_listen(config, exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+_BIND_ERROR = re.compile(r"address \('([^']*)', (\d+)[^)]*\): (.*)")
+
+
+def _cannot_listen(config: Config, exc: OSError) -> str:
+    """The bind error, naming the address that failed (the admin port's,
+    when it is that one), not always ``listen``'s."""
+    reason = exc.strerror or str(exc)
+    host, port = config.listen_host, str(config.listen_port)
+    found = _BIND_ERROR.search(reason)  # asyncio's "error while attempting to bind on ..."
+    if found:
+        host, port, reason = found.groups()
+    host = f"[{host}]" if ":" in host else host
+    return f"cannot listen on {host}:{port}: {reason}"

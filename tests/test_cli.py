@@ -6,13 +6,26 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
 import aiohttp
+import pytest
 from fakes import FakePartner, FakeTokenEndpoint
 
+from proxy.config.load import parse_config
+from proxy.errors import ConfigError
+
 ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """\
+listen: 127.0.0.1:0
+clients:
+  demo: {token_url: "http://127.0.0.1:9/token", client_id: i, client_secret: "${S:-s}"}
+routes:
+  - {match: {path_prefix: /demo/}, upstream: "http://127.0.0.1:9/", client: demo}
+"""
 
 
 async def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
@@ -190,15 +203,52 @@ async def test_version_is_the_packages() -> None:
     assert code == 0 and out.strip() == f"authproxy {version}"
 
 
-async def test_flags_are_held_to_their_yaml_keys_rules() -> None:
-    code, _, err = await run("serve", "-c", "proxy.yaml", "--workers", "0", env=ACME)
-    assert code == 1 and "workers" in err and "1 to 64" in err
-    code, _, err = await run("serve", "-c", "proxy.yaml", "--log-level", "verbose", env=ACME)
-    assert code == 1 and "level 'verbose'" in err
-    code, _, err = await run("serve", "-c", "proxy.yaml", "--log-format", "xml", env=ACME)
-    assert code == 1 and "format 'xml'" in err
-    code, _, _ = await run("serve", "--no-such-flag")
-    assert code == 2  # usage
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+async def test_version_flags_agree(flag: str) -> None:
+    import proxy
+
+    code, out, _ = await run(flag)
+    assert code == 0 and out == f"authproxy {proxy.__version__}\n"
+
+
+def _yaml_message(key_line: str) -> str:
+    """What the config loader says about ``key_line`` appended to a good file."""
+    with pytest.raises(ConfigError) as raised:
+        parse_config(MINIMAL + key_line + "\n", "p.yaml", {})
+    return str(raised.value).split(": ", 2)[2]  # past "p.yaml:N: key"
+
+
+@pytest.mark.parametrize(
+    ("flags", "key_line"),
+    [
+        (("--workers", "0"), "workers: 0"),
+        (("--workers", "65"), "workers: 65"),
+        (("--workers", "two"), "workers: two"),
+        (("--log-level", "verbose"), "log: {level: verbose}"),
+        (("--log-format", "xml"), "log: {format: xml}"),
+    ],
+)
+async def test_flags_are_refused_as_their_yaml_keys_are(
+    flags: tuple[str, str], key_line: str
+) -> None:
+    """A flag value its YAML key would refuse is a usage error (2) with the
+    key's own message, before any config is read."""
+    code, _, err = await run("serve", "-c", "/nonexistent.yaml", *flags)
+    assert code == 2
+    assert f"authproxy serve: error: argument {flags[0]}: {_yaml_message(key_line)}\n" in err
+
+
+async def test_flags_the_yaml_keys_accept_pass(tmp_path: Path) -> None:
+    missing = str(tmp_path / "none.yaml")
+    flags = ("--workers", "64", "--log-level", "WARNING", "--log-format", "console")
+    code, _, err = await run("serve", "-c", missing, *flags)
+    assert code == 1 and err == f"authproxy: {missing}: cannot read the config file: " + (
+        "No such file or directory\n"
+    )
+    code, _, err = await run("token", "demo", "-c", missing, "--log-format", "console")
+    assert code == 1 and "cannot read the config file" in err
+    code, _, err = await run("serve", "--no-such-flag")
+    assert code == 2 and "unrecognized arguments: --no-such-flag" in err  # usage
 
 
 async def test_check_prints_the_warnings_serve_would(tmp_path: Path) -> None:
@@ -243,4 +293,68 @@ routes:
     finally:
         await proxy.stop()
         await partner.stop()
+        await tokens.stop()
+
+
+async def _serve_on_a_taken_port(tmp_path: Path, top: str, *flags: str) -> tuple[int, str, int]:
+    """``authproxy serve`` with ``top`` ({port} a port something else holds)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "proxy.yaml"
+        config.write_text(MINIMAL.replace("listen: 127.0.0.1:0\n", top.format(port=port)))
+        code, _, err = await run("serve", "-c", str(config), *flags)
+    return code, err, port
+
+
+async def test_a_port_in_use_is_one_clean_line_and_exit_1(tmp_path: Path) -> None:
+    """No 'Unclosed client session' after the failed bind: ProxyServer.start
+    closes the sessions it opened before listening."""
+    code, err, port = await _serve_on_a_taken_port(tmp_path, "listen: 127.0.0.1:{port}\n")
+    assert code == 1
+    assert err.lower() == f"authproxy: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+async def test_an_admin_port_in_use_names_the_admin_address(tmp_path: Path) -> None:
+    top = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:{port}\n"
+    code, err, port = await _serve_on_a_taken_port(tmp_path, top)
+    assert code == 1
+    assert err.lower() == f"authproxy: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+async def test_a_port_in_use_under_the_supervisor_is_one_clean_line(tmp_path: Path) -> None:
+    code, err, port = await _serve_on_a_taken_port(
+        tmp_path, "listen: 127.0.0.1:{port}\n", "--workers", "2"
+    )
+    assert code == 1
+    assert err.lower() == f"authproxy: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def _edit(path: Path, old: str, new: str) -> None:
+    path.write_text(path.read_text().replace(old, new))
+
+
+async def test_token_logs_in_the_configured_format_and_keeps_stdout_for_json(
+    tmp_path: Path,
+) -> None:
+    tokens = FakeTokenEndpoint()
+    await tokens.start()
+    try:
+        path = Path(_token_config(tmp_path, tokens, secret="wrong-secret"))
+        code, out, err = await run("token", "-c", str(path), "demo")
+        assert code == 1 and out == ""
+        assert json.loads(err.splitlines()[0])["event"] == "mint"  # json, the default
+        _edit(path, "routes:", "log: {format: console}\nroutes:")
+        for flags in ((), ("--log-format", "console")):
+            code, out, err = await run("token", "-c", str(path), "demo", *flags)
+            assert code == 1 and out == ""
+            first = err.splitlines()[0]
+            assert first.startswith("[warning  ] mint ") and "client=demo" in first
+        code, out, err = await run("token", "-c", str(path), "demo", "--log-format", "json")
+        assert json.loads(err.splitlines()[0])["event"] == "mint"  # the flag wins
+        _edit(path, "wrong-secret", "demo-secret")
+        code, out, err = await run("token", "-c", str(path), "demo")
+        assert code == 0 and json.loads(out)["client"] == "demo"  # stdout: only the JSON
+    finally:
         await tokens.stop()
