@@ -76,7 +76,13 @@ class Supervisor:
         }
         if self.admin_port is not None:
             env[ADMIN_PORT_ENV] = str(self.admin_port)
-        command = [sys.executable, "-m", "proxy", "serve", "--config", self.config_path]
+        # The command line's log overrides reach the workers too (the
+        # supervisor's config already holds them).
+        log = self.config.log
+        command = [
+            sys.executable, "-m", "proxy", "serve", "--config", self.config_path,
+            "--log-level", log.level, "--log-format", log.format,
+        ]  # fmt: skip
         self.children[slot] = subprocess.Popen(command, env=env)  # noqa: S603
         self.started_at[slot] = time.monotonic()
 
