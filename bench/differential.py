@@ -76,6 +76,8 @@ KNOWN: frozenset[str] = frozenset(
         "response_refused_407_from_partner",
         "response_refused_http_2_0_status_line",
         "target_path_parameter_dot_segment",
+        "refusal_never_quotes_bad_port_query_key",
+        "refusal_never_quotes_bare_lf_authorization",
     }
 )
 

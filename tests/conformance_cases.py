@@ -1139,6 +1139,26 @@ case(
     why="Tomcat and Jetty read ..;x as ..: it would climb out of the route",
 )
 
+# ------------------------------------- issue 11, fourth outside round
+
+APP_SECRET: Final = b"APPSECRET-Zq9"
+for name, sent in (
+    ("userinfo_bad_port", request(b"GET http://user:" + APP_SECRET + b"@partner.example:99999/x HTTP/1.1", H)),
+    ("bad_port_query_key", request(b"GET http://partner.example:99999/x?api_key=" + APP_SECRET + b" HTTP/1.1", H)),
+    ("bad_ipv6_query_key", request(b"GET http://[::1/x?k=" + APP_SECRET + b" HTTP/1.1", H)),
+    ("bare_lf_authorization", b"BAN /acme/s HTTP/1.1\nAuthorization: Bearer " + APP_SECRET + b"\nHost: a\r\n\r\n"),
+    ("ext_method_bad_version", (request(b"BAN /acme/b1 HTTP/1.1", H), b"GET /acme/s?api_key=" + APP_SECRET + b" HTTP/1.x\r\nHost: a\r\n\r\n")),
+):  # fmt: skip
+    case(
+        f"refusal_never_quotes_{name}",
+        sent if isinstance(sent, tuple) else (sent,),
+        replies=(ok(b"ban"),) if isinstance(sent, tuple) else (),
+        forwarded=(request(b"BAN /v2/b1 HTTP/1.1"),) if isinstance(sent, tuple) else (),
+        status=(400, 505),
+        secret=APP_SECRET,
+        why="docs/security.md: a refusal names the fault, never the request's bytes",
+    )
+
 CASES_BY_NAME: Final = {c.name: c for c in CASES}
 
 

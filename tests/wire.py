@@ -822,8 +822,8 @@ def check_outcome(
                 problems.append(f"partner request {number}: {problem}")
     finals = [m for m in outcome.answers if not m.interim]
     if case.status:  # forwarded, then answered by the proxy itself
-        if not finals or finals[0].status not in case.status:
-            got = render_bytes(finals[0].raw, 300) if finals else "no answer"
+        if not finals or finals[-1].status not in case.status:  # the proxy's own comes last
+            got = render_bytes(finals[-1].raw, 300) if finals else "no answer"
             problems.append(f"expected the proxy's {case.status}, got {got}")
         return problems
     if authority is not None:

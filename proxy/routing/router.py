@@ -92,13 +92,11 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
         if not authority or "@" in authority:
             raise BadRequest("absolute-form request target has no host or carries credentials")
         if not valid_authority(authority):
-            raise BadRequest(f"absolute-form request target has an invalid host {authority[:80]!r}")
+            raise BadRequest("absolute-form request target has an invalid host[:port]")
         if not target.startswith("/"):
             target = "/" + target
     elif not raw_target.startswith("/"):
-        raise BadRequest(
-            f"request target must be a path or an absolute URL, got {raw_target[:80]!r}"
-        )
+        raise BadRequest("request target must be a path (/...) or an absolute http(s) URL")
     if "#" in target:
         raise BadRequest("request target must not contain a fragment")
     path, _, query = target.partition("?")
