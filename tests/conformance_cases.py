@@ -1159,6 +1159,42 @@ for name, sent in (
         why="docs/security.md: a refusal names the fault, never the request's bytes",
     )
 
+BAN: Final = request(b"BAN /acme/b1 HTTP/1.1", H)
+GOOD_GET: Final = request(b"GET /acme/g HTTP/1.1", H)
+BAD_FIELD: Final = request(b"GET /acme/bad HTTP/1.1", H, b"X A: b")
+case(
+    "extension_connection_good_then_malformed_same_read",
+    BAN + BAD_FIELD,
+    replies=(ok(b"ban"),),
+    forwarded=(request(b"BAN /v2/b1 HTTP/1.1"),),
+    status=(400,),
+    why="RFC 9112 §9.3.2 on the Python parser too: the good request is answered, then the 400",
+)
+case(
+    "extension_connection_later_good_then_malformed",
+    (BAN, GOOD_GET + BAD_FIELD),
+    replies=(ok(b"ban"), ok(b"get")),
+    forwarded=(request(b"BAN /v2/b1 HTTP/1.1"), request(b"GET /v2/g HTTP/1.1")),
+    status=(400,),
+    why="RFC 9112 §9.3.2: a connection that began with an extension method keeps the rule",
+)
+case(
+    "extension_connection_close_then_more",
+    request(b"BAN /acme/b1 HTTP/1.1", H, b"Connection: close") + GOOD_GET,
+    replies=(ok(b"ban"),),
+    forwarded=(request(b"BAN /v2/b1 HTTP/1.1"),),
+    answers=(ok(b"ban"),),
+    why="RFC 9112 §9.6 on the Python parser",
+)
+case(
+    "extension_connection_later_http10_then_more",
+    (BAN, request(b"GET /acme/c HTTP/1.0", H) + GOOD_GET),
+    replies=(ok(b"ban"), ok(b"c")),
+    forwarded=(request(b"BAN /v2/b1 HTTP/1.1"), request(b"GET /v2/c HTTP/1.1")),
+    answers=(ok(b"ban"), ok(b"c")),
+    why="RFC 9112 §9.3: an HTTP/1.0 request without keep-alive is the last on its connection",
+)
+
 CASES_BY_NAME: Final = {c.name: c for c in CASES}
 
 

@@ -362,7 +362,7 @@ class AppConnection(BaseProtocol):
             try:
                 messages = parser.feed_data(data)[0]
             except HttpProcessingError as again:
-                return [(self._refuse(again, data), None)]
+                return self._refused_read(HttpRequestParserPy, data, again, clean=True)
         except HttpProcessingError as exc:
             text = str(exc)
             if clean and _LATER_MINOR.match(data) and "Invalid HTTP version" in text:
@@ -371,11 +371,7 @@ class AppConnection(BaseProtocol):
                 self._parser = self._new_parser(HttpRequestParserPy)
                 self._clean = True
                 return self._feed(data)
-            if clean and _AFTER_CLOSE in text:
-                return self._until_close(type(parser), data)
-            if clean:
-                return self._salvage(type(parser), data, exc)
-            return [(self._refuse(exc, data), None)]
+            return self._refused_read(type(parser), data, exc, clean=clean)
         if spelled is not None and messages:
             first, payload = messages[0]
             messages = [(first._replace(method=spelled), payload), *messages[1:]]
@@ -384,10 +380,9 @@ class AppConnection(BaseProtocol):
         if last is None:
             self._clean = not data
             return messages
-        if not isinstance(parser, HttpRequestParser):
-            return messages  # the Python parser drops trailers itself
+        python = not isinstance(parser, HttpRequestParser)  # it drops trailers itself
         followed = (prior_open and bool(messages)) or any(m.chunked for m, _ in messages[:-1])
-        if followed:
+        if followed and not python:
             return self._poison(messages)
         message, payload = last
         ends_here = data.endswith(b"\r\n\r\n")
@@ -396,10 +391,11 @@ class AppConnection(BaseProtocol):
             if not ended_now:
                 return messages
             if ends_here:  # a chunked request ended exactly where this read ends
-                self._parser = self._new_parser(HttpRequestParser)
+                if not python:
+                    self._parser = self._new_parser(HttpRequestParser)
                 self._clean = True
                 return messages
-            return self._poison(messages)
+            return messages if python else self._poison(messages)
         length = int(message.headers.get(hdrs.CONTENT_LENGTH) or 0)  # digits: the parser checked
         if not length:
             self._clean = bool(messages) and ends_here
@@ -410,6 +406,18 @@ class AppConnection(BaseProtocol):
         else:  # the body's end came in this read, and nothing after it
             self._clean = length - before == len(data)
         return messages
+
+    def _refused_read(
+        self, kind: Any, data: bytes, exc: HttpProcessingError, *, clean: bool
+    ) -> Sequence[tuple[Any, Any]]:
+        """A read the parser refused as a whole. From a clean boundary it is
+        parsed again, one message at a time, on a fresh parser of the same
+        kind, so the requests before the fault (or up to a close) are served."""
+        if clean and _AFTER_CLOSE in str(exc):
+            return self._until_close(kind, data)
+        if clean:
+            return self._salvage(kind, data, exc)
+        return [(self._refuse(exc, data), None)]
 
     def _reparse(self, kind: Any, data: bytes) -> list[tuple[Any, Any]]:
         """Parse ``data`` again on a fresh parser, one message at a time,
