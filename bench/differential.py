@@ -78,6 +78,7 @@ KNOWN: frozenset[str] = frozenset(
         "target_path_parameter_dot_segment",
         "refusal_never_quotes_bad_port_query_key",
         "refusal_never_quotes_bare_lf_authorization",
+        "response_reason_with_control_bytes_replaced",
     }
 )
 

@@ -1195,6 +1195,33 @@ case(
     why="RFC 9112 §9.3: an HTTP/1.0 request without keep-alive is the last on its connection",
 )
 
+for name, tail in (("plain", ()), ("with_trailer", (b"X-T: 1",))):
+    case(
+        f"response_chunked_whole_then_junk_{name}",
+        (request(b"GET /acme/a HTTP/1.1", H), request(b"GET /acme/b HTTP/1.1", H)),
+        replies=(
+            response(
+                b"HTTP/1.1 200 OK",
+                b"Transfer-Encoding: chunked",
+                body=chunked(b"hello", 2, b"", tail) + b"JUNK",
+            ),
+            ok(b"two"),
+        ),
+        forwarded=(request(b"GET /v2/a HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+        answers=(answer_variants(b"HTTP/1.1 200 OK", (), b"hello", tail), ok(b"two")),
+        spoils_upstream=True,
+        why="RFC 9112 §7.1: the last chunk ends the answer; bytes after it are dropped with the connection",
+    )
+
+case(
+    "response_reason_with_control_bytes_replaced",
+    request(b"GET /acme/x HTTP/1.1", H),
+    replies=(response(b"HTTP/1.1 200 O\x00K\x1b", b"Content-Length: 2", body=b"ok"),),
+    forwarded=(request(b"GET /v2/x HTTP/1.1"),),
+    answers=(response(b"HTTP/1.1 200 OK", b"Content-Length: 2", body=b"ok"),),
+    why="RFC 9112 §4: no control bytes in a reason phrase; the status's own is sent instead",
+)
+
 CASES_BY_NAME: Final = {c.name: c for c in CASES}
 
 

@@ -51,9 +51,15 @@ class DateHeader:
         return cls.value
 
 
+# RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text ); obs-text
+# arrives surrogate-escaped from the parsers.
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def response_head(status: int, reason: str | None, headers: Sequence[tuple[str, str]]) -> bytes:
-    """Status line and header block; a CR or LF in any header is refused."""
-    if reason is None or "\r" in reason or "\n" in reason:
+    """Status line and header block; a CR or LF in any header is refused. A
+    reason phrase with a control byte is replaced by the status's own."""
+    if reason is None or _CONTROL.search(reason):
         reason = _REASONS.get(status, "Unknown")
     return message_head(f"HTTP/1.1 {status} {reason}", headers)
 
@@ -233,7 +239,30 @@ def answer_end(data: bytes, head_only: bool) -> int | None:
             return end
         head = data[at:end]
         if _CODING_LINE.search(head):
-            return None
+            return _chunked_end(data, end)
         length = _LENGTH_LINE.search(head)
         return end + int(length.group(1)) if length else None
     return None
+
+
+def _chunked_end(data: bytes, at: int) -> int | None:
+    """Where a chunked body that starts at ``at`` ends (its last chunk and
+    trailer section included), or ``None`` if it is not whole in ``data`` or
+    does not parse (llhttp then says why)."""
+    while True:
+        line_end = data.find(b"\r\n", at)
+        if line_end == -1:
+            return None
+        size_text = data[at:line_end].split(b";", 1)[0].strip()
+        try:
+            size = int(size_text, 16)
+        except ValueError:
+            return None
+        if size == 0:
+            trailers_end = data.find(b"\r\n\r\n", line_end)
+            if data.startswith(b"\r\n", line_end + 2):
+                return line_end + 4  # no trailer fields
+            return trailers_end + 4 if trailers_end != -1 else None
+        at = line_end + 2 + size + 2
+        if at > len(data):
+            return None
