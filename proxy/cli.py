@@ -1,4 +1,4 @@
-"""The ``authproxy`` command: serve, check, token, demo.
+"""The ``authproxy`` command: serve, check, token, ca, demo.
 
 Exit codes: 0 success, 1 a configuration or bind error (the message names the
 file, line and key, or the address), 2 a usage error (argparse's: an unknown
@@ -99,7 +99,47 @@ def _parser() -> argparse.ArgumentParser:
         "(POST /tokens/CLIENT/drop on its admin port)",
     )
     commands.add_parser("demo", help="run a self-contained demo against local mock servers")
+    ca = commands.add_parser("ca", help="the egress CA for HTTPS interception (docs/egress.md)")
+    ca_commands = ca.add_subparsers(dest="ca_command", required=True)
+    init = ca_commands.add_parser(
+        "init", help="write a new CA: DIR/ca.pem, and DIR/ca.key (mode 0600)"
+    )
+    init.add_argument("--out", required=True, metavar="DIR", help="directory to write into")
+    init.add_argument(
+        "--permit",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a DNS name (and the names below it; .NAME: below it only) the CA may sign for; "
+        "repeat it. The CA then carries critical name constraints: even its key cannot make "
+        "a certificate apps accept for another name",
+    )
+    init.add_argument("--name", default="authproxy egress CA", help="the CA's common name")
     return parser
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    try:
+        from proxy.egress.ca import create_ca
+    except ImportError:
+        print(
+            "authproxy: ca init needs cryptography: pip install 'authproxy[egress]'",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        cert, key = create_ca(args.out, permit=args.permit, name=args.name)
+    except (ConfigError, OSError) as exc:
+        print(f"authproxy: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {cert} (give it to the apps) and {key} (mode 0600: keep it secret)")
+    if not args.permit:
+        print(
+            "authproxy: warning: no --permit: this CA can sign for any name; "
+            "`ca init --permit HOST` limits it to the routed hosts",
+            file=sys.stderr,
+        )
+    return 0
 
 
 async def _drop(config: Config, client: str) -> int:
@@ -157,16 +197,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from proxy.demo import run_demo
 
         return int(_run(run_demo()))
+    if args.command == "ca":
+        return _ca_init(args)
     path = config_path(args.config)
+    egress_warnings: tuple[str, ...] = ()
     try:
         if args.command in ("serve", "check"):
             compat.check()  # the lean engine's aiohttp internals, before anything runs
         config = _with_flags(load_config(path), args)
+        if args.command in ("serve", "check"):
+            from proxy.egress.policy import build_policy
+
+            # The egress CA, read and held to the routes (serve's workers would
+            # each refuse it later, one by one).
+            egress_warnings = build_policy(config).warnings
     except ConfigError as exc:
         print(f"authproxy: {exc}", file=sys.stderr)
         return 1
     if args.command == "check":
-        for warning in config.warnings:  # what serve would log as config_warning
+        for warning in (*config.warnings, *egress_warnings):  # serve logs config_warning
             print(f"authproxy: warning: {warning}", file=sys.stderr)
         print(f"{path}: OK ({len(config.clients)} clients, {len(config.routes)} routes)")
         return 0

@@ -9,6 +9,8 @@ contains a token, a client secret or an ``Authorization`` value.
 
     AuthProxyError
     ├── ConfigError                    bad proxy.yaml (never reaches an app)
+    │   └── CAError                    an egress CA file that cannot serve, or a
+    │                                  name it may not sign for
     ├── CacheUnavailable               the shared token cache failed (never reaches
     │                                  an app: the proxy falls back to memory)
     ├── TransportFailure               an engine's fact about a connection; the
@@ -19,18 +21,21 @@ contains a token, a client secret or an ``Authorization`` value.
     │   ├── BodyFailed                 the app's body failed while going upstream
     │   ├── AppBodyFailed              the app's body broke (reset, bad chunking)
     │   ├── UpstreamBodyFailed         the partner's answer broke mid-body
-    │   └── UpstreamProtocolError      the partner's answer cannot be parsed
+    │   ├── UpstreamProtocolError      the partner's answer cannot be parsed
+    │   └── HandshakeFailed            an app's TLS handshake inside a CONNECT failed
     └── RequestFailed                  answered to the app as JSON
         ├── BadRequest            400  malformed request (named, never quoted)
         │   └── PathEscapesRoute  400  dot-segments climb out of the route
         ├── ProxyKeyRequired      401  the route's inbound_auth key is missing or wrong
         ├── SourceNotAllowed      403  the app's address is not in the route's allow_from
+        ├── ConnectNotAllowed     403  a CONNECT to neither a routed host nor a tunnel entry
         ├── NoRoute               404  no route matches host/path
-        ├── MethodNotAllowed      405  CONNECT (the proxy does TLS itself), TRACE
+        ├── MethodNotAllowed      405  TRACE; CONNECT to a routed host without interception
         ├── HeadTimeout           408  the request head did not arrive in time
         ├── BodyTimeout           408  the app stopped sending its request body
         ├── BodyTooLarge          413  the body is over the route's max_body
         ├── UriTooLong            414  the request line is over the limit
+        ├── MisdirectedRequest    421  a Host inside a CONNECT tunnel that is not its host
         ├── HeaderTooLarge        431  a header field, or their number, is over the limit
         ├── NotImplementedByProxy 501  a transfer coding other than chunked
         ├── VersionNotSupported   505  not HTTP/1.x
@@ -61,6 +66,12 @@ class AuthProxyError(Exception):
 
 class ConfigError(AuthProxyError):
     """The configuration is invalid; the message names the file, line and key."""
+
+
+class CAError(ConfigError):
+    """The egress CA (proxy/egress/ca.py): a file that cannot serve, or a
+    name it may not sign for. The message names the file or host, never key
+    material."""
 
 
 class CacheUnavailable(AuthProxyError):
@@ -105,6 +116,12 @@ class UpstreamBodyFailed(TransportFailure):
 
 class UpstreamProtocolError(TransportFailure):
     """The partner's answer is not HTTP/1.1 the proxy can relay."""
+
+
+class HandshakeFailed(TransportFailure):
+    """The app's TLS handshake inside an intercepted CONNECT failed: it does
+    not trust the proxy's CA, named another host in its SNI, or offered no
+    version or cipher the proxy accepts. ``reason`` is OpenSSL's short name."""
 
 
 class RequestFailed(AuthProxyError):
@@ -188,6 +205,24 @@ class SourceNotAllowed(RequestFailed):
     code = "source_not_allowed"
 
 
+class ConnectNotAllowed(RequestFailed):
+    """A CONNECT the proxy will not open: an IP literal, a port not listed, a
+    host covered by no route and no ``egress.tunnel`` entry (docs/egress.md).
+    The proxy stays a closed proxy."""
+
+    status = 403
+    code = "connect_not_allowed"
+
+
+class MisdirectedRequest(RequestFailed):
+    """RFC 9110 §15.5.20: a request inside a CONNECT tunnel whose ``Host``
+    names another host than the tunnel's; it would be routed by a name its
+    TLS connection was not made for."""
+
+    status = 421
+    code = "misdirected_request"
+
+
 class BodyTimeout(RequestFailed):
     status = 408
     code = "body_timeout"
@@ -210,7 +245,8 @@ class NoRoute(RequestFailed):
 
 
 class MethodNotAllowed(RequestFailed):
-    """TRACE and CONNECT. RFC 9110 §15.5.6: a 405 lists what is allowed; every
+    """TRACE, and CONNECT to a routed host while ``egress.intercept`` is off.
+    RFC 9110 §15.5.6: a 405 lists what is allowed; every
     other method (extension methods too) is forwarded."""
 
     status = 405

@@ -203,6 +203,26 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.connects = Counter(
+            "authproxy_connect",
+            "CONNECT requests, by outcome: intercepted (TLS completed with a leaf of the "
+            "proxy's CA), tunneled (blind relay to an egress.tunnel entry), refused (403/405), "
+            "failed (the app's TLS handshake failed, or the tunnel host could not be reached).",
+            ["outcome"],
+            registry=r,
+        )
+        self.tunnel_bytes = Counter(
+            "authproxy_tunnel_bytes",
+            "Bytes relayed through blind tunnels: up (app to host), down (host to app).",
+            ["direction"],
+            registry=r,
+        )
+        self.leaf_certificates = Counter(
+            "authproxy_leaf_certificates_issued",
+            "Leaf certificates the egress CA issued for intercepted hosts (one per host and "
+            "leaf_lifetime, renewed before it runs out).",
+            registry=r,
+        )
         self.build_info = Gauge(
             "authproxy_build_info",
             "1, labelled with the running authproxy version.",

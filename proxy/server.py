@@ -24,6 +24,7 @@ from aiohttp import web
 
 from proxy.config.load import load_config
 from proxy.config.model import Config
+from proxy.egress.policy import build_policy
 from proxy.errors import CacheUnavailable, ConfigError, TokenError
 from proxy.forwarding.forwarder import Forwarder
 from proxy.forwarding.seams import UpstreamClient
@@ -59,7 +60,19 @@ def bound_port(site: web.TCPSite) -> int:
     return int(server.sockets[0].getsockname()[1])
 
 
-def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> RouteTable:
+def build_table(
+    config: Config,
+    sources: TokenSources,
+    metrics: Metrics,
+    previous: RouteTable | None = None,
+) -> RouteTable:
+    """The request-time form of ``config``. Raises ConfigError (the egress CA)
+    before it changes anything."""
+    egress = build_policy(
+        config,
+        previous=previous.egress if previous is not None else None,
+        on_issue=metrics.leaf_certificates.inc,
+    )
     runtimes = {
         route.name: route_runtime(
             route,
@@ -70,7 +83,7 @@ def build_table(config: Config, sources: TokenSources, metrics: Metrics) -> Rout
         for route in config.routes
     }
     sources.keep_only({(route.client, route.scope or "") for route in config.routes})
-    return RouteTable(config, runtimes)
+    return RouteTable(config, runtimes, egress)
 
 
 @dataclass(slots=True)
@@ -192,7 +205,7 @@ class ProxyServer:
         )
         self.listening = True
         self._warm()
-        for warning in self.config.warnings:
+        for warning in (*self.config.warnings, *self.forwarder.table.egress.warnings):
             log.warning("config_warning", reason=warning)
         log.info(
             "listening",
@@ -310,14 +323,24 @@ class ProxyServer:
         """Swap in ``new`` for new requests; in-flight ones finish on the old
         table. Tokens of clients whose credentials did not change are kept."""
         assert self.sources is not None and self.forwarder is not None
-        self._loaded = new
-        self._loaded_at = self._clock()
-        self._last_reload = (self._loaded_at, "success")
+        loaded = new
         restart = [key for key in RESTART_ONLY if getattr(new, key) != getattr(self.config, key)]
         if restart:
             # Keep what cannot change live, so the running state stays coherent.
             new = _with_restart_only_keys(new, self.config)
-        self.forwarder.table = build_table(new, self.sources, self.metrics)
+        try:
+            table = build_table(new, self.sources, self.metrics, self.forwarder.table)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("error").inc()
+            self._last_reload = (self._clock(), "error")
+            log.error("reload_rejected", config=new.source, reason=str(exc))
+            return ReloadResult(False, str(exc))
+        self._loaded = loaded
+        self._loaded_at = self._clock()
+        self._last_reload = (self._loaded_at, "success")
+        self.forwarder.table = table
+        for warning in table.egress.warnings:
+            log.warning("config_warning", reason=warning)
         if self._manage_logging and new.log != self.config.log:
             configure_logging(new.log.level, log_format=new.log.format)
         self.config = new

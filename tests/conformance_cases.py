@@ -247,10 +247,16 @@ forwarded_get(
     why="RFC 9110 §7.6.2: a forwarded Max-Forwards is decremented",
 )
 case(
+    "method_connect_unrouted",
+    request(b"CONNECT elsewhere.example:443 HTTP/1.1", b"Host: elsewhere.example:443"),
+    status=(403,),
+    why="docs/egress.md: a CONNECT no route and no egress.tunnel entry covers is 403",
+)
+case(
     "method_connect",
     request(b"CONNECT partner.example:443 HTTP/1.1", b"Host: partner.example:443"),
     status=(405,),
-    why="docs/configuration.md: CONNECT is 405",
+    why="docs/egress.md: a CONNECT to a routed host without egress.intercept is 405, with advice",
 )
 
 # ------------------------------------------------------------------ targets

@@ -27,6 +27,8 @@ PURE = (
     "proxy.forwarding.challenge",
     "proxy.forwarding.seams",
     "proxy.forwarding.body",
+    "proxy.egress.policy",
+    "proxy.egress.ca",
 )
 # Where aiohttp may be imported: the engine, the token endpoint's client, the
 # admin app, the assembly that starts them, the demo's mocks and the CLI's admin call.
@@ -44,6 +46,7 @@ LAYERS = (
     ("proxy.errors", "proxy.units", "proxy.log", "proxy.metrics", "proxy.tls"),
     ("proxy.config.",),
     ("proxy.tokens.",),
+    ("proxy.egress.",),
     ("proxy.routing.",),
     ("proxy.forwarding.",),
     ("proxy.http1.",),

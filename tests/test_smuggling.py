@@ -53,7 +53,7 @@ CASES: dict[str, bytes] = {
 
 EXPECTED = {  # every other case: 400
     "abs_other_host": 404,
-    "connect": 405,
+    "connect": 403,  # docs/egress.md: a closed proxy
     "long_line": 414,  # RFC 9112 §3
     "long_header": 431,  # RFC 6585 §5
     "many_headers": 431,

@@ -33,6 +33,7 @@ from proxy.config.model import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EXPIRY_MARGIN,
     DEFAULT_FAILURE_COOLDOWN,
+    DEFAULT_LEAF_LIFETIME,
     DEFAULT_LIFETIME,
     DEFAULT_LISTEN,
     DEFAULT_LOCK_TTL,
@@ -43,8 +44,11 @@ from proxy.config.model import (
     DEFAULT_ROUTE_TIMEOUT,
     DEFAULT_SHUTDOWN_GRACE,
     DEFAULT_TOKEN_TIMEOUT,
+    DEFAULT_TUNNEL_CONNECT_TIMEOUT,
+    DEFAULT_TUNNEL_IDLE_TIMEOUT,
     DEFAULT_WATCH_INTERVAL,
     ENGINES,
+    INTERCEPT_PORT,
     LOG_FORMATS,
     LOG_LEVELS,
     MAX_WORKERS,
@@ -56,15 +60,18 @@ from proxy.config.model import (
     CacheConfig,
     ClientConfig,
     Config,
+    EgressConfig,
     Engine,
     ExpiredTokenRule,
     InboundAuth,
     InboundLimits,
+    InterceptConfig,
     LogConfig,
     LogFormat,
     LogLevel,
     RouteConfig,
     TokenRequestFormat,
+    TunnelEntry,
 )
 from proxy.errors import ConfigError
 from proxy.units import parse_duration, parse_share, parse_size
@@ -79,7 +86,7 @@ T = TypeVar("T")
 # _Reader.raw asserts that every key a parser reads is declared here.
 _TOP_KEYS: Final = frozenset(
     {"listen", "clients", "routes", "admin", "workers", "cache", "shutdown_grace",
-     "watch_interval", "log", "access_log", "inbound", "engine",
+     "watch_interval", "log", "access_log", "inbound", "engine", "egress",
      "trust_forwarded_headers"}
 )  # fmt: skip
 _TLS_KEYS: Final = frozenset({"ca_file", "client_cert_file", "client_key_file"})
@@ -98,6 +105,10 @@ _ROUTE_KEYS: Final = _TLS_KEYS | frozenset(
 _MATCH_KEYS: Final = frozenset({"host", "path_prefix"})
 _ADMIN_KEYS: Final = frozenset({"listen", "auth_token_file", "allow_unauthenticated"})
 _INBOUND_AUTH_KEYS: Final = frozenset({"header", "keys_file"})
+_EGRESS_KEYS: Final = frozenset(
+    {"intercept", "tunnel", "tunnel_idle_timeout", "tunnel_connect_timeout"}
+)
+_INTERCEPT_KEYS: Final = frozenset({"ca_cert_file", "ca_key_file", "leaf_lifetime"})
 
 
 class _LineMap(dict[str, Any]):
@@ -831,6 +842,69 @@ def _parse_inbound(reader: _Reader) -> InboundLimits:
     return limits
 
 
+def _tunnel_entry(value: object) -> TunnelEntry:
+    """``host:port`` or ``"*.domain:port"``; the port is part of the entry."""
+    if not isinstance(value, str):
+        raise ValueError(f"expected host:port like pypi.org:443, got {_shown(value)}")
+    host, sep, port = value.strip().lower().rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"expected host:port like pypi.org:443, got {value!r}")
+    host = host.rstrip(".")
+    if host.startswith("[") or host.replace(".", "").isdigit():
+        raise ValueError(f"{value!r}: IP addresses are refused; name the host")
+    try:
+        return TunnelEntry(host, int(port))
+    except ConfigError:
+        raise ValueError(f"{value!r}: expected a host name (or *.domain) and a port") from None
+
+
+def _parse_egress(
+    reader: _Reader, routes: tuple[RouteConfig, ...], warnings: list[str]
+) -> EgressConfig:
+    intercept = None
+    if reader.has("intercept"):
+        sub = reader.child("intercept", _INTERCEPT_KEYS, what="ca_cert_file and ca_key_file")
+        cert = sub.convert("ca_cert_file", _readable_file, None)
+        if cert is None:
+            raise sub.error("ca_cert_file", "is required (the CA certificate, PEM)")
+        key = sub.convert("ca_key_file", _readable_file, None)
+        if key is None:
+            raise sub.error("ca_key_file", "is required (the CA's private key, PEM)")
+        _check_private(key, sub, "ca_key_file", warnings)
+        lifetime = sub.convert("leaf_lifetime", parse_duration, DEFAULT_LEAF_LIFETIME)
+        if lifetime < 60:
+            raise sub.error("leaf_lifetime", "must be 1m or more")
+        sub.finish()
+        digest = hashlib.sha256(Path(cert).read_bytes() + Path(key).read_bytes())
+        intercept = InterceptConfig(cert, key, lifetime, digest.hexdigest()[:16])
+    entries: list[TunnelEntry] = []
+    raw = reader.raw("tunnel")
+    if raw is not None:
+        if not isinstance(raw, list):
+            raise reader.error("tunnel", f"expected a list of host:port, got {_kind(raw)}")
+        for i, item in enumerate(raw):
+            try:
+                entries.append(_tunnel_entry(item))
+            except ValueError as exc:
+                raise reader.error("tunnel", f"entry {i + 1}: {exc}") from None
+            for route in routes:
+                if route.host is not None and entries[-1].covers(route.host, INTERCEPT_PORT):
+                    raise reader.error(
+                        "tunnel",
+                        f"entry {i + 1} ({entries[-1]}) covers {route.host}, the host of route "
+                        f"{route.name!r}: a tunnel host never gets a token; remove one of them",
+                    )
+    idle = reader.convert("tunnel_idle_timeout", parse_duration, DEFAULT_TUNNEL_IDLE_TIMEOUT)
+    connect = reader.convert(
+        "tunnel_connect_timeout", parse_duration, DEFAULT_TUNNEL_CONNECT_TIMEOUT
+    )
+    for key, value in (("tunnel_idle_timeout", idle), ("tunnel_connect_timeout", connect)):
+        if value <= 0:
+            raise reader.error(key, "must be greater than 0")
+    reader.finish()
+    return EgressConfig(intercept, tuple(entries), idle, connect)
+
+
 def _parse_log(reader: _Reader) -> LogConfig:
     default = LogConfig()
     level = reader.convert("level", check_log_level, default.level)
@@ -929,6 +1003,9 @@ def parse_config(
         access_log=top.boolean("access_log", True),
         inbound=_parse_inbound(top.child("inbound")) if top.has("inbound") else InboundLimits(),
         engine=cast(Engine, engine),
+        egress=_parse_egress(top.child("egress", _EGRESS_KEYS), routes, warnings)
+        if top.has("egress")
+        else EgressConfig(),
         source=source,
         warnings=tuple(warnings),
     )

@@ -67,6 +67,11 @@ DEFAULT_MAX_HEADERS: Final = 100
 DEFAULT_HEADER_TIMEOUT: Final = 10.0  # to receive a request's head (slowloris)
 DEFAULT_BODY_TIMEOUT: Final = 60.0  # nginx's client_body_timeout: between two body chunks
 DEFAULT_IDLE_TIMEOUT: Final = 60.0  # a keep-alive connection with no request in flight
+# egress: (issue 14, docs/egress.md)
+DEFAULT_LEAF_LIFETIME: Final = 86400.0  # a day: a leaked leaf key is short-lived
+DEFAULT_TUNNEL_IDLE_TIMEOUT: Final = 300.0  # a blind tunnel with no byte either way is closed
+DEFAULT_TUNNEL_CONNECT_TIMEOUT: Final = DEFAULT_CONNECT_TIMEOUT
+INTERCEPT_PORT: Final = 443  # interception is for HTTPS on its port; any other port is refused
 
 
 def _require(condition: bool, where: str, what: str) -> None:
@@ -240,6 +245,77 @@ class AdminConfig:
     allow_unauthenticated: bool = False
 
 
+_LABEL: Final = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9])?"  # a DNS label, lower-case
+_TUNNEL_HOST: Final = re.compile(rf"(?:\*\.)?{_LABEL}(?:\.{_LABEL})*")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelEntry:
+    """One ``egress.tunnel`` entry: a host name (or ``*.`` and a domain, for
+    any name below it, not the domain itself) and the one port it may be
+    reached on, through a blind tunnel."""
+
+    host: str  # lower-case, no trailing dot
+    port: int
+
+    def __post_init__(self) -> None:
+        where = f"egress.tunnel {self.host}:{self.port}"
+        _require(_TUNNEL_HOST.fullmatch(self.host) is not None, where, "expected a host name")
+        _require(
+            not self.host.replace(".", "").isdigit(),
+            where,
+            "IP addresses are refused: name the host",
+        )
+        _require(1 <= self.port <= 65535, where, "the port must be 1 to 65535")
+
+    def covers(self, host: str, port: int) -> bool:
+        if port != self.port:
+            return False
+        if self.host.startswith("*."):
+            return host.endswith(self.host[1:]) and len(host) > len(self.host) - 1
+        return host == self.host
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptConfig:
+    """``egress.intercept``: the CA that signs the leaf certificates the proxy
+    shows apps inside CONNECT tunnels to routed hosts."""
+
+    ca_cert_file: str
+    ca_key_file: str
+    leaf_lifetime: float = DEFAULT_LEAF_LIFETIME
+    stamp: str = ""  # digest of the CA files' contents: a reload with new files differs
+
+    def __post_init__(self) -> None:
+        _require(self.leaf_lifetime >= 60, "egress.intercept", "leaf_lifetime must be 1m or more")
+
+
+@dataclass(frozen=True, slots=True)
+class EgressConfig:
+    """``egress:``: what a ``CONNECT`` may reach. Without it every CONNECT is
+    refused (the proxy is a closed proxy)."""
+
+    intercept: InterceptConfig | None = None
+    tunnel: tuple[TunnelEntry, ...] = ()
+    tunnel_idle_timeout: float = DEFAULT_TUNNEL_IDLE_TIMEOUT
+    tunnel_connect_timeout: float = DEFAULT_TUNNEL_CONNECT_TIMEOUT
+
+    def __post_init__(self) -> None:
+        _require(self.tunnel_idle_timeout > 0, "egress", "tunnel_idle_timeout must be positive")
+        _require(
+            self.tunnel_connect_timeout > 0, "egress", "tunnel_connect_timeout must be positive"
+        )
+
+    def tunnel_for(self, host: str, port: int) -> TunnelEntry | None:
+        for entry in self.tunnel:
+            if entry.covers(host, port):
+                return entry
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     """The whole, validated proxy.yaml. ``clients`` is read-only (a
@@ -259,6 +335,7 @@ class Config:
     access_log: bool = True
     inbound: InboundLimits = InboundLimits()
     engine: Engine = "lean"
+    egress: EgressConfig = EgressConfig()
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)
 
@@ -274,3 +351,11 @@ class Config:
                 f"route {route.name!r}",
                 f"client {route.client!r} is not defined",
             )
+            if route.host is not None:
+                entry = self.egress.tunnel_for(route.host, INTERCEPT_PORT)
+                _require(
+                    entry is None,
+                    f"egress.tunnel {entry}",
+                    f"covers {route.host}, the host of route {route.name!r}: a tunnel host "
+                    "never gets a token; remove the entry or the route",
+                )

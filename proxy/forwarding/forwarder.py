@@ -14,13 +14,19 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from proxy.config.model import RouteConfig
+from proxy.config.model import INTERCEPT_PORT, RouteConfig
+from proxy.egress.policy import Intercept
 from proxy.errors import (
+    ConnectFailed,
+    ConnectTimedOut,
+    HandshakeFailed,
     MethodNotAllowed,
     NoRoute,
     RequestFailed,
     UpstreamBodyFailed,
     UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
 )
 from proxy.forwarding.body import BodyTee, read_whole, too_large
 from proxy.forwarding.challenge import MAX_401_BODY, says_expired
@@ -42,7 +48,7 @@ from proxy.forwarding.send import Outbound, Sender
 from proxy.log import get_logger
 from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
-from proxy.routing.router import RequestTarget, parse_target, upstream_url
+from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
 from proxy.routing.table import RouteRuntime, RouteTable
 from proxy.tokens.token import Token
 
@@ -67,7 +73,9 @@ class Exchange:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def json_error(app: AppSide, exc: RequestFailed, request_id: str | None = None) -> None:
+async def json_error(
+    app: AppSide, exc: RequestFailed, request_id: str | None = None, *, close: bool = False
+) -> None:
     body = exc.as_json()
     if request_id:
         body["request_id"] = request_id
@@ -75,7 +83,8 @@ async def json_error(app: AppSide, exc: RequestFailed, request_id: str | None = 
         exc.status,
         json.dumps(body).encode(),
         dict(exc.headers) if exc.headers else None,
-        close=exc.status in (400, 408, 413),  # the rest of the request may still be on the wire
+        # the rest of the request may still be on the wire
+        close=close or exc.status in (400, 408, 413),
     )
 
 
@@ -136,7 +145,14 @@ class Forwarder:
                 await request.respond(200, b"", dict(MethodNotAllowed.headers), close=False)
                 facts.extra["answered"] = "locally"
                 return await self._finished(request, table, facts, route_metrics, started)
-            target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
+            if request.tunnel is not None:  # inside an intercepted CONNECT: https://tunnel/...
+                target = tunnel_target(
+                    request.method, request.raw_path, request.headers.get("Host"), request.tunnel
+                )
+            elif request.method == "CONNECT":
+                return await self._connect(request, table, facts, started)
+            else:
+                target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
             matched = table.router.match(target)
             if matched is None:
                 where = f"host {target.host!r} " if target.host else ""
@@ -172,6 +188,63 @@ class Forwarder:
                 )
         await self._finished(request, table, facts, route_metrics, started)
 
+    async def _connect(
+        self, request: AppSide, table: RouteTable, facts: Exchange, started: float
+    ) -> None:
+        """``CONNECT host:port`` (docs/egress.md): intercepted, relayed
+        blind, or refused, as ``egress:`` and the routes say. A refusal closes
+        the connection: what the app sends after a CONNECT is not HTTP."""
+        metrics = self._metrics
+        outcome = "refused"
+        try:
+            plan = table.egress.plan(request.raw_path)
+            facts.extra["connect"] = (
+                f"{plan.host}:{INTERCEPT_PORT}"
+                if isinstance(plan, Intercept)
+                else f"{plan.host}:{plan.port}"
+            )
+            if isinstance(plan, Intercept):
+                outcome = "failed"
+                try:
+                    await request.intercept(plan.host, plan.context)
+                except HandshakeFailed as exc:
+                    facts.extra["reason"] = str(exc)
+                    events.warning(
+                        "tunnel_handshake_failed",
+                        host=plan.host,
+                        reason=str(exc),
+                        request_id=facts.request_id,
+                    )
+                else:
+                    outcome = "intercepted"
+            else:
+                outcome = "failed"
+                up, down = metrics.tunnel_bytes.labels("up"), metrics.tunnel_bytes.labels("down")
+                relayed = await request.relay(
+                    plan.host,
+                    plan.port,
+                    connect_timeout=plan.connect_timeout,
+                    idle_timeout=plan.idle_timeout,
+                    on_up=up.inc,
+                    on_down=down.inc,
+                )
+                outcome = "tunneled"
+                facts.extra.update(
+                    tunnel=plan.entry, up=relayed.up, down=relayed.down, ended=relayed.ended
+                )
+        except RequestFailed as exc:
+            await json_error(request, exc, facts.request_id, close=True)
+            facts.extra["error"] = exc.code
+        except ConnectFailed as exc:  # the tunnel host: 504 for a timeout, 502 otherwise
+            kind = UpstreamTimeout if isinstance(exc, ConnectTimedOut) else UpstreamUnreachable
+            failed = kind(f"tunnel to {facts.extra.get('connect')}: {exc}")
+            await json_error(request, failed, facts.request_id, close=True)
+            facts.extra["error"] = failed.code
+            events.warning("tunnel_failed", reason=failed.message, request_id=facts.request_id)
+        facts.extra["outcome"] = outcome
+        metrics.connects.labels(outcome).inc()
+        await self._finished(request, table, facts, self._unrouted, started)
+
     async def _finished(
         self,
         request: AppSide,
@@ -189,7 +262,7 @@ class Forwarder:
                 route=facts.route,
                 method=request.method,
                 path=request.raw_path.partition("?")[0]
-                if not request.raw_path.startswith("http")
+                if not request.raw_path.startswith("http") and request.method != "CONNECT"
                 else None,
                 status=request.status,
                 upstream_status=facts.upstream_status,

@@ -11,6 +11,7 @@ does not know which library frames the bytes.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -109,6 +110,9 @@ class AppSide(Protocol):
     version: tuple[int, int]
     remote: str | None
     scheme: str
+    # The host of the intercepted CONNECT this request came through (its TLS
+    # is the proxy's own, with a leaf for this host); None on plain HTTP.
+    tunnel: str | None
 
     @property
     def headers(self) -> Headers: ...
@@ -148,3 +152,37 @@ class AppSide(Protocol):
     async def respond(
         self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
     ) -> None: ...
+
+    async def intercept(self, host: str, context: ssl.SSLContext) -> None:
+        """Answer this CONNECT with 200 and complete the app's TLS with
+        ``context``; later requests on the connection are for ``https://host``.
+        Raises BadRequest (bytes came before the answer) or HandshakeFailed."""
+        ...
+
+    async def relay(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        on_up: Callable[[int], None],
+        on_down: Callable[[int], None],
+    ) -> Relayed:
+        """Connect to ``host:port``, answer this CONNECT with 200 and relay
+        bytes both ways until the tunnel ends. Raises ConnectFailed (or
+        ConnectTimedOut) before any answer."""
+        ...
+
+
+class Relayed(Protocol):
+    """How a blind tunnel went."""
+
+    @property
+    def up(self) -> int: ...
+
+    @property
+    def down(self) -> int: ...
+
+    @property
+    def ended(self) -> str: ...

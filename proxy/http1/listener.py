@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import re
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
@@ -39,6 +40,8 @@ from multidict import CIMultiDictProxy
 from proxy.config.model import InboundLimits
 from proxy.errors import (
     AppBodyFailed,
+    BadRequest,
+    HandshakeFailed,
     HeadTimeout,
     NotImplementedByProxy,
     RequestFailed,
@@ -54,6 +57,7 @@ from proxy.http1.policy import (
     response_head,
     without_length,
 )
+from proxy.http1.tunnel import Relay, RelayResult
 from proxy.log import get_logger
 
 log = get_logger("proxy.inbound")
@@ -62,6 +66,8 @@ LINGER: Final = 2.0  # seconds to drain an unread request body before closing
 MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
 _LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
 _AFTER_CLOSE: Final = "Data after `Connection: close`"
+# RFC 9110 §9.3.6: a 2xx to CONNECT has no Content-Length or Transfer-Encoding.
+CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
 
 
@@ -105,6 +111,7 @@ class AppExchange:
         "scheme",
         "started",
         "status",
+        "tunnel",
         "version",
     )
 
@@ -116,7 +123,10 @@ class AppExchange:
         self.headers: CIMultiDictProxy[str] = message.headers
         self._raw = message.raw_headers
         self.remote = connection.remote
-        self.scheme = "http"  # the apps' side is plain HTTP (docs/security.md)
+        # The apps' side is plain HTTP (docs/security.md), or TLS the proxy
+        # completed itself inside an intercepted CONNECT to ``tunnel``.
+        self.tunnel: str | None = connection.tunnel
+        self.scheme = "http" if self.tunnel is None else "https"
         self._payload = payload
         length = self.headers.get(hdrs.CONTENT_LENGTH)
         self.content_length: int | None = int(length) if length is not None else None
@@ -238,6 +248,78 @@ class AppExchange:
         self.closes = True
         self._connection.close()
 
+    async def intercept(self, host: str, context: ssl.SSLContext) -> None:
+        """Answer this CONNECT with 200 and complete the app's TLS handshake
+        with ``context``; the connection then carries requests for
+        ``https://host``. Raises BadRequest when the app sent bytes before the
+        answer, HandshakeFailed when the handshake fails (the connection is
+        closed then)."""
+        connection = self._connection
+        if connection.held:
+            raise BadRequest("the app sent bytes after CONNECT before its answer; wait for the 200")
+        transport = connection.transport
+        if transport is None or transport.is_closing():
+            raise HandshakeFailed("the app closed the connection")
+        self.started = True
+        self.status = 200
+        transport.write(CONNECT_ESTABLISHED)
+        try:
+            tls = await connection._loop.start_tls(
+                transport,
+                connection,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=self._connection._listener.limits.header_timeout,
+            )
+        except ssl.SSLError as exc:
+            self.closes = True
+            connection.close()
+            raise HandshakeFailed(exc.reason or type(exc).__name__) from None
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            self.closes = True
+            connection.close()
+            reason = "timeout" if isinstance(exc, TimeoutError) else type(exc).__name__
+            raise HandshakeFailed(reason) from None
+        if tls is None:  # the app went away during the handshake
+            self.closes = True
+            connection.close()
+            raise HandshakeFailed("the app closed the connection")
+        # The connection now carries the tunnel's requests: a CONNECT's own
+        # version or Connection field (http.client sends HTTP/1.0) says
+        # nothing of them.
+        self.closes = connection.closing
+        connection.inner(tls, host)
+
+    async def relay(
+        self,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float,
+        idle_timeout: float,
+        on_up: Callable[[int], None],
+        on_down: Callable[[int], None],
+    ) -> RelayResult:
+        """Connect to ``host:port``, answer this CONNECT with 200, then relay
+        bytes both ways until the tunnel ends. Raises ConnectFailed (or
+        ConnectTimedOut) before the answer when the host cannot be reached."""
+        connection = self._connection
+        relay = Relay(connection, idle_timeout, on_up, on_down)
+        await relay.open(host, port, connect_timeout)
+        self.started = True
+        self.status = 200
+        self.closes = True
+        connection.write(CONNECT_ESTABLISHED)
+        held = bytes(connection.held or b"")
+        connection.held = None
+        connection.relay = relay
+        if connection._buffer_paused:
+            connection._resume_reading_for_buffer()
+        relay.up(held)
+        if connection.app_eof:
+            relay.app_eof()
+        return await relay.wait()
+
     async def respond(
         self, status: int, body: bytes, headers: dict[str, str] | None, *, close: bool
     ) -> None:
@@ -269,9 +351,13 @@ class AppConnection(BaseProtocol):
         "_previous",
         "_task",
         "_waiter",
+        "app_eof",
         "closing",
+        "held",
         "last_served",
+        "relay",
         "remote",
+        "tunnel",
     )
 
     def __init__(self, listener: Listener) -> None:
@@ -297,6 +383,12 @@ class AppConnection(BaseProtocol):
         self._last_active = loop.time()
         self.closing = False
         self.remote: str | None = None
+        # After a CONNECT head: the bytes that follow it, until the CONNECT
+        # is answered (None while no CONNECT is pending).
+        self.held: bytearray | None = None
+        self.relay: Relay | None = None  # a blind tunnel's, once it is open
+        self.app_eof = False
+        self.tunnel: str | None = None  # the host of an intercepted CONNECT, inside it
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -352,7 +444,8 @@ class AppConnection(BaseProtocol):
                 if isinstance(parser, HttpRequestParser):
                     self._parser = parser = self._new_parser(HttpRequestParserPy)
         try:
-            messages: Sequence[tuple[Any, Any]] = parser.feed_data(data)[0]
+            messages: Sequence[tuple[Any, Any]]
+            messages, _, tail = parser.feed_data(data)
         except BadHttpMethod as exc:
             if not METHOD_START.match(data):
                 return [(self._refuse(exc, data), None)]  # not a token: 400
@@ -360,7 +453,7 @@ class AppConnection(BaseProtocol):
                 return [(self._refuse(exc, data, unframed=True), None)]
             self._parser = parser = self._new_parser(HttpRequestParserPy)
             try:
-                messages = parser.feed_data(data)[0]
+                messages, _, tail = parser.feed_data(data)
             except HttpProcessingError as again:
                 return self._refused_read(HttpRequestParserPy, data, again, clean=True)
         except HttpProcessingError as exc:
@@ -375,6 +468,16 @@ class AppConnection(BaseProtocol):
         if spelled is not None and messages:
             first, payload = messages[0]
             messages = [(first._replace(method=spelled), payload), *messages[1:]]
+        if messages and messages[-1][0].method == "CONNECT":
+            # What follows a CONNECT head is the tunnel's, not HTTP: held
+            # until the CONNECT is answered (RFC 9110 §9.3.6).
+            held = bytearray(tail)
+            payload = messages[-1][1]
+            if not held and hasattr(payload, "read_nowait"):
+                # The Python parser reads what follows a CONNECT as its body.
+                held += payload.read_nowait()
+            self.held = held
+            return messages
         last = messages[-1] if messages else prior
         self._last = last
         if last is None:
@@ -508,6 +611,14 @@ class AppConnection(BaseProtocol):
         return refusal
 
     def data_received(self, data: bytes) -> None:
+        if self.relay is not None:
+            self.relay.up(data)
+            return
+        if self.held is not None:
+            self.held.extend(data)
+            if len(self.held) > READ_BUFFER and not self._buffer_paused:
+                self._pause_reading_for_buffer()
+            return
         parser = self._parser
         if (
             parser is None
@@ -532,8 +643,51 @@ class AppConnection(BaseProtocol):
                 self._listener.limits.header_timeout, self._head_expired
             )
 
+    def eof_received(self) -> bool | None:
+        """The app shut its write side. In a blind tunnel the host is told and
+        may still answer; anywhere else the connection closes."""
+        self.app_eof = True
+        if self.relay is not None:
+            self.relay.app_eof()
+            return True
+        return self.held is not None or None  # a pending CONNECT may still be answered
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.relay is not None:
+            self.relay.app_paused()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.relay is not None:
+            self.relay.app_resumed()
+
+    def inner(self, tls: asyncio.BaseTransport, host: str) -> None:
+        """The app's TLS inside an intercepted CONNECT is up: from here on the
+        connection parses requests for ``https://host`` afresh; nothing of
+        the CONNECT's parser state carries over."""
+        self.transport = tls  # type: ignore[assignment]
+        self.tunnel = host
+        # What the app sent in the read that finished its handshake arrived
+        # here already (the TLS layer delivers it before start_tls returns).
+        early = bytes(self.held or b"")
+        self.held = None
+        if self._buffer_paused:
+            self._resume_reading_for_buffer()
+        self._parser = self._new_parser(HttpRequestParser)
+        self._clean = True
+        self._last = None
+        self._previous = b""
+        self._discard = False
+        self.last_served = None
+        if early:
+            self.data_received(early)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
+        relay = self.relay
+        if relay is not None:  # a tunnel's normal end: its task logs it, uncancelled
+            relay.end("closed" if exc is None else "app_lost")
         self._listener.forget(self)
         self._disarm_head()
         if self._idle_timer is not None:
@@ -542,7 +696,7 @@ class AppConnection(BaseProtocol):
         current = self._current
         if current is not None and not current.body_complete:
             current._payload.set_exception(ConnectionResetError("the app closed the connection"))
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and relay is None:
             self._task.cancel()  # an app that goes away cancels its upstream request
         self._parser = None
 
@@ -678,7 +832,8 @@ class AppConnection(BaseProtocol):
         self._linger()
 
     def _end(self, exchange: AppExchange) -> None:
-        if exchange.body_complete:
+        if exchange.body_complete or exchange.method == "CONNECT":
+            # After a CONNECT come a tunnel's bytes, never a body to drain.
             self.close()
         else:
             self._linger()

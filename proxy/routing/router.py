@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Generic, TypeVar
 
 from yarl import URL
 
 from proxy.config.model import RouteConfig
-from proxy.errors import BadRequest, MethodNotAllowed, PathEscapesRoute
+from proxy.errors import BadRequest, MethodNotAllowed, MisdirectedRequest, PathEscapesRoute
 
 T = TypeVar("T")
 # Separators that some upstream stacks honour besides "/": encoded slashes and
@@ -71,11 +71,8 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
     RFC 9112 §3.2.2: for an absolute-form target the proxy uses the target's
     authority and ignores the ``Host`` header.
     """
-    if method == "CONNECT":
-        raise MethodNotAllowed(
-            "CONNECT is not supported: send HTTPS requests as plain HTTP to the proxy "
-            "(http://...), and it opens the TLS connection to the partner itself"
-        )
+    if method == "CONNECT":  # the forwarder plans CONNECTs; one inside a tunnel lands here
+        raise MethodNotAllowed("CONNECT inside an intercepted CONNECT tunnel is not supported")
     if method.upper() == "TRACE":  # any spelling: a partner may match it case-blind
         # RFC 9110 §9.3.8: TRACE must not carry credentials, and a partner that
         # answers it would echo the proxy's token back to the app.
@@ -102,6 +99,26 @@ def parse_target(method: str, raw_target: str, host_header: str | None) -> Reque
     path, _, query = target.partition("?")
     host = split_host(authority) if authority else None
     return RequestTarget(host=host, authority=authority, path=path, query=query, absolute=absolute)
+
+
+def tunnel_target(
+    method: str, raw_target: str, host_header: str | None, tunnel_host: str
+) -> RequestTarget:
+    """A request inside an intercepted ``CONNECT tunnel_host:443``: routed
+    exactly as the absolute-form ``https://tunnel_host/...`` would be. Its
+    ``Host`` (or an absolute-form target) must name the tunnel's host, on
+    port 443 or none; another one is 421 (RFC 9110 §15.5.20): the app's TLS
+    connection was made for ``tunnel_host``, not for it."""
+    target = parse_target(method, raw_target, host_header)
+    authority = target.authority or tunnel_host
+    end = authority.find("]") + 1 if authority.startswith("[") else 0  # past an IPv6 literal
+    port = authority[end:].partition(":")[2]
+    if (target.host is not None and target.host != tunnel_host) or port not in ("", "443"):
+        raise MisdirectedRequest(
+            f"this connection is a tunnel to {tunnel_host}:443; the request names another "
+            "host or port (send it through its own CONNECT)"
+        )
+    return replace(target, host=tunnel_host, authority=authority, absolute=True)
 
 
 def climbs_out(remainder: str) -> bool:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from yarl import URL
 
 from proxy.config.model import Config, RouteConfig
+from proxy.egress.policy import EgressPolicy
 from proxy.errors import (
     RouteBusy,
 )
@@ -61,8 +62,11 @@ class Gate:
 class RouteTable:
     """One loaded config's routes, immutable; swapped whole on reload."""
 
-    def __init__(self, config: Config, runtimes: Mapping[str, RouteRuntime]) -> None:
+    def __init__(
+        self, config: Config, runtimes: Mapping[str, RouteRuntime], egress: EgressPolicy
+    ) -> None:
         self.config = config
+        self.egress = egress  # what a CONNECT may reach (proxy/egress/policy.py)
         self.router: Router[RouteRuntime] = Router(
             [(route, runtimes[route.name]) for route in config.routes]
         )

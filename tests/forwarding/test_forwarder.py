@@ -371,8 +371,8 @@ async def test_no_route_and_connect(stack: Stack) -> None:
         stack.proxy.port,
         b"CONNECT partner.example:443 HTTP/1.1\r\nHost: partner.example:443\r\n\r\n",
     )
-    assert raw_status(response) == 405
-    assert b"plain HTTP" in response
+    assert raw_status(response) == 403
+    assert b'"connect_not_allowed"' in response and b"partner.example:443" in response
     assert stack.tokens.calls == 0
 
 

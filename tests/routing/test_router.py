@@ -111,8 +111,10 @@ def test_bad_targets(raw: str) -> None:
         parse_target("GET", raw, "h")
 
 
-def test_connect_is_refused_with_advice() -> None:
-    with pytest.raises(MethodNotAllowed, match="plain HTTP"):
+def test_connect_inside_a_tunnel_is_refused() -> None:
+    # The forwarder plans a CONNECT (proxy/egress/policy.py); one that reaches
+    # the router came inside an intercepted tunnel.
+    with pytest.raises(MethodNotAllowed, match="inside an intercepted CONNECT"):
         parse_target("CONNECT", "h:443", "h:443")
 
 

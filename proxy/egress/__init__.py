@@ -1,0 +1,1 @@
+"""HTTPS egress: CONNECT interception and blind tunnels."""
