@@ -175,7 +175,8 @@ class Forwarder:
                 finally:
                     gate.leave()
         except RequestFailed as exc:
-            await json_error(request, exc, facts.request_id)
+            # After a CONNECT (one inside a tunnel) come bytes that are not HTTP.
+            await json_error(request, exc, facts.request_id, close=request.method == "CONNECT")
             facts.extra["error"] = exc.code
             if exc.status >= 500:
                 events.warning(
