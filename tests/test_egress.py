@@ -7,6 +7,8 @@ read to a TLS server of its own."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
 import os
 import shutil
@@ -18,8 +20,21 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from conftest import Stack, StackFactory, eventually, free_port, log_events, samples, value
+from conftest import (
+    Stack,
+    StackFactory,
+    eventually,
+    free_port,
+    log_events,
+    samples,
+    value,
+    write_private_key,
+)
 from proxy.egress.ca import CertificateAuthority, create_ca
 
 HOST = "api.acme.example"
@@ -41,6 +56,8 @@ class Egress:
     key: Path
     other_ca: Path  # a CA of the blind tunnel host's own, unknown to the proxy
     tunnel_host: TlsEcho
+    partner_ca: Path  # the partner's own CA: the proxy's upstream leg verifies with it
+    partner_tls: ssl.SSLContext  # the partner's server side, a certificate for 127.0.0.1
 
 
 @dataclass
@@ -81,12 +98,49 @@ class TlsEcho:
 async def egress(tmp_path: Path) -> AsyncIterator[Egress]:
     cert, key = create_ca(str(tmp_path / "egress"), permit=[HOST, ".partner.example"])
     # The tunnel host's certificate comes from a CA the proxy never sees.
-    other_cert, other_key = create_ca(str(tmp_path / "other"), permit=["localhost"])
+    other_cert, other_key = create_ca(
+        str(tmp_path / "other"), permit=["localhost"], name="tunnel host CA"
+    )
     other = CertificateAuthority.load(other_cert, other_key, leaf_lifetime=3600)
     echo = TlsEcho(other.leaf_context("localhost"))
     await echo.start()
-    yield Egress(Path(cert), Path(key), Path(other_cert), echo)
+    partner_cert, partner_key = create_ca(str(tmp_path / "partner"), name="partner CA")
+    yield Egress(
+        Path(cert),
+        Path(key),
+        Path(other_cert),
+        echo,
+        Path(partner_cert),
+        _ip_server(Path(partner_cert), Path(partner_key), tmp_path / "partner"),
+    )
     await echo.stop()
+
+
+def _ip_server(ca_cert: Path, ca_key: Path, where: Path) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 (an IP SAN), signed by the partner's CA."""
+    ca = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    signer = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "partner")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(signer, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    (where / "server.pem").write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    write_private_key(where / "server.key", key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(where / "server.pem", where / "server.key")
+    return context
 
 
 def egress_yaml(egress: Egress, extra: str = "") -> str:
@@ -139,17 +193,39 @@ async def intercepted(port: int, ca: Path, *, sni: str = HOST) -> tuple[
 # ------------------------------------------------------------- real clients
 
 
+TLS_ROUTE = """  - name: acme
+    match: {host: api.acme.example}
+    upstream: {partner}/v2/
+    client: demo
+    ca_file: PARTNER_CA"""
+
+
+async def tls_stack(make_stack: StackFactory, egress: Egress) -> Stack:
+    """The partner on HTTPS with its own CA: both legs are real TLS."""
+    return await egress_stack(
+        make_stack,
+        egress,
+        extra_routes=TLS_ROUTE.replace("PARTNER_CA", str(egress.partner_ca)),
+        tls_partner=egress.partner_tls,
+    )
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-async def test_curl_through_the_proxy_gets_the_token_over_https(
+async def test_curl_with_only_https_proxy_set_gets_the_token_over_https(
     make_stack: StackFactory, egress: Egress
 ) -> None:
-    stack = await egress_stack(make_stack, egress)
-    proxy = f"http://127.0.0.1:{stack.proxy.port}"
+    """The legacy app: its URL unchanged, only HTTPS_PROXY and the CA given."""
+    stack = await tls_stack(make_stack, egress)
+    assert stack.partner.url.startswith("https://")
+    env = {
+        "PATH": os.environ["PATH"],
+        "HTTPS_PROXY": f"http://127.0.0.1:{stack.proxy.port}",
+        "CURL_CA_BUNDLE": str(egress.ca),
+    }
     run = await asyncio.create_subprocess_exec(
-        "curl", "-sS", "--noproxy", "", "-x", proxy, "--cacert", str(egress.ca),
-        "-H", "X-App: curl", "--data-binary", "hello from curl",
+        "curl", "-sS", "-H", "X-App: curl", "--data-binary", "hello from curl",
         f"https://{HOST}/orders?id=7",
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     out, err = await run.communicate()
     assert run.returncode == 0, err
@@ -186,22 +262,20 @@ async def test_curl_that_does_not_trust_the_ca_sends_nothing(
 
 
 async def test_requests_with_https_proxy_sends_a_body_and_gets_the_answer_byte_for_byte(
-    make_stack: StackFactory, egress: Egress
+    make_stack: StackFactory, egress: Egress, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     requests = pytest.importorskip("requests")
-    stack = await egress_stack(make_stack, egress)
-    proxy = f"http://127.0.0.1:{stack.proxy.port}"
+    stack = await tls_stack(make_stack, egress)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{stack.proxy.port}")
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(egress.ca))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     body = os.urandom(200_000)
 
     def call() -> tuple[int, bytes]:
-        with requests.Session() as session:
-            session.trust_env = False  # only the proxy given here
-            answer = session.put(
-                f"https://{HOST}/blob", data=body, proxies={"https": proxy}, verify=str(egress.ca)
-            )
-            second = session.get(
-                f"https://{HOST}/echo", proxies={"https": proxy}, verify=str(egress.ca)
-            )
+        with requests.Session() as session:  # the environment only, as an app would
+            answer = session.put(f"https://{HOST}/blob", data=body)
+            second = session.get(f"https://{HOST}/echo")
             return answer.status_code, second.content
 
     status, second = await asyncio.to_thread(call)
@@ -346,6 +420,10 @@ async def test_a_blind_tunnel_relays_tls_end_to_end_with_no_token(
     await writer.start_tls(
         ssl.create_default_context(cafile=str(egress.other_ca)), server_hostname="localhost"
     )
+    seen = x509.load_der_x509_certificate(
+        writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    )
+    assert seen.issuer.rfc4514_string() == "CN=tunnel host CA"
     for _ in range(2):
         writer.write(b"GET /simple HTTP/1.1\r\nHost: localhost\r\n\r\n")
         _, answer = await read_answer(reader)
