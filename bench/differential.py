@@ -46,6 +46,7 @@ KNOWN: frozenset[str] = frozenset(
         "method_options_max_forwards_0",
         "method_options_max_forwards_decremented",
         "method_connect",
+        "method_connect_unrouted",
         "target_percent_encoding_raw",
         "target_double_slash_kept",
         "target_absolute_form_unrouted_host",

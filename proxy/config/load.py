@@ -876,7 +876,8 @@ def _parse_egress(
             raise sub.error("leaf_lifetime", "must be 1m or more")
         sub.finish()
         digest = hashlib.sha256(Path(cert).read_bytes() + Path(key).read_bytes())
-        intercept = InterceptConfig(cert, key, lifetime, digest.hexdigest()[:16])
+        where = reader.warning("intercept", "").removesuffix(": ")
+        intercept = InterceptConfig(cert, key, lifetime, digest.hexdigest()[:16], where)
     entries: list[TunnelEntry] = []
     raw = reader.raw("tunnel")
     if raw is not None:

@@ -288,6 +288,8 @@ class InterceptConfig:
     ca_key_file: str
     leaf_lifetime: float = DEFAULT_LEAF_LIFETIME
     stamp: str = ""  # digest of the CA files' contents: a reload with new files differs
+    # "file:line: egress.intercept", for the CA errors found after the load
+    where: str = field(default="egress.intercept", compare=False)
 
     def __post_init__(self) -> None:
         _require(self.leaf_lifetime >= 60, "egress.intercept", "leaf_lifetime must be 1m or more")

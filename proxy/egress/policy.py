@@ -210,19 +210,19 @@ def build_policy(
                 on_issue=on_issue,
             )
         except CAError as exc:
-            raise ConfigError(f"egress.intercept: {exc}") from None
+            raise ConfigError(f"{intercept.where}: {exc}") from None
     for host, route in routed.items():
         if not ca.permits(host):
             permitted = ", ".join(ca.constraints.permitted) or "none"
             raise ConfigError(
-                f"egress.intercept: route {route!r} has host {host}, which lies outside the "
+                f"{intercept.where}: route {route!r} has host {host}, which lies outside the "
                 f"name constraints of the CA in {intercept.ca_cert_file!r} (permitted: "
                 f"{permitted}); make a CA that permits it (authproxy ca init --permit {host})"
             )
     warnings: tuple[str, ...] = ()
     if not ca.constrained:
         warnings = (
-            f"egress.intercept: the CA in {intercept.ca_cert_file!r} carries no name "
+            f"{intercept.where}: the CA in {intercept.ca_cert_file!r} carries no name "
             "constraints, so its key can sign for any name; make one that names the routed "
             "hosts (authproxy ca init --permit HOST)",
         )
