@@ -89,6 +89,7 @@ class RouteMetrics:
         self.replayed = metrics.replays.labels(route, "replayed")
         self.passed_through = metrics.replays.labels(route, "passed_through")
         self.too_large = metrics.replays.labels(route, "too_large")
+        self.nonce_replays = metrics.dpop_nonce_replays.labels(route)
         # This process's totals, for the status page (Prometheus has the rest).
         self.requests = 0
         self.errors = 0
@@ -158,6 +159,13 @@ class Metrics:
             "401s that said the token expired: replayed with a fresh token, passed_through "
             "(quota guard), too_large (body over replay_limit).",
             ["route", "outcome"],
+            registry=r,
+        )
+        self.dpop_nonce_replays = Counter(
+            "authproxy_dpop_nonce_replays",
+            "Requests sent once more because the partner asked for a DPoP nonce "
+            '(401 with DPoP error="use_dpop_nonce", RFC 9449 §9).',
+            ["route"],
             registry=r,
         )
         self.token_expires_in = Gauge(

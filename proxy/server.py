@@ -36,6 +36,7 @@ from proxy.routing.table import RouteTable, route_runtime
 from proxy.tokens.cache import (
     TokenCache,
 )
+from proxy.tokens.dpop import Nonces
 from proxy.tokens.minter import ClientCredentialsMinter
 from proxy.tokens.session import token_session
 from proxy.tokens.source import SharedTokenSource
@@ -65,6 +66,7 @@ def build_table(
     sources: TokenSources,
     metrics: Metrics,
     previous: RouteTable | None = None,
+    nonces: Nonces | None = None,
 ) -> RouteTable:
     """The request-time form of ``config``. Raises ConfigError (the egress CA)
     before it changes anything."""
@@ -79,6 +81,8 @@ def build_table(
             sources.get(config.clients[route.client], route.scope),
             metrics,
             config.inbound.body_timeout,
+            config.clients[route.client],
+            nonces,
         )
         for route in config.routes
     }
@@ -127,6 +131,7 @@ class ProxyServer:
         self._supervised = supervised
         self.cache: TokenCache | None = None
         self.metrics = Metrics()
+        self.nonces = Nonces()  # DPoP-Nonce by origin: the token and partner sides share it
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._upstream: UpstreamClient | None = None
@@ -186,15 +191,17 @@ class ProxyServer:
         self.cache = build_cache(
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
         )
-        tokens, clock = self._tokens, self._clock
+        tokens, clock, nonces = self._tokens, self._clock, self.nonces
         self.sources = TokenSources(
             self.cache,
-            lambda client: ClientCredentialsMinter(client, tokens, clock),
+            lambda client: ClientCredentialsMinter(client, tokens, clock, nonces=nonces),
             clock,
             self.metrics,
         )
         self.forwarder = Forwarder(
-            build_table(self.config, self.sources, self.metrics), self._upstream, self.metrics
+            build_table(self.config, self.sources, self.metrics, nonces=self.nonces),
+            self._upstream,
+            self.metrics,
         )
         if self.config.admin is not None:
             await self._start_admin(self.config.admin.host)
@@ -329,7 +336,7 @@ class ProxyServer:
             # Keep what cannot change live, so the running state stays coherent.
             new = _with_restart_only_keys(new, self.config)
         try:
-            table = build_table(new, self.sources, self.metrics, self.forwarder.table)
+            table = build_table(new, self.sources, self.metrics, self.forwarder.table, self.nonces)
         except ConfigError as exc:
             self.metrics.config_reloads.labels("error").inc()
             self._last_reload = (self._clock(), "error")

@@ -18,6 +18,7 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator
@@ -37,8 +38,8 @@ from proxy.config.load import parse_config
 from proxy.errors import ConfigError
 from proxy.server import ProxyServer
 
-ROOT = Path(__file__).resolve().parent.parent
-AUTHPROXY = str(ROOT / ".venv" / "bin" / "authproxy")
+# The command as installed in whatever environment runs the tests (CI's own venv).
+AUTHPROXY = (sys.executable, "-m", "proxy")
 OTHER = "b.partner.example"  # a second routed host, inside the CA's constraints
 OTHER_ROUTE = f"""  - name: partner-b
     match: {{host: {OTHER}}}
@@ -333,7 +334,7 @@ async def refused_at_start(text: str) -> str:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603 - our own fixed argv
-        [AUTHPROXY, *args], capture_output=True, text=True, timeout=60, check=False
+        [*AUTHPROXY, *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 

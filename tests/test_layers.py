@@ -29,6 +29,7 @@ PURE = (
     "proxy.forwarding.body",
     "proxy.egress.policy",
     "proxy.egress.ca",
+    "proxy.tokens.dpop",
 )
 # Where aiohttp may be imported: the engine, the token endpoint's client, the
 # admin app, the assembly that starts them, the demo's mocks and the CLI's admin call.

@@ -26,6 +26,7 @@ from proxy.config.keys import (
     KEY_ALGORITHMS,
     SECRET_ALGORITHMS,
     certificate_thumbprints,
+    load_dpop_key,
     load_private_key,
 )
 from proxy.config.model import (
@@ -60,6 +61,7 @@ from proxy.config.model import (
     CacheConfig,
     ClientConfig,
     Config,
+    DpopConfig,
     EgressConfig,
     Engine,
     ExpiredTokenRule,
@@ -95,8 +97,9 @@ _CLIENT_KEYS: Final = _TLS_KEYS | frozenset(
      "params", "expiry_margin", "refresh_ahead", "default_lifetime", "remint_min_interval",
      "timeout", "warm", "private_key_file", "certificate_file", "key_id", "algorithm",
      "assertion_audience", "token_headers", "token_request_format", "mint_attempts",
-     "failure_cooldown"}
+     "failure_cooldown", "dpop"}
 )  # fmt: skip
+_DPOP_KEYS: Final = frozenset({"key_file", "alg"})
 _ROUTE_KEYS: Final = _TLS_KEYS | frozenset(
     {"name", "match", "upstream", "client", "scope", "timeout", "connect_timeout",
      "replay_limit", "expired_token", "token_header", "token_prefix", "max_body",
@@ -559,6 +562,19 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
     cooldown = reader.convert("failure_cooldown", parse_duration, DEFAULT_FAILURE_COOLDOWN)
     if cooldown <= 0:
         raise reader.error("failure_cooldown", "must be greater than 0")
+    dpop = None
+    if reader.has("dpop"):
+        sub = reader.child("dpop", _DPOP_KEYS, what="key_file")
+        dpop_file = sub.string("key_file")
+        if dpop_file is None:
+            raise sub.error("key_file", "is required (the client's DPoP private key, PEM)")
+        try:
+            pem, alg, jwk = load_dpop_key(dpop_file, sub.string("alg"))
+        except ValueError as exc:
+            raise sub.error("key_file", str(exc)) from None
+        _check_private(dpop_file, sub, "key_file", warnings)
+        sub.finish()
+        dpop = DpopConfig(dpop_file, alg, pem, jwk)
     client = ClientConfig(
         name=name,
         token_url=token_url,
@@ -589,6 +605,7 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         assertion_headers=assertion_headers,
         mint_attempts=reader.convert("mint_attempts", _attempts, DEFAULT_MINT_ATTEMPTS),
         failure_cooldown=cooldown,
+        dpop=dpop,
     )
     reader.finish()
     return client

@@ -5,6 +5,8 @@ construction, with the defaults and their reasons. Pure: no YAML, no aiohttp;
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,6 +84,24 @@ def _require(condition: bool, where: str, what: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class DpopConfig:
+    """``clients.<name>.dpop``: the key this client's tokens are bound to
+    (RFC 9449), read at load. A new key (a new file at the same path too)
+    means new tokens: the key is part of the client's fingerprint."""
+
+    key_file: str
+    alg: str  # ES256, PS256, RS256 or EdDSA; checked against the key at load
+    key: str = field(repr=False, default="")  # PEM
+    jwk: str = ""  # the public key as canonical JSON (RFC 7638 §3)
+
+    @property
+    def thumbprint(self) -> str:
+        """RFC 7638: what a DPoP-bound token's ``cnf.jkt`` names."""
+        digest = hashlib.sha256(self.jwk.encode()).digest()
+        return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
 class ClientConfig:
     """One OAuth 2.0 client (RFC 6749 §4.4 client-credentials grant)."""
 
@@ -112,6 +132,7 @@ class ClientConfig:
     token_request_format: TokenRequestFormat = "form"  # noqa: S105
     mint_attempts: int = DEFAULT_MINT_ATTEMPTS
     failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
+    dpop: DpopConfig | None = None  # sender-constrained tokens (RFC 9449)
 
     def __post_init__(self) -> None:
         where = f"client {self.name!r}"

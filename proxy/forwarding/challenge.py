@@ -12,13 +12,17 @@ from proxy.config.model import ExpiredTokenRule
 MAX_401_BODY: Final = 8 * 1024  # bytes of a 401 body read for a body rule
 # RFC 9110 §11.2 auth-param: token "=" ( token / quoted-string )
 _AUTH_PARAM = re.compile(r'([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^\s,]*)')
-_BEARER = re.compile(r"(?:^|,)\s*bearer(?:\s+|$|,)", re.IGNORECASE)
+_SCHEMES: Final = {
+    scheme: re.compile(rf"(?:^|,)\s*{scheme}(?:\s+|$|,)", re.IGNORECASE)
+    for scheme in ("bearer", "dpop")
+}
 
 
-def bearer_params(www_authenticate: str) -> dict[str, str] | None:
-    """The auth-params of the Bearer challenge in a header value (RFC 6750 §3),
-    keys lower-cased and quoted values unquoted; ``None`` without a Bearer challenge."""
-    match = _BEARER.search(www_authenticate)
+def challenge_params(www_authenticate: str, scheme: str = "bearer") -> dict[str, str] | None:
+    """The auth-params of the ``scheme`` challenge (``bearer``, RFC 6750 §3;
+    ``dpop``, RFC 9449 §7.1) in a header value, keys lower-cased and quoted
+    values unquoted; ``None`` without such a challenge."""
+    match = _SCHEMES[scheme].search(www_authenticate)
     if match is None:
         return None
     params: dict[str, str] = {}
@@ -32,17 +36,32 @@ def bearer_params(www_authenticate: str) -> dict[str, str] | None:
     return params
 
 
+def bearer_params(www_authenticate: str) -> dict[str, str] | None:
+    return challenge_params(www_authenticate, "bearer")
+
+
 def is_default_expiry(www_authenticate: Iterable[str]) -> bool:
-    """RFC 6750 §3.1: ``error="invalid_token"`` whose description says "expired"."""
+    """RFC 6750 §3.1 (and RFC 9449 §7.1 for DPoP tokens): ``error="invalid_token"``
+    whose description says "expired"."""
     for value in www_authenticate:
-        params = bearer_params(value)
-        if (
-            params is not None
-            and params.get("error") == "invalid_token"
-            and "expired" in params.get("error_description", "").lower()
-        ):
-            return True
+        for scheme in _SCHEMES:
+            params = challenge_params(value, scheme)
+            if (
+                params is not None
+                and params.get("error") == "invalid_token"
+                and "expired" in params.get("error_description", "").lower()
+            ):
+                return True
     return False
+
+
+def asks_for_nonce(www_authenticate: Iterable[str]) -> bool:
+    """RFC 9449 §9: a 401 whose DPoP challenge says ``error="use_dpop_nonce"``."""
+    return any(
+        (params := challenge_params(value, "dpop")) is not None
+        and params.get("error") == "use_dpop_nonce"
+        for value in www_authenticate
+    )
 
 
 def says_expired(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -29,7 +29,7 @@ from proxy.errors import (
     UpstreamUnreachable,
 )
 from proxy.forwarding.body import BodyTee, read_whole, too_large
-from proxy.forwarding.challenge import MAX_401_BODY, says_expired
+from proxy.forwarding.challenge import MAX_401_BODY, asks_for_nonce, says_expired
 from proxy.forwarding.headers import (
     VIA,
     decrement_max_forwards,
@@ -50,6 +50,7 @@ from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
 from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
 from proxy.routing.table import RouteRuntime, RouteTable
+from proxy.tokens.dpop import htu, origin
 from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
@@ -59,6 +60,7 @@ events = get_logger("proxy.forward")
 # bodies by default: no streaming task per request, and the replay copy is the
 # body itself. Larger and chunked bodies stream as they arrive.
 BUFFERED_BODY: Final = 64 * 1024
+_NOT_REPLAYABLE: Final = object()  # a body over replay_limit
 
 
 @dataclass(slots=True)
@@ -109,7 +111,22 @@ def _interim_to(request: AppSide, via: str | None) -> Interim:
 
 
 def _credential(route: RouteConfig, token: Token) -> str:
+    if token.token_type == "DPoP":  # noqa: S105 - RFC 9449 §7.1: the DPoP scheme
+        return "DPoP " + token.access_token
     return route.token_prefix + token.access_token
+
+
+def _prover(runtime: RouteRuntime, method: str, url: str, token: Token) -> Callable[[], str] | None:
+    """Proofs for ``token`` on ``method url``: each call a new one, with the
+    partner's current nonce (RFC 9449 §7, §9); None for a Bearer token."""
+    key, nonces = runtime.dpop, runtime.nonces
+    if key is None or nonces is None or token.token_type != "DPoP":  # noqa: S105
+        return None
+    target, at = htu(url), origin(url)
+    value = token.access_token
+    return lambda: key.proof(
+        method, target, now=time.time(), nonce=nonces.get(at), access_token=value
+    )
 
 
 class Forwarder:
@@ -313,6 +330,7 @@ class Forwarder:
             url[len(runtime.base.origin) :],
             headers,
             request.body_exists,
+            proof=_prover(runtime, request.method, url, token),
         )
         tee: BodyTee | None = None
         data: bytes | AsyncIterator[bytes] | None = None
@@ -339,15 +357,22 @@ class Forwarder:
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
+            fresh_nonce = outbound.proof is not None and _took_nonce(runtime, url, upstream)
             if upstream.status == 401:
                 if runtime.reads_401_body:
                     prefix = await _read_up_to(upstream, MAX_401_BODY, route.name)
-                if says_expired(
-                    401,
-                    upstream.header_values("WWW-Authenticate"),
-                    prefix,
-                    route.expired_token,
-                ):
+                challenges = upstream.header_values("WWW-Authenticate")
+                if fresh_nonce and asks_for_nonce(challenges):
+                    # RFC 9449 §9: the same token, a new proof with the nonce.
+                    replay = await self._replay_with_nonce(
+                        runtime, outbound, tee, upstream, facts, interim
+                    )
+                    if replay is not None:
+                        upstream = replay
+                        prefix = None
+                        facts.upstream_status = upstream.status
+                        _took_nonce(runtime, url, upstream)
+                elif says_expired(401, challenges, prefix, route.expired_token):
                     replay = await self._maybe_replay(
                         runtime, outbound, tee, token, upstream, facts, interim
                     )
@@ -358,6 +383,60 @@ class Forwarder:
             await self._relay(request, upstream, prefix, route, via)
         finally:
             upstream.close()
+
+    async def _replay_with_nonce(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        tee: BodyTee | None,
+        upstream: UpstreamResponse,
+        facts: Exchange,
+        interim: Interim,
+    ) -> UpstreamResponse | None:
+        """Send ``outbound`` once more, its proof now with the partner's nonce;
+        ``None`` to pass the 401 on (a body over ``replay_limit``)."""
+        body = await self._replay_body(runtime, outbound, tee, upstream, facts, "nonce")
+        if body is _NOT_REPLAYABLE:
+            return None
+        runtime.metrics.nonce_replays.inc()
+        upstream.release()
+        facts.replayed = True
+        facts.extra["replay"] = "nonce"
+        return await self._sender.send(runtime, outbound, body, None, interim)
+
+    async def _replay_body(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        tee: BodyTee | None,
+        upstream: UpstreamResponse,
+        facts: Exchange,
+        why: str,
+    ) -> Any:
+        """The body to send again, or ``_NOT_REPLAYABLE`` when it is over the
+        route's ``replay_limit`` (counted and logged here)."""
+        route = runtime.config
+        if tee is None:
+            return outbound.body
+        if not tee.complete:
+            # The partner answered before reading the whole body: this
+            # connection carries a half-sent request and must not be reused.
+            upstream.close()
+        if not await tee.finish():
+            runtime.metrics.too_large.inc()
+            facts.extra["replay"] = "too_large"
+            events.warning(
+                "replay_too_large" if why == "nonce" else "expired_token_not_replayed",
+                route=route.name,
+                client=route.client,
+                reason=(
+                    f"request body is larger than replay_limit ({route.replay_limit} bytes); "
+                    "the 401 goes back to the app"
+                    + ("" if why == "nonce" else " and the next request gets a fresh token")
+                ),
+            )
+            return _NOT_REPLAYABLE
+        return tee.body()
 
     async def _maybe_replay(
         self,
@@ -371,27 +450,10 @@ class Forwarder:
     ) -> UpstreamResponse | None:
         """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
         route = runtime.config
-        body = outbound.body
-        if tee is not None:
-            if not tee.complete:
-                # The partner answered before reading the whole body: this
-                # connection carries a half-sent request and must not be reused.
-                upstream.close()
-            if not await tee.finish():
-                runtime.metrics.too_large.inc()
-                runtime.source.forget(failed)
-                facts.extra["replay"] = "too_large"
-                events.warning(
-                    "expired_token_not_replayed",
-                    route=route.name,
-                    client=route.client,
-                    reason=(
-                        f"request body is larger than replay_limit ({route.replay_limit} bytes); "
-                        "the 401 goes back to the app and the next request gets a fresh token"
-                    ),
-                )
-                return None
-            body = tee.body()
+        body = await self._replay_body(runtime, outbound, tee, upstream, facts, "expired")
+        if body is _NOT_REPLAYABLE:
+            runtime.source.forget(failed)
+            return None
         mints_before = runtime.source.mints
         try:
             fresh = await runtime.source.replace_expired(failed)
@@ -412,7 +474,12 @@ class Forwarder:
         facts.replayed = True
         return await self._sender.send(
             runtime,
-            replace(outbound, headers=headers),  # the same request, another token
+            # the same request, another token (and a proof bound to it)
+            replace(
+                outbound,
+                headers=headers,
+                proof=_prover(runtime, outbound.method, outbound.url, fresh),
+            ),
             body,
             None,
             interim,
@@ -456,6 +523,12 @@ class Forwarder:
             request.abort()
             return
         await request.finish()
+
+
+def _took_nonce(runtime: RouteRuntime, url: str, upstream: UpstreamResponse) -> bool:
+    """Remember the partner's ``DPoP-Nonce`` (RFC 9449 §9); True when it is new."""
+    assert runtime.nonces is not None
+    return runtime.nonces.seen(origin(url), upstream.headers.get("DPoP-Nonce"))
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:

@@ -7,6 +7,7 @@ timeout, or the app's own body when that is what failed).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,6 +46,9 @@ class Outbound:
     headers: list[tuple[str, str]]
     has_body: bool
     body: bytes | None = None  # a small body read whole before sending (BUFFERED_BODY)
+    # A DPoP token's proof (RFC 9449 §7): made afresh for every send, a
+    # resend and a replay included, so no proof is ever sent twice.
+    proof: Callable[[], str] | None = None
 
 
 class Sender:
@@ -103,7 +107,9 @@ class Sender:
                 outbound.method,
                 outbound.url,
                 outbound.target,
-                outbound.headers,
+                outbound.headers
+                if outbound.proof is None
+                else [*outbound.headers, ("DPoP", outbound.proof())],
                 data,
                 interim,
             )

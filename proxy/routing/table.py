@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from yarl import URL
 
-from proxy.config.model import Config, RouteConfig
+from proxy.config.model import ClientConfig, Config, RouteConfig
 from proxy.egress.policy import EgressPolicy
 from proxy.errors import (
     RouteBusy,
@@ -20,6 +20,7 @@ from proxy.errors import (
 from proxy.metrics import Metrics, RouteMetrics
 from proxy.routing.router import Router, UpstreamBase
 from proxy.tls import default_tls, ssl_context
+from proxy.tokens.dpop import DpopKey, Nonces
 from proxy.tokens.source import SharedTokenSource
 
 
@@ -37,6 +38,10 @@ class RouteRuntime:
     drop_headers: frozenset[str]  # the inbound key header: never forwarded
     body_timeout: float
     guarded: bool  # allow_from or inbound_auth to check
+    # RFC 9449: the client's DPoP key (a proof on every request) and the
+    # process's nonces, shared with the token side; None without ``dpop``.
+    dpop: DpopKey | None = None
+    nonces: Nonces | None = None
 
 
 class Gate:
@@ -73,9 +78,19 @@ class RouteTable:
 
 
 def route_runtime(
-    route: RouteConfig, source: SharedTokenSource, metrics: Metrics, body_timeout: float
+    route: RouteConfig,
+    source: SharedTokenSource,
+    metrics: Metrics,
+    body_timeout: float,
+    client: ClientConfig | None = None,
+    nonces: Nonces | None = None,
 ) -> RouteRuntime:
     base = UpstreamBase.parse(route.upstream)
+    dpop = None
+    if client is not None and client.dpop is not None:
+        from proxy.tokens.dpop import DpopKey
+
+        dpop = DpopKey(client.dpop)
     return RouteRuntime(
         config=route,
         base=base,
@@ -97,6 +112,8 @@ def route_runtime(
         drop_headers=frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
         body_timeout=body_timeout,
         guarded=bool(route.allow_from) or route.inbound_auth is not None,
+        dpop=dpop,
+        nonces=nonces if dpop is not None else None,
     )
 
 

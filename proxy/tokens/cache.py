@@ -55,6 +55,7 @@ def encode_token(token: Token) -> bytes:
             "refresh_at": token.refresh_at,
             "scope": token.scope,
             "lifetime": token.lifetime,
+            "token_type": token.token_type,
         }
     ).encode()
 
@@ -70,6 +71,7 @@ def decode_token(raw: bytes | str) -> Token | None:
             refresh_at=float(data["refresh_at"]),
             scope=data.get("scope"),
             lifetime=float(data.get("lifetime", 0.0)),
+            token_type="DPoP" if data.get("token_type") == "DPoP" else "Bearer",
         )
     except (ValueError, KeyError, TypeError):
         return None

@@ -13,7 +13,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import quote_plus
 
 import aiohttp
@@ -31,6 +31,7 @@ from proxy.log import get_logger
 from proxy.tls import ssl_context
 from proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from proxy.tokens.breaker import Failure, MintGuard
+from proxy.tokens.dpop import htu, origin, says_use_dpop_nonce
 from proxy.tokens.token import (
     MAX_TOKEN_RESPONSE_BYTES,
     Minter,
@@ -38,6 +39,9 @@ from proxy.tokens.token import (
     parse_retry_after,
     parse_token_response,
 )
+
+if TYPE_CHECKING:
+    from proxy.tokens.dpop import DpopKey, Nonces
 
 USER_AGENT: Final = "authproxy"
 MINTED_REMEMBERED: Final = 4  # tokens of this client redacted from endpoint error text
@@ -115,9 +119,21 @@ class ClientCredentialsMinter:
         session: aiohttp.ClientSession,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        nonces: Nonces | None = None,
     ) -> None:
         self.client = client
         self._session = session
+        # RFC 9449: a client with a DPoP key proves it on every token request;
+        # the nonces the endpoint hands out are shared with the partner side.
+        self._dpop: DpopKey | None = None
+        self._nonces = nonces
+        self._warned_bearer = False
+        if client.dpop is not None:
+            from proxy.tokens.dpop import DpopKey, Nonces
+
+            self._dpop = DpopKey(client.dpop)
+            if self._nonces is None:
+                self._nonces = Nonces()
         self._clock = clock
         self._monotonic = monotonic
         self._headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
@@ -173,22 +189,32 @@ class ClientCredentialsMinter:
         # The lifetime counts from before the request left: the server's clock
         # started no earlier, so the expiry we compute is never later than its.
         sent_at = self._clock()
+        proofs: list[str] = []
         try:
             async with asyncio.timeout(self.client.timeout):
-                form = token_request_form(self.client, scope, self._clock())
-                as_json = self.client.token_request_format == "json"  # noqa: S105
-                async with self._session.post(
-                    self.client.token_url,
-                    data=None if as_json else form,
-                    json=dict(form) if as_json else None,
-                    headers=self._headers,
-                    allow_redirects=False,
-                    ssl=self._ssl,
-                ) as response:
-                    body = await _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
-                    status = response.status
-                    content_type = response.headers.get("Content-Type", "")
-                    retry_after = response.headers.get("Retry-After")
+                while True:
+                    form = token_request_form(self.client, scope, self._clock())
+                    as_json = self.client.token_request_format == "json"  # noqa: S105
+                    headers = self._headers
+                    if self._dpop is not None:
+                        proofs.append(self._proof())
+                        headers = {**headers, "DPoP": proofs[-1]}
+                    async with self._session.post(
+                        self.client.token_url,
+                        data=None if as_json else form,
+                        json=dict(form) if as_json else None,
+                        headers=headers,
+                        allow_redirects=False,
+                        ssl=self._ssl,
+                    ) as response:
+                        body = await _read_capped(response, MAX_TOKEN_RESPONSE_BYTES)
+                        status = response.status
+                        content_type = response.headers.get("Content-Type", "")
+                        retry_after = response.headers.get("Retry-After")
+                        nonce = response.headers.get("DPoP-Nonce")
+                    if self._nonce_asked(status, body, nonce) and len(proofs) == 1:
+                        continue  # RFC 9449 §8: once more, with the nonce; still one mint
+                    break
         except TimeoutError:
             raise TokenEndpointTimeout(
                 f"token endpoint for client {name!r} did not answer within "
@@ -209,7 +235,7 @@ class ClientCredentialsMinter:
                 client=name,
             )
         try:
-            return parse_token_response(
+            token = parse_token_response(
                 status,
                 content_type,
                 body,
@@ -219,7 +245,8 @@ class ClientCredentialsMinter:
                 margin=self.client.expiry_margin,
                 refresh_ahead=self.client.refresh_ahead,
                 requested_scope=scope,
-                redact_secrets=self._sent_secrets(form),
+                redact_secrets=(*self._sent_secrets(form), *proofs),
+                dpop=self._dpop is not None,
             )
         except TokenEndpointRejected as exc:
             if status not in (429, 503):
@@ -232,6 +259,30 @@ class ClientCredentialsMinter:
                 route=exc.route,
                 client=exc.client,
             ) from None
+        if self._dpop is not None and token.token_type != "DPoP" and not self._warned_bearer:  # noqa: S105
+            self._warned_bearer = True
+            log.warning(
+                "dpop_answered_bearer",
+                client=name,
+                reason="the token endpoint answered a DPoP token request with a Bearer token; "
+                "it is used as Bearer (is DPoP enabled for this client at the server?)",
+            )
+        return token
+
+    def _proof(self) -> str:
+        assert self._dpop is not None and self._nonces is not None
+        url = self.client.token_url
+        return self._dpop.proof(
+            "POST", htu(url), now=self._clock(), nonce=self._nonces.get(origin(url))
+        )
+
+    def _nonce_asked(self, status: int, body: bytes | None, nonce: str | None) -> bool:
+        """Remember the endpoint's ``DPoP-Nonce``; True when the answer is RFC
+        9449 §8's ``use_dpop_nonce`` error with a nonce to use."""
+        if self._dpop is None or self._nonces is None:
+            return False
+        fresh = self._nonces.seen(origin(self.client.token_url), nonce)
+        return fresh and status == 400 and body is not None and says_use_dpop_nonce(body)
 
 
 class GuardedMinter:

@@ -139,6 +139,8 @@ def client_fingerprint(client: ClientConfig) -> str:
         client.params,
         client.private_key,
         client.tls_stamp,
+        # RFC 9449: a token is bound to the DPoP key; another key, another token
+        *((client.dpop.thumbprint,) if client.dpop is not None else ()),
     )
 
 

@@ -46,6 +46,8 @@ class Token:
     refresh_at: float
     scope: str | None = None
     lifetime: float = 0.0  # seconds the server granted (before the margin)
+    # "Bearer" (RFC 6750) or "DPoP" (RFC 9449: sent with a proof of the key)
+    token_type: str = "Bearer"  # noqa: S105 - a scheme name, not a secret
 
     def valid(self, now: float) -> bool:
         return now < self.expires_at
@@ -72,6 +74,7 @@ def make_token(
     margin: float,
     refresh_ahead: float,
     scope: str | None = None,
+    token_type: str = "Bearer",  # noqa: S107 - a scheme name
 ) -> Token:
     """Build a :class:`Token` with its absolute expiry and refresh times.
 
@@ -88,6 +91,7 @@ def make_token(
         refresh_at=refresh_at,
         scope=scope,
         lifetime=lifetime,
+        token_type=token_type,
     )
 
 
@@ -178,6 +182,7 @@ def parse_token_response(
     refresh_ahead: float,
     requested_scope: str | None,
     redact_secrets: Sequence[str] = (),
+    dpop: bool = False,
 ) -> Token:
     """Turn a token endpoint's answer into a :class:`Token`, strictly.
 
@@ -229,13 +234,17 @@ def parse_token_response(
             client=client,
         )
     token_type = document.get("token_type")
-    if not isinstance(token_type, str) or token_type.lower() != "bearer":
-        # RFC 6749 §7.1: the type decides how the token is used; we only do Bearer
-        # (RFC 6750). DPoP or MAC tokens would be sent wrongly, so refuse them.
+    kind = token_type.lower() if isinstance(token_type, str) else ""
+    if kind != "bearer" and not (dpop and kind == "dpop"):
+        # RFC 6749 §7.1: the type decides how the token is used: Bearer (RFC
+        # 6750), or DPoP (RFC 9449) for a client with a DPoP key. A DPoP token
+        # without a key, or a MAC token, would be sent wrongly: refused.
         shown = token_type if isinstance(token_type, str) else repr(token_type)
+        supported = "Bearer and DPoP are" if dpop else "only Bearer is"
+        advice = "" if dpop or kind != "dpop" else " (give the client a dpop key_file)"
         raise TokenResponseInvalid(
             f"token endpoint for client {client!r} sent token_type {shown[:32]!r}, "
-            "only Bearer is supported",
+            f"{supported} supported{advice}",
             client=client,
         )
     lifetime = _lifetime_from(document.get("expires_in"))
@@ -260,6 +269,7 @@ def parse_token_response(
         margin=margin,
         refresh_ahead=refresh_ahead,
         scope=granted if isinstance(granted, str) else requested_scope,
+        token_type="DPoP" if kind == "dpop" else "Bearer",
     )
 
 
