@@ -92,8 +92,9 @@ class TokenSources:
             held = previous.current
             if previous.key == key and held is not None:
                 source.current = held  # same credentials: keep the token in hand
-            elif held is not None and held.valid(self._clock()):
-                # New credentials: make before break (issue 13).
+            elif held is not None and held.valid(self._clock()) and _same_key(known[0], client):
+                # New credentials: make before break (issue 13). Not across a
+                # new DPoP key: a token bound to the old one is refused with it.
                 source.succeed(previous.key, held)
         self._sources[name] = (client, source)
         return source
@@ -121,6 +122,14 @@ class TokenSources:
 
     def guards(self) -> dict[str, MintGuard]:
         return {name: guard for name, (_, guard) in self._guards.items()}
+
+
+def _same_key(old: ClientConfig, new: ClientConfig) -> bool:
+    """Whether tokens of ``old`` can still be sent by ``new``: the same DPoP
+    key, or none (RFC 9449: a token is bound to its key)."""
+    return (old.dpop.thumbprint if old.dpop else None) == (
+        new.dpop.thumbprint if new.dpop else None
+    )
 
 
 def client_fingerprint(client: ClientConfig) -> str:
