@@ -7,6 +7,8 @@ JWKS (signature, issuer, audience, expiry)."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +23,7 @@ import aiohttp
 import jwt
 import pytest
 from aiohttp import web
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from fakes import LocalServer
 
 from conftest import free_port, write_private_key
@@ -170,7 +172,7 @@ def client_block(name: str, token_url: str, method: str, extra: str = "") -> str
 
 
 async def start_oidc_provider(
-    tmp_path: Path, cleanup: list[Any], wrong: str | None = None
+    tmp_path: Path, cleanup: list[Any], wrong: str | None = None, *, dpop_nonce: bool = False
 ) -> tuple[str, CountingRelay, VerifyingPartner, str]:
     node_ready()
     key_path, public_jwk = rsa_key(tmp_path)
@@ -180,9 +182,12 @@ async def start_oidc_provider(
         {**common, "client_id": "post", "client_secret": "post-secret", "token_endpoint_auth_method": "client_secret_post"},
         {**common, "client_id": "hsjwt", "client_secret": JWT_SECRET, "token_endpoint_auth_method": "client_secret_jwt"},
         {**common, "client_id": "pkjwt", "jwks": {"keys": [public_jwk]}, "token_endpoint_auth_method": "private_key_jwt"},
+        {**common, "client_id": "dpop", "client_secret": "dpop-secret", "token_endpoint_auth_method": "client_secret_basic",
+         "dpop_bound_access_tokens": True},
     ]  # fmt: skip
     port = free_port()
-    server = NodeServer(["node", "oidc_provider.mjs", str(port), json.dumps(clients)], port)
+    argv = ["node", "oidc_provider.mjs", str(port), json.dumps(clients)]
+    server = NodeServer([*argv, "dpop-nonce"] if dpop_nonce else argv, port)
     cleanup.append(server.stop)
     await server.ready()
     issuer = f"http://127.0.0.1:{port}"
@@ -331,3 +336,104 @@ async def test_oauth2_mock_server_as_a_second_implementation(
     assert len(partner.verified) == 4 and partner.rejected == 0
     assert proxy.sources is not None
     assert sorted(source.mints for _, source in proxy.sources.all()) == [1, 1]
+
+
+@dataclass
+class DpopVerifyingPartner(VerifyingPartner):
+    """A resource server for DPoP-bound JWT access tokens (RFC 9449 §7): the
+    token verifies against the issuer's JWKS, the proof against its own key
+    (typ, htm, htu, iat, a jti never seen, ath), the token's ``cnf.jkt`` is
+    the proof key's thumbprint, and the proof carries this partner's nonce."""
+
+    nonce: str = "rs-nonce-1"
+    jtis: set[str] = field(default_factory=set)
+    refused: list[str] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        from test_dpop import verify_proof
+
+        if self._keys is None:
+            async with aiohttp.ClientSession() as http, http.get(self.jwks_url) as r:
+                self._keys = jwt.PyJWKSet.from_dict(await r.json())
+        body = await request.read()
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+
+        def refuse(error: str, why: str) -> web.Response:
+            self.refused.append(why)
+            headers = {"WWW-Authenticate": f'DPoP error="{error}", error_description="{why}"'}
+            if error == "use_dpop_nonce":
+                headers["DPoP-Nonce"] = self.nonce
+            return web.Response(status=401, headers=headers)
+
+        try:
+            kid = jwt.get_unverified_header(token)["kid"]
+            key = next(k for k in self._keys.keys if k.key_id == kid)
+            claims = jwt.decode(
+                token, key.key, algorithms=["RS256", "PS256", "ES256"], issuer=self.issuer,
+                audience=self.audience,
+            )  # fmt: skip
+            proof = verify_proof(
+                request.headers.get("DPoP"), request.method, f"{self.url}{request.path}"
+            )
+        except (jwt.PyJWTError, StopIteration, KeyError, ValueError) as exc:
+            return refuse("invalid_token", type(exc).__name__)
+        if scheme != "DPoP":
+            return refuse("invalid_token", f"scheme {scheme}")
+        if proof["jti"] in self.jtis:
+            return refuse("invalid_dpop_proof", "jti replayed")
+        self.jtis.add(proof["jti"])
+        ath = base64.urlsafe_b64encode(hashlib.sha256(token.encode()).digest()).decode().rstrip("=")
+        if proof.get("ath") != ath:
+            return refuse("invalid_dpop_proof", "ath")
+        if claims.get("cnf", {}).get("jkt") != proof["_jkt"]:
+            return refuse("invalid_token", "cnf.jkt is not the proof key")
+        if proof.get("nonce") != self.nonce:
+            return refuse("use_dpop_nonce", "nonce")
+        self.verified.append(claims)
+        self.bodies.append(body)
+        return web.json_response({"ok": True, "client": claims.get("client_id")})
+
+
+@pytest.mark.parametrize("as_nonce", [False, True], ids=["no-as-nonce", "as-nonce"])
+async def test_oidc_provider_dpop_bound_tokens(
+    tmp_path: Path, cleanup: list[Any], as_nonce: bool
+) -> None:
+    """RFC 9449 against a certified server: the proxy mints DPoP-bound JWT access
+    tokens (with and without the server's nonce), and a resource server that
+    checks everything accepts every request; its own nonce challenge is
+    answered once, with the same body."""
+    issuer, _, _, _ = await start_oidc_provider(tmp_path, cleanup, dpop_nonce=as_nonce)
+    partner = DpopVerifyingPartner(jwks_url=f"{issuer}/jwks", issuer=issuer, audience=RESOURCE)
+    await partner.start()
+    cleanup.append(partner.stop)
+    key = tmp_path / "dpop.pem"
+    write_private_key(key, ec.generate_private_key(ec.SECP256R1()))
+    block = client_block(
+        "dpop", f"{issuer}/token", "client_secret_basic", f"    dpop: {{key_file: {key}}}"
+    ).replace("basic-secret", "dpop-secret")
+    proxy, http = await start_proxy(
+        f"listen: 127.0.0.1:0\nclients:\n{block}" + routes(partner, ["dpop"]), cleanup
+    )
+    async with http.post(f"{proxy.url}/dpop/orders", data=b"first") as response:
+        assert response.status == 200, await response.text()
+
+    async def one(i: int) -> int:
+        async with http.get(f"{proxy.url}/dpop/orders/{i}") as response:
+            return response.status
+
+    assert await asyncio.gather(*(one(i) for i in range(50))) == [200] * 50
+    assert partner.refused == ["nonce"]  # the partner's own nonce, once
+    assert partner.bodies[0] == b"first"
+    assert len(partner.verified) == 51 and len(partner.jtis) == 52
+    assert {c["cnf"]["jkt"] for c in partner.verified} == {thumbprint_of(key)}
+    assert proxy.sources is not None
+    assert [source.mints for _, source in proxy.sources.all()] == [1]
+
+
+def thumbprint_of(path: Path) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from test_dpop import thumbprint
+
+    private = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key())))
