@@ -8,6 +8,7 @@ YAML tells it) and the dotted key, e.g.
 
 from __future__ import annotations
 
+import base64
 import difflib
 import hashlib
 import os
@@ -54,6 +55,7 @@ from proxy.config.model import (
     LOG_LEVELS,
     MAX_WORKERS,
     SECRET_METHODS,
+    TLS_METHODS,
     TOKEN_REQUEST_FORMATS,
     AdminConfig,
     AuthMethod,
@@ -97,7 +99,7 @@ _CLIENT_KEYS: Final = _TLS_KEYS | frozenset(
      "params", "expiry_margin", "refresh_ahead", "default_lifetime", "remint_min_interval",
      "timeout", "warm", "private_key_file", "certificate_file", "key_id", "algorithm",
      "assertion_audience", "token_headers", "token_request_format", "mint_attempts",
-     "failure_cooldown", "dpop"}
+     "failure_cooldown", "dpop", "certificate_bound"}
 )  # fmt: skip
 _DPOP_KEYS: Final = frozenset({"key_file", "alg"})
 _ROUTE_KEYS: Final = _TLS_KEYS | frozenset(
@@ -542,8 +544,17 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         raise reader.error("timeout", "must be greater than 0")
     ca_file = reader.convert("ca_file", _readable_file, None)
     cert_file, key_file, tls_stamp = _tls_files(reader, ca_file)
-    if auth_method == "tls_client_auth" and cert_file is None:
-        raise reader.error("client_cert_file", "is required for auth_method tls_client_auth")
+    if auth_method in TLS_METHODS and cert_file is None:
+        raise reader.error("client_cert_file", f"is required for auth_method {auth_method}")
+    certificate_bound = reader.boolean("certificate_bound", False)
+    thumbprint = ""
+    if certificate_bound and auth_method not in TLS_METHODS:
+        raise reader.error(
+            "certificate_bound",
+            "needs auth_method tls_client_auth or self_signed_tls_client_auth (RFC 8705 §3)",
+        )
+    if cert_file is not None:
+        thumbprint = _x5t_s256(cert_file)
     token_headers: list[tuple[str, str]] = []
     if reader.has("token_headers"):
         headers_reader = reader.child("token_headers")
@@ -606,6 +617,8 @@ def _parse_client(name: str, reader: _Reader, warnings: list[str]) -> ClientConf
         mint_attempts=reader.convert("mint_attempts", _attempts, DEFAULT_MINT_ATTEMPTS),
         failure_cooldown=cooldown,
         dpop=dpop,
+        certificate_bound=certificate_bound,
+        certificate_thumbprint=thumbprint,
     )
     reader.finish()
     return client
@@ -633,6 +646,15 @@ def _header_text(value: object) -> str:
     if any(c in text for c in "\r\n\x00"):
         raise ValueError("must not contain CR, LF or NUL")
     return text
+
+
+def _x5t_s256(path: str) -> str:
+    """RFC 8705 §3.1: base64url(SHA-256(DER)) of the first certificate in ``path``."""
+    text = Path(path).read_text(errors="replace")
+    start = text.find("-----BEGIN CERTIFICATE-----")
+    end = text.find("-----END CERTIFICATE-----", start)
+    der = ssl.PEM_cert_to_DER_cert(text[start : end + len("-----END CERTIFICATE-----")])
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode("ascii").rstrip("=")
 
 
 def _tls_files(reader: _Reader, ca_file: str | None) -> tuple[str | None, str | None, str]:
@@ -752,6 +774,19 @@ def _parse_route(
         rule_reader.finish()
     route_ca = reader.convert("ca_file", _readable_file, None)
     route_cert, route_key, route_stamp = _tls_files(reader, route_ca)
+    client = clients[client_name]
+    if client.certificate_bound:
+        # RFC 8705 §3: the partner checks the token against the certificate
+        # of the TLS connection, so the route presents the client's own.
+        if route_cert is None:
+            route_cert, route_key = client.client_cert_file, client.client_key_file
+            route_stamp = hashlib.sha256((route_stamp + client.tls_stamp).encode()).hexdigest()[:16]
+        elif _x5t_s256(route_cert) != client.certificate_thumbprint:
+            raise reader.error(
+                "client_cert_file",
+                f"client {client_name!r} has certificate-bound tokens: the route must present "
+                "the client's own certificate (leave client_cert_file out to use it)",
+            )
     route = RouteConfig(
         name=name,
         upstream=upstream,

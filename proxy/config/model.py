@@ -23,8 +23,10 @@ AuthMethod = Literal[
     "client_secret_jwt",
     "private_key_jwt",
     "tls_client_auth",
+    "self_signed_tls_client_auth",  # RFC 8705 §2.2: the AS knows the certificate itself
     "none",
 ]
+TLS_METHODS: Final = frozenset({"tls_client_auth", "self_signed_tls_client_auth"})
 AUTH_METHODS: Final = frozenset(get_args(AuthMethod))
 SECRET_METHODS: Final = frozenset(
     {"client_secret_basic", "client_secret_post", "client_secret_jwt"}
@@ -133,6 +135,11 @@ class ClientConfig:
     mint_attempts: int = DEFAULT_MINT_ATTEMPTS
     failure_cooldown: float = DEFAULT_FAILURE_COOLDOWN
     dpop: DpopConfig | None = None  # sender-constrained tokens (RFC 9449)
+    # RFC 8705 §3: tokens bound to the client certificate; every route of the
+    # client presents it to the partner. ``certificate_thumbprint`` is its
+    # x5t#S256, what a bound token's ``cnf`` names.
+    certificate_bound: bool = False
+    certificate_thumbprint: str = ""
 
     def __post_init__(self) -> None:
         where = f"client {self.name!r}"

@@ -36,6 +36,7 @@ from proxy.tokens.token import (
     MAX_TOKEN_RESPONSE_BYTES,
     Minter,
     Token,
+    jwt_claims,
     parse_retry_after,
     parse_token_response,
 )
@@ -88,7 +89,7 @@ def token_request_form(
                 ),
             )
         )
-    elif method in ("none", "tls_client_auth"):
+    elif method in ("none", "tls_client_auth", "self_signed_tls_client_auth"):
         # RFC 8705 §2: with mutual TLS the client_id goes in the body; TLS proves it.
         form.append(("client_id", client.client_id))
     return form
@@ -128,6 +129,7 @@ class ClientCredentialsMinter:
         self._dpop: DpopKey | None = None
         self._nonces = nonces
         self._warned_bearer = False
+        self._warned_cnf = False
         if client.dpop is not None:
             from proxy.tokens.dpop import DpopKey, Nonces
 
@@ -259,6 +261,7 @@ class ClientCredentialsMinter:
                 route=exc.route,
                 client=exc.client,
             ) from None
+        self._check_binding(token)
         if self._dpop is not None and token.token_type != "DPoP" and not self._warned_bearer:  # noqa: S105
             self._warned_bearer = True
             log.warning(
@@ -268,6 +271,37 @@ class ClientCredentialsMinter:
                 "it is used as Bearer (is DPoP enabled for this client at the server?)",
             )
         return token
+
+    def _check_binding(self, token: Token) -> None:
+        """A JWT access token that names its key (``cnf``: RFC 9449 §6.1,
+        RFC 8705 §3.1) must name this client's: a token bound to another key
+        or certificate is refused, never sent."""
+        claims = jwt_claims(token.access_token)
+        cnf = claims.get("cnf") if claims else None
+        if not isinstance(cnf, dict):
+            return
+        name = self.client.name
+        jkt, x5t = cnf.get("jkt"), cnf.get("x5t#S256")
+        if jkt is not None and (self._dpop is None or jkt != self._dpop.thumbprint):
+            raise TokenResponseInvalid(
+                f"token endpoint for client {name!r} sent a token bound to a DPoP key "
+                "(cnf.jkt) that is not this client's dpop key",
+                client=name,
+            )
+        if x5t is not None and x5t != self.client.certificate_thumbprint:
+            raise TokenResponseInvalid(
+                f"token endpoint for client {name!r} sent a token bound to a certificate "
+                "(cnf.x5t#S256) that is not this client's client_cert_file",
+                client=name,
+            )
+        if x5t is not None and not self.client.certificate_bound and not self._warned_cnf:
+            self._warned_cnf = True
+            log.warning(
+                "certificate_bound_token",
+                client=name,
+                reason="the token is bound to the client certificate (cnf.x5t#S256); set "
+                "certificate_bound: true so that every route presents the certificate",
+            )
 
     def _proof(self) -> str:
         assert self._dpop is not None and self._nonces is not None
