@@ -75,6 +75,7 @@ class DpopServers:
     refused: list[str] = field(default_factory=list)
     expired: set[str] = field(default_factory=set)
     stale_nonce: bool = False  # ask for rs_nonce even when the proof carries it
+    jwt_jkt: str | None = None  # issue JWT access tokens with this cnf.jkt
     port: int = 0
     runner: web.AppRunner | None = None
 
@@ -121,6 +122,10 @@ class DpopServers:
                 headers={"DPoP-Nonce": self.as_nonce},
             )
         token = "dpop-" + secrets.token_urlsafe(12)
+        if self.jwt_jkt is not None:
+            token = jwt.encode(
+                {"jti": token, "cnf": {"jkt": self.jwt_jkt}}, "k" * 32, algorithm="HS256"
+            )
         self.bound[token] = claims["_jkt"]
         self.mints += 1
         return web.json_response(
@@ -443,3 +448,28 @@ def test_a_key_that_cannot_sign_proofs_is_a_config_error_naming_the_file(
     with pytest.raises(ConfigError, match=message) as caught:
         parse_config(config_text(servers, key, extra), "test.yaml")
     assert "clients.bank.dpop.key_file" in str(caught.value) and str(key) in str(caught.value)
+
+
+def test_a_dpop_route_must_send_the_token_in_authorization(
+    servers: DpopServers, dpop_key: Path
+) -> None:
+    text = config_text(servers, dpop_key).replace(
+        "    client: bank\n", "    client: bank\n    token_header: X-Api-Token\n"
+    )
+    with pytest.raises(ConfigError, match="DPoP tokens, which go in Authorization"):
+        parse_config(text, "test.yaml")
+
+
+async def test_a_token_bound_to_another_dpop_key_is_never_sent(
+    servers: DpopServers, proxy_for: Any
+) -> None:
+    """A JWT access token whose cnf.jkt names another key is refused at mint."""
+    other = ec.generate_private_key(ec.SECP256R1())
+    jkt = thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(other.public_key())))
+    servers.jwt_jkt = jkt
+    proxy = await proxy_for()
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/bank/a") as answer:
+        assert answer.status == 502
+        document = await answer.json()
+    assert document["error"] == "token_response_invalid" and "cnf.jkt" in document["message"]
+    assert servers.seen == [] and servers.refused == []

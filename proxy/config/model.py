@@ -381,6 +381,15 @@ class Config:
                 f"route {route.name!r}",
                 f"client {route.client!r} is not defined",
             )
+            client = self.clients.get(route.client)
+            _require(
+                client is None
+                or client.dpop is None
+                or route.token_header.lower() == "authorization",
+                f"route {route.name!r}",
+                f"client {route.client!r} has DPoP tokens, which go in Authorization (RFC 9449 "
+                f"§7.1), not {route.token_header}",
+            )
             if route.host is not None:
                 entry = self.egress.tunnel_for(route.host, INTERCEPT_PORT)
                 _require(
