@@ -247,7 +247,16 @@ clients:
     token_url: http://127.0.0.1:{tokens.port}/token
     client_id: bench
     client_secret: ${{BENCH_SECRET}}
+  bench-dpop:
+    token_url: http://127.0.0.1:{tokens.port}/token
+    client_id: bench
+    client_secret: ${{BENCH_SECRET}}
+    dpop: {{key_file: {dpop_key(tmp)}}}
 routes:
+  - name: partner-dpop             # the dpop_get scenario: a proof per request
+    match: {{path_prefix: /dpop/}}
+    upstream: http://127.0.0.1:{up}/
+    client: bench-dpop
   - name: partner
     match: {{path_prefix: /}}
     upstream: http://127.0.0.1:{up}/
@@ -264,6 +273,19 @@ routes:
     if workers > 1:
         time.sleep(1.5)  # every worker listening
     return Proc("authproxy", port, popen, {"admin": admin})
+
+
+def dpop_key(tmp: Path) -> Path:
+    """An EC P-256 DPoP key for the bench's DPoP client (ES256, the usual choice)."""
+    path = tmp / "dpop.pem"
+    if not path.exists():
+        subprocess.run(
+            ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-out", str(path)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        path.chmod(0o600)
+    return path
 
 
 WRK_LATENCY = re.compile(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", re.M)
@@ -416,6 +438,24 @@ def main() -> int:
                     )
             results["scenarios"][name] = summarise(rounds)
             report(name, results["scenarios"][name])
+        if wanted("dpop_get"):
+            # issue 15: the same small GET on a DPoP route (a proof signed per
+            # request) and on the bearer route, alternating, same process.
+            ap = contenders["authproxy"]
+            assert ap is not None
+            pair: dict[str, list[dict[str, Any]]] = {"bearer": [], "dpop": []}
+            for _ in range(args.rounds):
+                for cname, path in (("bearer", "/api/x"), ("dpop", "/dpop/api/x")):
+                    pair[cname].append(
+                        measured(ap, partial(wrk, ap.port, path, args.duration, 64, None, "1"))
+                    )
+            summary = summarise(pair)
+            summary["dpop_over_bearer"] = {
+                "per_round": [round(d["rps"] / b["rps"], 3) for d, b in zip(pair["dpop"], pair["bearer"], strict=True)],
+                "cpu_us_added": round((summary["dpop"]["cpu_us_per_req"] or 0) - (summary["bearer"]["cpu_us_per_req"] or 0), 1),
+            }  # fmt: skip
+            results["scenarios"]["dpop_get"] = summary
+            report("dpop_get", summary)
         if wanted("get") and wanted("c1000"):
             results["rss_flat"] = {"after_get_c64_mib": results["scenarios"]["get"]["authproxy"]["rss_mib"],
                                    "after_c1000_mib": results["scenarios"]["c1000"]["authproxy"]["rss_mib"]}  # fmt: skip
@@ -506,7 +546,7 @@ def summarise(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 def report(name: str, summary: dict[str, Any], big: bool = False) -> None:
     print(f"\n== {name}")
     for cname, s in summary.items():
-        if cname.startswith("authproxy_over") or "scaling" in cname:
+        if cname.startswith(("authproxy_over", "dpop_over")) or "scaling" in cname:
             print(f"   {cname}: {s}")
             continue
         if big:

@@ -1,6 +1,6 @@
 """Where a proxied request's CPU goes: py-spy on the pinned proxy under wrk.
 
-    bench/.venv/bin/python bench/profile.py [get|post] [--seconds 8]
+    bench/.venv/bin/python bench/profile.py [get|post|dpop] [--seconds 8]
 
 Starts the bench's nginx upstream and token endpoint, one authproxy pinned to
 CPU 0, drives it with wrk (64 connections) and samples it with py-spy. Prints
@@ -53,7 +53,7 @@ def writes(frame: str) -> bool:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post"))
+    parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post", "dpop"))
     parser.add_argument("--seconds", type=float, default=8)
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -77,7 +77,8 @@ def main() -> int:
         proxy = bench.authproxy(up.port, tokens, tmp, 1, "0")
         procs.append(proxy)
         assert proxy.popen is not None
-        bench.wrk(proxy.port, "/api/x", 2, 64, script, "1")  # warm up
+        path = "/dpop/api/x" if args.scenario == "dpop" else "/api/x"  # dpop: a proof per request
+        bench.wrk(proxy.port, path, 2, 64, script, "1")  # warm up
         sampler = subprocess.Popen(
             [
                 spy,
@@ -97,7 +98,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = bench.wrk(proxy.port, "/api/x", args.seconds + 1, 64, script, "1")
+        result = bench.wrk(proxy.port, path, args.seconds + 1, 64, script, "1")
         sampler.wait()
     finally:
         for proc in reversed(procs):

@@ -24,8 +24,11 @@ async def main(port: int) -> None:
     async def token(request: web.Request) -> web.Response:
         await request.read()
         minted[0] += 1
+        # A DPoP token request (RFC 9449) gets a DPoP token; the proof is not
+        # checked here (tests/test_dpop.py does): the bench measures its cost.
+        kind = "DPoP" if request.headers.get("DPoP") else "Bearer"
         return web.json_response(
-            {"access_token": f"tok-{next(serial)}", "token_type": "Bearer", "expires_in": 3600}
+            {"access_token": f"tok-{next(serial)}", "token_type": kind, "expires_in": 3600}
         )
 
     async def count(request: web.Request) -> web.Response:

@@ -50,7 +50,7 @@ from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
 from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
 from proxy.routing.table import RouteRuntime, RouteTable
-from proxy.tokens.dpop import htu, origin
+from proxy.tokens.dpop import htu
 from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
@@ -122,11 +122,9 @@ def _prover(runtime: RouteRuntime, method: str, url: str, token: Token) -> Calla
     key, nonces = runtime.dpop, runtime.nonces
     if key is None or nonces is None or token.token_type != "DPoP":  # noqa: S105
         return None
-    target, at = htu(url), origin(url)
-    value = token.access_token
-    return lambda: key.proof(
-        method, target, now=time.time(), nonce=nonces.get(at), access_token=value
-    )
+    at = runtime.base.origin  # the partner's nonce is per origin
+    proof = key.prover(method, htu(url), token.access_token)
+    return lambda: proof(time.time(), nonces.get(at))
 
 
 class Forwarder:
@@ -528,7 +526,7 @@ class Forwarder:
 def _took_nonce(runtime: RouteRuntime, url: str, upstream: UpstreamResponse) -> bool:
     """Remember the partner's ``DPoP-Nonce`` (RFC 9449 §9); True when it is new."""
     assert runtime.nonces is not None
-    return runtime.nonces.seen(origin(url), upstream.headers.get("DPoP-Nonce"))
+    return runtime.nonces.seen(runtime.base.origin, upstream.headers.get("DPoP-Nonce"))
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:

@@ -95,6 +95,27 @@ class DpopKey:
         signing_input = f"{self._header}.{payload}"
         return f"{signing_input}.{b64url(self._sign(signing_input.encode('ascii')))}"
 
+    def prover(
+        self, method: str, url: str, access_token: str | None
+    ) -> Callable[[float, str | None], str]:
+        """``proof(method, url, access_token=...)`` as a function of the clock
+        and the nonce only, with what is fixed per request (the JSON of
+        ``htm``, ``htu``, ``ath``) encoded once: a proof per send then costs
+        a random ``jti`` and one signature."""
+        fixed = {"htm": method, "htu": url}
+        if access_token is not None:
+            fixed["ath"] = b64url(hashlib.sha256(access_token.encode("ascii")).digest())
+        tail = json.dumps(fixed, separators=(",", ":"))[1:]  # '"htm":...}'
+        header, sign = self._header, self._sign
+
+        def proof(now: float, nonce: str | None) -> str:
+            extra = "" if nonce is None else ',"nonce":' + json.dumps(nonce)
+            claims = f'{{"jti":"{secrets.token_urlsafe(16)}","iat":{int(now)}{extra},{tail}'
+            signing_input = f"{header}.{b64url(claims.encode())}"
+            return f"{signing_input}.{b64url(sign(signing_input.encode('ascii')))}"
+
+        return proof
+
 
 def _signer(config: DpopConfig) -> Callable[[bytes], bytes]:
     """The JWS signature function of ``config``'s key (RFC 7518 §3)."""
