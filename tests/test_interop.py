@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -437,3 +438,116 @@ def thumbprint_of(path: Path) -> str:
 
     private = serialization.load_pem_private_key(path.read_bytes(), password=None)
     return thumbprint(json.loads(jwt.algorithms.ECAlgorithm.to_jwk(private.public_key())))
+
+
+async def test_oidc_provider_certificate_bound_tokens(tmp_path: Path, cleanup: list[Any]) -> None:
+    """RFC 8705 against a certified server: self_signed_tls_client_auth over
+    real mutual TLS, JWT access tokens bound to the client certificate
+    (cnf.x5t#S256), and a partner that accepts each only over a connection
+    presenting that certificate; the proxy presents it on its own
+    (certificate_bound: true)."""
+    node_ready()
+    from cryptography.hazmat.primitives import serialization
+    from test_cert_bound import x5t
+    from test_tls import Pki, _cert
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("interop CA", ca_key, None, ca=True)
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    paths = Pki(
+        *(tmp_path / n for n in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")),
+        issuer=(ca.subject, ca_key),
+    )
+    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths.server_cert.write_bytes(
+        _cert("127.0.0.1", server_key, (ca.subject, ca_key), ip="127.0.0.1").public_bytes(
+            serialization.Encoding.PEM
+        )
+    )
+    write_private_key(paths.server_key, server_key)
+    # A self-signed client certificate, registered by its thumbprint (RFC 8705 §2.2).
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client_cert = _cert("mtls-client", client_key, None)
+    paths.client_cert.write_bytes(client_cert.public_bytes(serialization.Encoding.PEM))
+    write_private_key(paths.client_key, client_key)
+    der = client_cert.public_bytes(serialization.Encoding.DER)
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(client_key.public_key()))
+    jwk["x5t#S256"] = x5t(der)
+    jwk["x5c"] = [base64.b64encode(der).decode()]
+    clients = [{
+        "client_id": "mtls", "grant_types": ["client_credentials"], "redirect_uris": [],
+        "response_types": [], "token_endpoint_auth_method": "self_signed_tls_client_auth",
+        "tls_client_certificate_bound_access_tokens": True, "jwks": {"keys": [jwk]},
+    }]  # fmt: skip
+    port = free_port()
+    server = NodeServer(
+        ["node", "oidc_provider.mjs", str(port), json.dumps(clients), "-",
+         str(paths.server_cert), str(paths.server_key)],
+        port,
+    )  # fmt: skip
+    cleanup.append(server.stop)
+    await server.ready()
+    issuer = f"https://127.0.0.1:{port}"
+    trust = ssl.create_default_context(cafile=str(paths.ca))
+    async with aiohttp.ClientSession() as http, http.get(f"{issuer}/jwks", ssl=trust) as r:
+        keys = jwt.PyJWKSet.from_dict(await r.json())
+    verified: list[dict[str, Any]] = []
+    refused: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        peer = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        try:
+            kid = jwt.get_unverified_header(token)["kid"]
+            key = next(k for k in keys.keys if k.key_id == kid)
+            claims = jwt.decode(token, key.key, algorithms=["RS256", "PS256", "ES256"],
+                                issuer=issuer, audience=RESOURCE)  # fmt: skip
+        except (jwt.PyJWTError, StopIteration, KeyError) as exc:
+            refused.append(type(exc).__name__)
+            return web.Response(status=401)
+        if peer is None or claims.get("cnf", {}).get("x5t#S256") != x5t(peer):
+            refused.append("certificate")
+            return web.Response(status=401)
+        verified.append(claims)
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", api)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    cleanup.append(runner.cleanup)
+    partner_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    partner_tls.load_cert_chain(paths.server_cert, paths.server_key)
+    partner_tls.verify_mode = ssl.CERT_OPTIONAL
+    partner_tls.load_verify_locations(paths.client_cert)  # the self-signed client, trusted here
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=partner_tls)
+    await site.start()
+    partner_port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    text = f"""listen: 127.0.0.1:0
+clients:
+  mtls:
+    token_url: {issuer}/token
+    client_id: mtls
+    auth_method: self_signed_tls_client_auth
+    scope: orders.read
+    mint_attempts: 1
+    ca_file: {paths.ca}
+    client_cert_file: {paths.client_cert}
+    client_key_file: {paths.client_key}
+    certificate_bound: true
+routes:
+  - name: mtls
+    match: {{path_prefix: /mtls/}}
+    upstream: https://127.0.0.1:{partner_port}/
+    client: mtls
+    ca_file: {paths.ca}
+"""
+    proxy, http = await start_proxy(text, cleanup)
+    for i in range(5):
+        async with http.get(f"{proxy.url}/mtls/orders/{i}") as response:
+            assert response.status == 200, await response.text()
+    assert refused == [] and len(verified) == 5
+    assert {c["cnf"]["x5t#S256"] for c in verified} == {x5t(der)}
+    assert proxy.sources is not None
+    assert [source.mints for _, source in proxy.sources.all()] == [1]
