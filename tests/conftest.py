@@ -444,3 +444,26 @@ def samples(text: str) -> Samples:
 
 def value(scrape: Samples, name: str, **labels: str) -> float:
     return scrape.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="session")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A primary, a replica and three sentinels, for the whole session (a
+    test that kills the primary makes its own: tests/tokens/test_failover.py)."""
+    from redis_sets import SentinelSet
+
+    found = SentinelSet(tmp_path_factory.mktemp("sentinel"))
+    found.start()
+    yield found
+    found.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Three Redis Cluster primaries, for the whole session."""
+    from redis_sets import ClusterSet
+
+    found = ClusterSet(tmp_path_factory.mktemp("cluster"))
+    found.start()
+    yield found
+    found.stop()

@@ -74,6 +74,7 @@ from proxy.config.model import (
     LogFormat,
     LogLevel,
     RouteConfig,
+    SentinelTarget,
     TokenRequestFormat,
     TunnelEntry,
 )
@@ -851,9 +852,13 @@ def _worker_count(value: object) -> int:
 def _redis_url(value: object) -> str:
     text = str(value)
     scheme = text.split("://", 1)[0] if "://" in text else ""
-    if scheme not in ("redis", "rediss", "unix"):
+    if scheme in ("redis+sentinel", "rediss+sentinel"):
+        SentinelTarget.parse(text)  # its errors never quote the URL
+    elif scheme not in ("redis", "rediss", "unix"):
         # Never echo the URL back: it may carry a password.
-        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        raise ValueError(
+            "expected a redis://, rediss://, unix:// or redis+sentinel://host:port,.../SERVICE URL"
+        )
     return text
 
 
@@ -868,9 +873,22 @@ def _parse_cache(reader: _Reader) -> CacheConfig:
     if lock_ttl <= 0:
         raise reader.error("lock_ttl", "must be greater than 0")
     prefix = reader.string("key_prefix", "authproxy") or "authproxy"
+    if "{" in prefix or "}" in prefix:
+        raise reader.error(
+            "key_prefix", "must not contain { or } (the key's hash tag is the proxy's)"
+        )
+    cluster = reader.boolean("cluster", False)
+    if cluster and url is not None and "+sentinel://" in url:
+        raise reader.error(
+            "cluster", "is for Redis Cluster; a redis+sentinel:// URL is a Sentinel set"
+        )
     reader.finish()
     return CacheConfig(
-        backend=cast(CacheBackend, backend), url=url, key_prefix=prefix, lock_ttl=lock_ttl
+        backend=cast(CacheBackend, backend),
+        url=url,
+        key_prefix=prefix,
+        lock_ttl=lock_ttl,
+        cluster=cluster,
     )
 
 

@@ -222,14 +222,57 @@ class CacheConfig:
     ``redis``: every worker of every replica that uses the same Redis."""
 
     backend: CacheBackend = "memory"
+    # redis://, rediss://, unix://, or redis+sentinel://[:password@]h1:p1,h2:p2/SERVICE[/DB]
     url: str | None = field(default=None, repr=False)  # may hold a password
     key_prefix: str = "authproxy"
     lock_ttl: float = DEFAULT_LOCK_TTL
+    cluster: bool = False  # url names a node of a Redis Cluster
 
     def __post_init__(self) -> None:
         _require(self.backend in CACHE_BACKENDS, "cache", f"backend {self.backend!r}")
         _require(self.backend != "redis" or bool(self.url), "cache", "redis needs a url")
         _require(self.lock_ttl > 0, "cache", "lock_ttl must be positive")
+        # The key's digest is the hash tag ({...}) that keeps a token and its
+        # lock in one cluster slot: the prefix must not carry one of its own.
+        _require("{" not in self.key_prefix and "}" not in self.key_prefix, "cache",
+                 "key_prefix must not contain { or }")  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class SentinelTarget:
+    """A ``redis+sentinel://`` URL, parsed: where the sentinels are and which
+    primary they watch. ``password`` authenticates to the primary and to the
+    sentinels alike."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> SentinelTarget:
+        """Raises ValueError, never quoting the URL (it may hold a password)."""
+        scheme, sep, rest = url.partition("://")
+        if not sep or scheme not in ("redis+sentinel", "rediss+sentinel"):
+            raise ValueError("expected redis+sentinel://[:password@]host:port,.../SERVICE[/DB]")
+        userinfo, at, rest = rest.rpartition("@")
+        password = userinfo.partition(":")[2] if at else None
+        hosts, _, path = rest.partition("/")
+        service, _, db = path.partition("/")
+        sentinels = []
+        for item in hosts.split(","):
+            host, colon, port = item.strip().rpartition(":")
+            if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("each sentinel must be host:port (26379 is the usual port)")
+            sentinels.append((host.strip("[]"), int(port)))
+        if not service:
+            raise ValueError("name the primary's service after the hosts: .../SERVICE[/DB]")
+        if db and not db.isdigit():
+            raise ValueError("the database after the service must be a number")
+        return cls(
+            tuple(sentinels), service, int(db or 0), password or None, scheme == "rediss+sentinel"
+        )
 
 
 @dataclass(frozen=True, slots=True)

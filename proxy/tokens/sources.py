@@ -172,7 +172,11 @@ def build_cache(
 
         assert settings.url is not None
         primary = RedisTokenCache(
-            settings.url, key_prefix=settings.key_prefix, lock_ttl=settings.lock_ttl, clock=clock
+            settings.url,
+            key_prefix=settings.key_prefix,
+            lock_ttl=settings.lock_ttl,
+            clock=clock,
+            cluster=settings.cluster,
         )
         return FallbackTokenCache(primary, MemoryTokenCache(clock), on_state=on_state)
     if runtime_dir is not None:

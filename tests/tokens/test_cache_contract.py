@@ -1,6 +1,6 @@
 """One contract, every token cache backend: memory (one process), file (the
-host's workers), Redis (every replica) and Redis behind the fallback
-wrapper. A backend that differs from the others fails here; the one
+host's workers), Redis (every replica), Redis behind the fallback
+wrapper, a Sentinel-managed primary and a Redis Cluster (issue 17). A backend that differs from the others fails here; the one
 difference docs/design.md names is that the memory cache has no lock across
 processes (it is not shared; single-flight within a process is the source's).
 """
@@ -20,7 +20,7 @@ from proxy.tokens.file_cache import FileTokenCache
 from proxy.tokens.redis_cache import RedisTokenCache
 from proxy.tokens.token import Token, make_token
 
-BACKENDS = ("memory", "file", "redis", "redis-with-fallback")
+BACKENDS = ("memory", "file", "redis", "redis-with-fallback", "redis-sentinel", "redis-cluster")
 KEY = cache_key("acme", "read", "fingerprint-1")
 
 
@@ -41,9 +41,19 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         (tmp_path / "cache").mkdir(mode=0o700)  # the supervisor makes it so
         made = FileTokenCache(str(tmp_path / "cache"), time.time)
     else:
-        redis_url = request.getfixturevalue("redis_url")
+        cluster = kind == "redis-cluster"
+        if kind == "redis-sentinel":
+            redis_url = request.getfixturevalue("sentinel_set").url
+        elif cluster:
+            redis_url = request.getfixturevalue("cluster_set").url
+        else:
+            redis_url = request.getfixturevalue("redis_url")
         redis = RedisTokenCache(
-            redis_url, key_prefix=f"contract-{secrets.token_hex(4)}", lock_ttl=2.0, clock=time.time
+            redis_url,
+            key_prefix=f"contract-{secrets.token_hex(4)}",
+            lock_ttl=2.0,
+            clock=time.time,
+            cluster=cluster,
         )
         closing.append(redis)
         made = redis if kind == "redis" else FallbackTokenCache(redis, MemoryTokenCache(time.time))

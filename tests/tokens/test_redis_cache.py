@@ -41,7 +41,7 @@ async def test_put_get_with_ttl_of_remaining_life(
     assert await cache.get(KEY) == token
     client = aioredis.Redis.from_url(redis_url)
     try:
-        ttl = await client.pttl(f"{prefix}:token:{key_digest(KEY)}")
+        ttl = await client.pttl(f"{prefix}:token:{{{key_digest(KEY)}}}")
         assert 69_000 < ttl <= 70_000
     finally:
         await client.aclose()
@@ -54,7 +54,7 @@ async def test_a_dead_holders_lock_expires(
     # A holder that never releases (it died) blocks others only for lock_ttl.
     client = aioredis.Redis.from_url(redis_url)
     try:
-        await client.set(f"{prefix}:lock:{key_digest(KEY)}", "dead-holder", px=500)
+        await client.set(f"{prefix}:lock:{{{key_digest(KEY)}}}", "dead-holder", px=500)
     finally:
         await client.aclose()
     loop = asyncio.get_running_loop()
