@@ -22,7 +22,7 @@ from aiohttp import web
 from test_tls import Pki, pki  # noqa: F401 - the fixture
 
 from conftest import log_events
-from proxy.config.load import parse_config
+from proxy.config.load import load_config, parse_config
 from proxy.errors import ConfigError
 from proxy.server import ProxyServer
 
@@ -207,3 +207,25 @@ def test_the_thumbprint_is_the_certificates(bound: BoundServers) -> None:
     client = parse_config(config(bound), "test.yaml").clients["bank"]
     der = ssl.PEM_cert_to_DER_cert(bound.pki.client_cert.read_text())
     assert client.certificate_thumbprint == x5t(der)
+
+
+async def test_a_rotated_certificate_never_carries_the_old_certificates_token(
+    bound: BoundServers, tmp_path: Path
+) -> None:
+    """A new client certificate: the token bound to the old one is not bridged
+    (make-before-break is for credentials, not for a binding)."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(config(bound))
+    proxy = ProxyServer(load_config(str(path)))
+    await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"{proxy.url}/bank/a") as answer:
+                assert answer.status == 200
+            bound.pki.issue_client()
+            assert proxy.reload_from_file().ok
+            async with http.get(f"{proxy.url}/bank/b") as answer:
+                assert answer.status == 200, bound.refused
+    finally:
+        await proxy.stop()
+    assert bound.refused == [] and bound.mints == 2

@@ -76,6 +76,7 @@ class DpopServers:
     expired: set[str] = field(default_factory=set)
     stale_nonce: bool = False  # ask for rs_nonce even when the proof carries it
     jwt_jkt: str | None = None  # issue JWT access tokens with this cnf.jkt
+    dpop_fields: list[int] = field(default_factory=list)  # DPoP fields per partner request
     port: int = 0
     runner: web.AppRunner | None = None
 
@@ -134,6 +135,9 @@ class DpopServers:
 
     async def api(self, request: web.Request) -> web.Response:
         body = await request.read()
+        self.dpop_fields.append(len(request.headers.getall("DPoP", [])))
+        if len(request.headers.getall("DPoP", [])) > 1:  # RFC 9449 §4.3, check 1
+            return web.Response(status=400)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         url = f"{self.url}{request.raw_path.split('?', 1)[0]}"
 
@@ -473,3 +477,65 @@ async def test_a_token_bound_to_another_dpop_key_is_never_sent(
         document = await answer.json()
     assert document["error"] == "token_response_invalid" and "cnf.jkt" in document["message"]
     assert servers.seen == [] and servers.refused == []
+
+
+async def test_a_partner_rotating_its_nonce_under_load_costs_no_app_a_401(
+    servers: DpopServers, proxy_for: Any
+) -> None:
+    """Fifty requests in flight all meet the new nonce: each is replayed once
+    (the nonce is new to each request, whichever stored it first)."""
+    servers.rs_nonce = "rs-nonce-1"
+    proxy = await proxy_for()
+    async with aiohttp.ClientSession() as http, http.get(f"{proxy.url}/bank/warm") as answer:
+        assert answer.status == 200
+    servers.rs_nonce = "rs-nonce-2"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def one(i: int) -> int:
+            async with http.get(f"{proxy.url}/bank/n/{i}") as answer:
+                await answer.read()
+                return answer.status
+
+        assert await asyncio.gather(*(one(i) for i in range(50))) == [200] * 50
+    assert {s.get("nonce") for s in servers.seen[1:]} == {"rs-nonce-2"}
+
+
+async def test_two_scopes_minting_at_once_both_use_the_token_endpoints_nonce(
+    servers: DpopServers, dpop_key: Path, tmp_path: Path
+) -> None:
+    servers.as_nonce = "as-nonce-1"
+    text = (
+        config_text(servers, dpop_key)
+        + f"""
+  - name: bank2
+    match: {{path_prefix: /bank2/}}
+    upstream: {servers.url}/api/
+    client: bank
+    scope: other
+"""
+    )
+    proxy = ProxyServer(parse_config(text, "test.yaml"))
+    await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def one(path: str) -> int:
+                async with http.get(f"{proxy.url}/{path}/x") as answer:
+                    return answer.status
+
+            assert await asyncio.gather(one("bank"), one("bank2")) == [200, 200]
+    finally:
+        await proxy.stop()
+    assert servers.mints == 2
+
+
+async def test_an_apps_own_dpop_header_never_reaches_the_partner(
+    servers: DpopServers, proxy_for: Any
+) -> None:
+    proxy = await proxy_for()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{proxy.url}/bank/a", headers={"DPoP": "app-supplied-proof"}) as answer,
+    ):
+        assert answer.status == 200  # one proof, the proxy's: a second would be refused
+    assert servers.dpop_fields == [1]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -50,7 +50,7 @@ from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
 from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
 from proxy.routing.table import RouteRuntime, RouteTable
-from proxy.tokens.dpop import htu
+from proxy.tokens.dpop import Proofs, htu
 from proxy.tokens.token import Token
 
 log = get_logger("proxy.access")
@@ -116,15 +116,14 @@ def _credential(route: RouteConfig, token: Token) -> str:
     return route.token_prefix + token.access_token
 
 
-def _prover(runtime: RouteRuntime, method: str, url: str, token: Token) -> Callable[[], str] | None:
+def _prover(runtime: RouteRuntime, method: str, url: str, token: Token) -> Proofs | None:
     """Proofs for ``token`` on ``method url``: each call a new one, with the
     partner's current nonce (RFC 9449 §7, §9); None for a Bearer token."""
     key, nonces = runtime.dpop, runtime.nonces
     if key is None or nonces is None or token.token_type != "DPoP":  # noqa: S105
         return None
-    at = runtime.base.origin  # the partner's nonce is per origin
-    proof = key.prover(method, htu(url), token.access_token)
-    return lambda: proof(time.time(), nonces.get(at))
+    # The partner's nonce is per origin.
+    return Proofs(key.prover(method, htu(url), token.access_token), nonces, runtime.base.origin)
 
 
 class Forwarder:
@@ -355,7 +354,7 @@ class Forwarder:
         facts.upstream_status = upstream.status
         prefix: bytes | None = None
         try:
-            fresh_nonce = outbound.proof is not None and _took_nonce(runtime, url, upstream)
+            fresh_nonce = _new_nonce(runtime, outbound.proof, upstream)
             if upstream.status == 401:
                 if runtime.reads_401_body:
                     prefix = await _read_up_to(upstream, MAX_401_BODY, route.name)
@@ -369,7 +368,7 @@ class Forwarder:
                         upstream = replay
                         prefix = None
                         facts.upstream_status = upstream.status
-                        _took_nonce(runtime, url, upstream)
+                        _new_nonce(runtime, outbound.proof, upstream)
                 elif says_expired(401, challenges, prefix, route.expired_token):
                     replay = await self._maybe_replay(
                         runtime, outbound, tee, token, upstream, facts, interim
@@ -523,10 +522,14 @@ class Forwarder:
         await request.finish()
 
 
-def _took_nonce(runtime: RouteRuntime, url: str, upstream: UpstreamResponse) -> bool:
-    """Remember the partner's ``DPoP-Nonce`` (RFC 9449 §9); True when it is new."""
+def _new_nonce(runtime: RouteRuntime, proofs: Proofs | None, upstream: UpstreamResponse) -> bool:
+    """Remember the partner's ``DPoP-Nonce`` (RFC 9449 §9); True when it is
+    not the one this request's last proof carried."""
+    if proofs is None:
+        return False
     assert runtime.nonces is not None
-    return runtime.nonces.seen(runtime.base.origin, upstream.headers.get("DPoP-Nonce"))
+    given = runtime.nonces.seen(runtime.base.origin, upstream.headers.get("DPoP-Nonce"))
+    return given is not None and given != proofs.nonce
 
 
 async def _read_up_to(upstream: UpstreamResponse, cap: int, route: str) -> bytes:

@@ -28,7 +28,9 @@ HOP_BY_HOP: Final = frozenset(
 # Request headers the proxy sets itself, so any the app sent are dropped first.
 # Expect: the listener answers the app's 100-continue itself; the upstream
 # client does not wait for the partner's, so forwarding it would be a lie.
-_REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect"})
+# DPoP: the proxy's proof goes with the proxy's token (RFC 9449 §4.3 refuses
+# a request with two); an app's own is never forwarded.
+_REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect", "dpop"})
 # Forwarding headers the app could forge to pose as someone else; replaced by
 # the proxy's own unless trust_forwarded_headers is on.
 # The second line: fields that proxies and partners' stacks also read as the

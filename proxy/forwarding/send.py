@@ -7,7 +7,6 @@ timeout, or the app's own body when that is what failed).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,6 +27,7 @@ from proxy.forwarding.headers import transfer_codings
 from proxy.forwarding.seams import Interim, UpstreamClient, UpstreamResponse
 from proxy.log import get_logger
 from proxy.routing.table import RouteRuntime
+from proxy.tokens.dpop import Proofs
 
 events = get_logger("proxy.forward")
 
@@ -48,7 +48,7 @@ class Outbound:
     body: bytes | None = None  # a small body read whole before sending (BUFFERED_BODY)
     # A DPoP token's proof (RFC 9449 §7): made afresh for every send, a
     # resend and a replay included, so no proof is ever sent twice.
-    proof: Callable[[], str] | None = None
+    proof: Proofs | None = None
 
 
 class Sender:

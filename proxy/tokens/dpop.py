@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
@@ -43,6 +44,12 @@ def origin(url: str) -> str:
     """Scheme, host and port: what a server's nonce belongs to."""
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def token_origin(url: str) -> str:
+    """The nonce key of a token endpoint: kept apart from a partner's nonce
+    on the same origin (RFC 9449 §8 and §9 are separate servers' nonces)."""
+    return "token " + origin(url)
 
 
 def says_use_dpop_nonce(body: bytes) -> bool:
@@ -157,18 +164,37 @@ class Nonces:
     def get(self, origin: str) -> str | None:
         return self._by_origin.get(origin)
 
-    def seen(self, origin: str, value: str | None) -> bool:
-        """Remember ``value`` (a ``DPoP-Nonce`` field) for ``origin``; True when
-        it is a nonce (RFC 9449 §8.1) other than the one remembered."""
+    def seen(self, origin: str, value: str | None) -> str | None:
+        """Remember ``value`` (a ``DPoP-Nonce`` field) for ``origin``; the nonce
+        when it is one (RFC 9449 §8.1), else None. Whether to send a request
+        again is the caller's: when the nonce differs from the one its proof
+        carried (another request may have stored it first)."""
         if value is None:
-            return False
+            return None
         value = value.strip()
         if not _NONCE.fullmatch(value):
-            return False
+            return None
         with self._lock:
-            known = self._by_origin.get(origin)
             self._by_origin[origin] = value
             self._by_origin.move_to_end(origin)
             while len(self._by_origin) > self._limit:
                 self._by_origin.popitem(last=False)
-        return value != known
+        return value
+
+
+class Proofs:
+    """The proofs of one outbound request (a new one per send), remembering
+    the nonce the last one carried: a server's challenge is answered only
+    with a nonce other than that one (never a loop)."""
+
+    __slots__ = ("_at", "_make", "_nonces", "nonce")
+
+    def __init__(self, make: Callable[[float, str | None], str], nonces: Nonces, at: str) -> None:
+        self._make = make
+        self._nonces = nonces
+        self._at = at
+        self.nonce: str | None = None
+
+    def __call__(self) -> str:
+        self.nonce = self._nonces.get(self._at)
+        return self._make(time.time(), self.nonce)

@@ -31,7 +31,7 @@ from proxy.log import get_logger
 from proxy.tls import ssl_context
 from proxy.tokens.assertion import ASSERTION_TYPE, client_assertion
 from proxy.tokens.breaker import Failure, MintGuard
-from proxy.tokens.dpop import htu, origin, says_use_dpop_nonce
+from proxy.tokens.dpop import htu, says_use_dpop_nonce, token_origin
 from proxy.tokens.token import (
     MAX_TOKEN_RESPONSE_BYTES,
     Minter,
@@ -198,8 +198,11 @@ class ClientCredentialsMinter:
                     form = token_request_form(self.client, scope, self._clock())
                     as_json = self.client.token_request_format == "json"  # noqa: S105
                     headers = self._headers
+                    sent: str | None = None  # the nonce the proof carries
                     if self._dpop is not None:
-                        proofs.append(self._proof())
+                        assert self._nonces is not None
+                        sent = self._nonces.get(token_origin(self.client.token_url))
+                        proofs.append(self._proof(sent))
                         headers = {**headers, "DPoP": proofs[-1]}
                     async with self._session.post(
                         self.client.token_url,
@@ -214,7 +217,7 @@ class ClientCredentialsMinter:
                         content_type = response.headers.get("Content-Type", "")
                         retry_after = response.headers.get("Retry-After")
                         nonce = response.headers.get("DPoP-Nonce")
-                    if self._nonce_asked(status, body, nonce) and len(proofs) == 1:
+                    if self._nonce_asked(status, body, nonce, sent) and len(proofs) == 1:
                         continue  # RFC 9449 §8: once more, with the nonce; still one mint
                     break
         except TimeoutError:
@@ -303,20 +306,26 @@ class ClientCredentialsMinter:
                 "certificate_bound: true so that every route presents the certificate",
             )
 
-    def _proof(self) -> str:
-        assert self._dpop is not None and self._nonces is not None
-        url = self.client.token_url
-        return self._dpop.proof(
-            "POST", htu(url), now=self._clock(), nonce=self._nonces.get(origin(url))
-        )
+    def _proof(self, nonce: str | None) -> str:
+        assert self._dpop is not None
+        return self._dpop.proof("POST", htu(self.client.token_url), now=self._clock(), nonce=nonce)
 
-    def _nonce_asked(self, status: int, body: bytes | None, nonce: str | None) -> bool:
+    def _nonce_asked(
+        self, status: int, body: bytes | None, nonce: str | None, sent: str | None
+    ) -> bool:
         """Remember the endpoint's ``DPoP-Nonce``; True when the answer is RFC
-        9449 §8's ``use_dpop_nonce`` error with a nonce to use."""
+        9449 §8's ``use_dpop_nonce`` error with a nonce other than the one sent
+        (another mint may have stored it already: it is still new to this one)."""
         if self._dpop is None or self._nonces is None:
             return False
-        fresh = self._nonces.seen(origin(self.client.token_url), nonce)
-        return fresh and status == 400 and body is not None and says_use_dpop_nonce(body)
+        given = self._nonces.seen(token_origin(self.client.token_url), nonce)
+        return (
+            given is not None
+            and given != sent
+            and status == 400
+            and body is not None
+            and says_use_dpop_nonce(body)
+        )
 
 
 class GuardedMinter:

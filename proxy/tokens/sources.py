@@ -126,10 +126,13 @@ class TokenSources:
 
 def _same_key(old: ClientConfig, new: ClientConfig) -> bool:
     """Whether tokens of ``old`` can still be sent by ``new``: the same DPoP
-    key, or none (RFC 9449: a token is bound to its key)."""
-    return (old.dpop.thumbprint if old.dpop else None) == (
+    key or none (RFC 9449), and the same client certificate when tokens are
+    bound to it (RFC 8705 §3): a bound token is never bridged to another."""
+    same_dpop = (old.dpop.thumbprint if old.dpop else None) == (
         new.dpop.thumbprint if new.dpop else None
     )
+    bound = old.certificate_bound or new.certificate_bound
+    return same_dpop and (not bound or old.certificate_thumbprint == new.certificate_thumbprint)
 
 
 def client_fingerprint(client: ClientConfig) -> str:
