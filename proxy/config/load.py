@@ -776,13 +776,15 @@ def _parse_route(
     route_ca = reader.convert("ca_file", _readable_file, None)
     route_cert, route_key, route_stamp = _tls_files(reader, route_ca)
     client = clients[client_name]
-    if client.certificate_bound:
-        # RFC 8705 §3: the partner checks the token against the certificate
-        # of the TLS connection, so the route presents the client's own.
-        if route_cert is None:
-            route_cert, route_key = client.client_cert_file, client.client_key_file
-            route_stamp = hashlib.sha256((route_stamp + client.tls_stamp).encode()).hexdigest()[:16]
-        elif _x5t_s256(route_cert) != client.certificate_thumbprint:
+    if client.auth_method in TLS_METHODS and route_cert is None:
+        # RFC 8705 §3: a partner that checks a certificate-bound token against
+        # the certificate of its TLS connection gets the client's own. TLS
+        # sends it only to a server that asks for one.
+        assert client.client_cert_file is not None
+        route_cert, route_key = client.client_cert_file, client.client_key_file
+        route_stamp = hashlib.sha256((route_stamp + client.tls_stamp).encode()).hexdigest()[:16]
+    elif client.certificate_bound and route_cert is not None:
+        if _x5t_s256(route_cert) != client.certificate_thumbprint:
             raise reader.error(
                 "client_cert_file",
                 f"client {client_name!r} has certificate-bound tokens: the route must present "

@@ -303,7 +303,8 @@ class ClientCredentialsMinter:
                 "certificate_bound_token",
                 client=name,
                 reason="the token is bound to the client certificate (cnf.x5t#S256); set "
-                "certificate_bound: true so that every route presents the certificate",
+                "certificate_bound: true so that a route with another certificate is refused "
+                "at load and a new certificate never carries an old token",
             )
 
     def _proof(self, nonce: str | None) -> str:
