@@ -75,6 +75,9 @@ def build_table(
         previous=previous.egress if previous is not None else None,
         on_issue=metrics.leaf_certificates.inc,
     )
+    key_headers = frozenset(
+        route.inbound_auth.header.lower() for route in config.routes if route.inbound_auth
+    )
     runtimes = {
         route.name: route_runtime(
             route,
@@ -83,6 +86,7 @@ def build_table(
             config.inbound.body_timeout,
             config.clients[route.client],
             nonces,
+            key_headers,
         )
         for route in config.routes
     }

@@ -1057,6 +1057,32 @@ case(
     answers=(ok(b"one"),),
     why="RFC 9112 §9.6, with a body before the pipelined bytes",
 )
+case(
+    "pipelined_after_upgrade_websocket",
+    request(b"GET /acme/ws HTTP/1.1", H, b"Upgrade: websocket", b"Connection: Upgrade")
+    + request(b"GET /acme/b HTTP/1.1", H),
+    replies=(ok(b"one"), ok(b"two")),
+    forwarded=(request(b"GET /v2/ws HTTP/1.1"), request(b"GET /v2/b HTTP/1.1")),
+    answers=(ok(b"one"), ok(b"two")),
+    why="RFC 9110 §7.8: the proxy does not upgrade; the next request in the read is served (issue 11, round 5)",
+)
+case(
+    "pipelined_after_upgrade_h2c_post",
+    request(
+        b"POST /acme/up HTTP/1.1",
+        H,
+        b"Upgrade: h2c",
+        b"Connection: Upgrade, HTTP2-Settings",
+        b"HTTP2-Settings: AAMAAABkAAQAAP__",
+        b"Content-Length: 3",
+        body=b"abc",
+    )
+    + request(b"GET /acme/b HTTP/1.1", H),
+    replies=(ok(b"one"),),
+    forwarded=(request(b"POST /v2/up HTTP/1.1", b"Content-Length: 3", body=b"abc"),),
+    answers=(ok(b"one"),),
+    why="RFC 9112 §9.3.2: the parser drops what follows an h2c upgrade; answered, then closed, never a shifted answer",
+)
 for name, host in (("space", b"a b"), ("userinfo", b"u@partner.example"), ("slash", b"a/b")):
     case(
         f"malformed_400_host_{name}",

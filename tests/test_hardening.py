@@ -59,6 +59,28 @@ async def test_inbound_key_is_required_checked_and_never_forwarded(
     assert "key-of-app-two" not in str(seen.headers)
 
 
+async def test_a_proxy_key_never_reaches_the_partner_of_another_route(
+    make_stack: StackFactory, tmp_path: Path
+) -> None:
+    """An app that sends its proxy key on every call (a default header) hands
+    it to no partner, on the keyed route or any other (issue 11, round 5)."""
+    keys = tmp_path / "keys"
+    keys.write_text("key-of-app-one\n")
+    keys.chmod(0o600)
+    stack = await make_stack(
+        extra_routes=f"""  - name: keyed
+    match: {{path_prefix: /keyed/}}
+    upstream: {{partner}}/k/
+    client: demo
+    inbound_auth: {{header: X-Proxy-Key, keys_file: {keys}}}"""
+    )
+    for path in ("/demo/x", "/keyed/x"):
+        assert await status_of(stack, path, headers={"X-Proxy-Key": "key-of-app-one"}) == 200
+    assert len(stack.partner.requests) == 2
+    for seen in stack.partner.requests:
+        assert "x-proxy-key" not in {name.lower() for name, _ in seen.headers}
+
+
 async def test_literal_secret_and_readable_secret_file_are_warned_about(
     make_stack: StackFactory, tmp_path: Path, log_stream: io.StringIO
 ) -> None:

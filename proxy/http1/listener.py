@@ -445,7 +445,7 @@ class AppConnection(BaseProtocol):
                     self._parser = parser = self._new_parser(HttpRequestParserPy)
         try:
             messages: Sequence[tuple[Any, Any]]
-            messages, _, tail = parser.feed_data(data)
+            messages, upgraded, tail = parser.feed_data(data)
         except BadHttpMethod as exc:
             if not METHOD_START.match(data):
                 return [(self._refuse(exc, data), None)]  # not a token: 400
@@ -453,7 +453,7 @@ class AppConnection(BaseProtocol):
                 return [(self._refuse(exc, data, unframed=True), None)]
             self._parser = parser = self._new_parser(HttpRequestParserPy)
             try:
-                messages, _, tail = parser.feed_data(data)
+                messages, upgraded, tail = parser.feed_data(data)
             except HttpProcessingError as again:
                 return self._refused_read(HttpRequestParserPy, data, again, clean=True)
         except HttpProcessingError as exc:
@@ -478,6 +478,15 @@ class AppConnection(BaseProtocol):
                 held += payload.read_nowait()
             self.held = held
             return messages
+        if upgraded:
+            # The parser stops at an Upgrade request (RFC 9110 §7.8), but the
+            # proxy never upgrades (Upgrade and Connection are hop-by-hop; the
+            # partner answers in HTTP/1.1): what follows is the next request,
+            # parsed afresh, never dropped.
+            self._parser = self._new_parser(type(parser))
+            self._clean = True
+            self._last = messages[-1] if messages else prior
+            return [*messages, *(self._feed(bytes(tail)) if tail else ())]
         last = messages[-1] if messages else prior
         self._last = last
         if last is None:
@@ -629,6 +638,13 @@ class AppConnection(BaseProtocol):
             return
         messages = self._feed(data)
         self._previous = data
+        if messages and messages[-1][0].upgrade and not self._clean and self.held is None:
+            # llhttp stops at an Upgrade request; aiohttp hands on the rest of
+            # the read only for the upgrades it knows (websocket, re-parsed in
+            # _feed). For others (h2c) it is gone: answer up to this request
+            # and close, so the app resends what was not answered (RFC 9112
+            # §9.3.2), rather than answer the wrong request.
+            messages = self._serve_only(list(messages))
         if messages:
             self._disarm_head()
             self._messages.extend(messages)

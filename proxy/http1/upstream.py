@@ -87,6 +87,14 @@ class _Connection(ResponseHandler):
                 data = data[:end]
         super().data_received(data)
 
+    def connection_lost(self, exc: BaseException | None) -> None:
+        payload = self._payload
+        if exc is not None and payload is not None and not payload.is_eof():
+            # A reset is not an end (RFC 9112 §8): a body framed by the close
+            # is incomplete, and aiohttp would end it as if the close were clean.
+            payload.set_exception(aiohttp.ClientPayloadError("the partner reset the connection"))
+        super().connection_lost(exc)
+
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
         if not timeout:
@@ -134,7 +142,10 @@ class LeanBody:
         return bool(self._payload.is_eof())
 
     def read_nowait(self) -> bytes:
-        data: bytes = self._payload.read_nowait()
+        try:
+            data: bytes = self._payload.read_nowait()
+        except _BROKEN as exc:
+            raise UpstreamBodyFailed(type(exc).__name__) from None
         return data
 
     async def read(self, n: int = -1) -> bytes:

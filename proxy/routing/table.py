@@ -35,7 +35,7 @@ class RouteRuntime:
     reads_401_body: bool
     metrics: RouteMetrics
     gate: Gate
-    drop_headers: frozenset[str]  # the inbound key header: never forwarded
+    drop_headers: frozenset[str]  # the inbound key headers (every route's): never forwarded
     body_timeout: float
     guarded: bool  # allow_from or inbound_auth to check
     # RFC 9449: the client's DPoP key (a proof on every request) and the
@@ -84,7 +84,10 @@ def route_runtime(
     body_timeout: float,
     client: ClientConfig | None = None,
     nonces: Nonces | None = None,
+    key_headers: frozenset[str] = frozenset(),
 ) -> RouteRuntime:
+    """``key_headers``: every route's ``inbound_auth`` header, lower-case: an
+    app's proxy key is a credential for the proxy, never for any partner."""
     base = UpstreamBase.parse(route.upstream)
     dpop = None
     if client is not None and client.dpop is not None:
@@ -109,7 +112,8 @@ def route_runtime(
         reads_401_body=route.expired_token.body is not None,
         metrics=metrics.for_route(route.name),
         gate=Gate(route.max_concurrent),
-        drop_headers=frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
+        drop_headers=key_headers
+        | frozenset({route.inbound_auth.header.lower()} if route.inbound_auth else ()),
         body_timeout=body_timeout,
         guarded=bool(route.allow_from) or route.inbound_auth is not None,
         dpop=dpop,

@@ -5,12 +5,21 @@ keep-alive and failure handling are checked exactly."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from proxy.errors import BodyFailed, ConnectFailed, ConnectTimedOut, Dropped, UpstreamProtocolError
+from proxy.errors import (
+    BodyFailed,
+    ConnectFailed,
+    ConnectTimedOut,
+    Dropped,
+    UpstreamBodyFailed,
+    UpstreamProtocolError,
+)
 from proxy.http1.policy import request_head
 from proxy.http1.upstream import LeanClient
 from proxy.routing.table import Endpoint
@@ -217,6 +226,32 @@ async def test_close_delimited_body_is_read_to_the_end(client: LeanClient) -> No
         response = await client.request(endpoint(port), "GET", "", "/", [("Host", "h")], None)
         assert response.status == 200
         assert await response.content.read() == payload
+        response.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_close_delimited_body_cut_by_a_reset_is_a_broken_body(client: LeanClient) -> None:
+    """A reset is not an end (RFC 9112 §8): the app must not get the part as
+    a whole body (issue 11, fifth outside round)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nhello")
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # RST, not FIN
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        response = await client.request(endpoint(port), "GET", "", "/", [("Host", "h")], None)
+        assert response.status == 200
+        with pytest.raises(UpstreamBodyFailed):
+            await response.content.read()
         response.close()
     finally:
         server.close()
