@@ -47,6 +47,7 @@ KNOWN: frozenset[str] = frozenset(
         "method_options_max_forwards_decremented",
         "method_connect",
         "method_connect_unrouted",
+        "pipelined_after_upgrade_h2c_post",
         "target_percent_encoding_raw",
         "target_double_slash_kept",
         "target_absolute_form_unrouted_host",

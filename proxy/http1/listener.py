@@ -638,7 +638,12 @@ class AppConnection(BaseProtocol):
             return
         messages = self._feed(data)
         self._previous = data
-        if messages and messages[-1][0].upgrade and not self._clean and self.held is None:
+        if (
+            messages
+            and getattr(messages[-1][0], "upgrade", False)  # a refusal is no message
+            and not self._clean
+            and self.held is None
+        ):
             # llhttp stops at an Upgrade request; aiohttp hands on the rest of
             # the read only for the upgrades it knows (websocket, re-parsed in
             # _feed). For others (h2c) it is gone: answer up to this request
