@@ -204,7 +204,14 @@ class FallbackTokenCache:
 
     async def get(self, key: CacheKey) -> Token | None:
         answered, token = await self._on_primary(lambda: self.primary.get(key))
-        return token if answered else await self.fallback.get(key)
+        if not answered:
+            return await self.fallback.get(key)
+        if token is not None:
+            # Kept locally too, as a put is: a process that only ever read the
+            # token still has it when the primary fails (a failover is no
+            # reason for every process to mint its own: issue 17).
+            await self.fallback.put(key, token)
+        return token
 
     async def put(self, key: CacheKey, token: Token) -> None:
         await self.fallback.put(key, token)  # kept locally too: ready for an outage

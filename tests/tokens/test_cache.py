@@ -115,3 +115,14 @@ async def test_fallback_warns_once_per_outage_and_recovers(
     assert names.count("cache_backend_down") == 1
     assert names.count("cache_backend_up") == 1
     assert "ConnectionError" in log_stream.getvalue()
+
+
+async def test_a_token_only_read_from_the_primary_survives_its_outage(clock: FakeClock) -> None:
+    """Another process minted it; this one only read it. When the primary goes
+    (a Sentinel failover), this process still has it: no mint of its own."""
+    primary = BrokenCache(clock)
+    await primary.put(KEY, token("minted-elsewhere", clock))
+    cache = FallbackTokenCache(primary, MemoryTokenCache(clock))
+    assert await cache.get(KEY) == token("minted-elsewhere", clock)
+    primary.down = True
+    assert await cache.get(KEY) == token("minted-elsewhere", clock)
