@@ -42,6 +42,8 @@ from proxy.tokens.session import token_session
 from proxy.tokens.source import SharedTokenSource
 from proxy.tokens.sources import TokenSources, build_cache
 from proxy.tokens.token import iso_time
+from proxy.tracing import Tracing
+from proxy.tracing import build as build_tracing
 
 WORKER_PORT_ENV: Final = "AUTHPROXY_WORKER_PORT"  # set by the supervisor for its workers
 ADMIN_PORT_ENV: Final = "AUTHPROXY_ADMIN_PORT"  # ... and the admin port it reserved
@@ -50,7 +52,7 @@ WARM_RETRY_MAX: Final = 30.0  # seconds between attempts to warm a client that k
 # Keys that shape sockets, processes or the shared cache: read at start only.
 RESTART_ONLY: Final = (
     "listen_host", "listen_port", "admin", "workers", "cache", "shutdown_grace", "inbound",
-    "engine",
+    "engine", "tracing",
 )  # fmt: skip
 log = get_logger("proxy.server")
 
@@ -136,6 +138,7 @@ class ProxyServer:
         self.cache: TokenCache | None = None
         self.metrics = Metrics()
         self.nonces = Nonces()  # DPoP-Nonce by origin: the token and partner sides share it
+        self.tracing: Tracing | None = None
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self._upstream: UpstreamClient | None = None
@@ -196,9 +199,12 @@ class ProxyServer:
             self.config, self._runtime_dir, self._clock, self.metrics.cache_backend_up.set
         )
         tokens, clock, nonces = self._tokens, self._clock, self.nonces
+        self.tracing = tracing = build_tracing(self.config.tracing)
         self.sources = TokenSources(
             self.cache,
-            lambda client: ClientCredentialsMinter(client, tokens, clock, nonces=nonces),
+            lambda client: ClientCredentialsMinter(
+                client, tokens, clock, nonces=nonces, tracing=tracing
+            ),
             clock,
             self.metrics,
         )
@@ -206,6 +212,7 @@ class ProxyServer:
             build_table(self.config, self.sources, self.metrics, nonces=self.nonces),
             self._upstream,
             self.metrics,
+            tracing,
         )
         if self.config.admin is not None:
             await self._start_admin(self.config.admin.host)
@@ -410,6 +417,10 @@ class ProxyServer:
         primary = getattr(self.cache, "primary", None)
         if primary is not None and hasattr(primary, "close"):
             await primary.close()
+        if self.tracing is not None:
+            # The batch exporter's last spans go out (its own timeout bounds it).
+            await asyncio.to_thread(self.tracing.shutdown)
+            self.tracing = None
 
     async def status(self) -> dict[str, Any]:
         """The status page's data (proxy.ops.status.Status); no secret in it."""

@@ -76,6 +76,7 @@ from proxy.config.model import (
     RouteConfig,
     SentinelTarget,
     TokenRequestFormat,
+    TracingConfig,
     TunnelEntry,
 )
 from proxy.errors import ConfigError
@@ -91,7 +92,7 @@ T = TypeVar("T")
 # _Reader.raw asserts that every key a parser reads is declared here.
 _TOP_KEYS: Final = frozenset(
     {"listen", "clients", "routes", "admin", "workers", "cache", "shutdown_grace",
-     "watch_interval", "log", "access_log", "inbound", "engine", "egress",
+     "watch_interval", "log", "access_log", "inbound", "engine", "egress", "tracing",
      "trust_forwarded_headers"}
 )  # fmt: skip
 _TLS_KEYS: Final = frozenset({"ca_file", "client_cert_file", "client_key_file"})
@@ -978,6 +979,30 @@ def _parse_egress(
     return EgressConfig(intercept, tuple(entries), idle, connect)
 
 
+def _ratio(value: object) -> float:
+    """``1%`` to ``100%``, or a fraction from 0 to 1 (a sampling ratio)."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            number = float(value.strip()[:-1]) / 100.0
+        except ValueError:
+            number = -1.0
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        number = -1.0
+    if not 0.0 <= number <= 1.0:
+        raise ValueError(f"expected a ratio like 10% or 0.1 (0 to 100%), got {_shown(value)}")
+    return number
+
+
+def _parse_tracing(reader: _Reader) -> TracingConfig:
+    enabled = reader.boolean("enabled", False)
+    ratio = reader.convert("sample_ratio", _ratio, None)
+    name = reader.string("service_name")
+    reader.finish()
+    return TracingConfig(enabled=enabled, sample_ratio=ratio, service_name=name or None)
+
+
 def _parse_log(reader: _Reader) -> LogConfig:
     default = LogConfig()
     level = reader.convert("level", check_log_level, default.level)
@@ -1073,6 +1098,7 @@ def parse_config(
         shutdown_grace=grace,
         watch_interval=watch,
         log=_parse_log(top.child("log")) if top.has("log") else LogConfig(),
+        tracing=_parse_tracing(top.child("tracing")) if top.has("tracing") else TracingConfig(),
         access_log=top.boolean("access_log", True),
         inbound=_parse_inbound(top.child("inbound")) if top.has("inbound") else InboundLimits(),
         engine=cast(Engine, engine),

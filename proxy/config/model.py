@@ -304,6 +304,25 @@ class LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """``tracing:``: OpenTelemetry traces (issue 17, docs/operations.md). Off
+    unless ``enabled``; the exporter, its endpoint and the sampler follow the
+    standard ``OTEL_*`` variables, which ``sample_ratio`` and
+    ``service_name`` (when set) override."""
+
+    enabled: bool = False
+    sample_ratio: float | None = None  # parent-based ratio sampling; None: OTEL_TRACES_SAMPLER
+    service_name: str | None = None  # None: OTEL_SERVICE_NAME, else "authproxy"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.sample_ratio is None or 0.0 <= self.sample_ratio <= 1.0,
+            "tracing",
+            "sample_ratio must be from 0 to 1",
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class AdminConfig:
     """``admin:``: the operations listener. ``auth_token_file`` holds the
     bearer token every admin endpoint but /healthz and /readyz asks for;
@@ -409,6 +428,7 @@ class Config:
     inbound: InboundLimits = InboundLimits()
     engine: Engine = "lean"
     egress: EgressConfig = EgressConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "<memory>"
     warnings: tuple[str, ...] = ()  # allowed but unwise (a literal secret, a readable key file)
 

@@ -52,6 +52,7 @@ from proxy.routing.router import RequestTarget, parse_target, tunnel_target, ups
 from proxy.routing.table import RouteRuntime, RouteTable
 from proxy.tokens.dpop import Proofs, htu
 from proxy.tokens.token import Token
+from proxy.tracing import Tracing
 
 log = get_logger("proxy.access")
 events = get_logger("proxy.forward")
@@ -130,9 +131,16 @@ class Forwarder:
     """The proxy's request handler. ``table`` may be replaced at any time (reload);
     a request in flight keeps the table it started with."""
 
-    def __init__(self, table: RouteTable, client: UpstreamClient, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        table: RouteTable,
+        client: UpstreamClient,
+        metrics: Metrics,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.table = table
-        self._sender = Sender(client)
+        self._tracing = tracing
+        self._sender = Sender(client, tracing)
         self._metrics = metrics
         self._unrouted = metrics.for_route(UNROUTED)
         self.inflight = 0
@@ -142,15 +150,44 @@ class Forwarder:
         started = time.monotonic()
         self.inflight += 1
         self._metrics.inflight.inc()
+        facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         try:
-            await self._handle(request, started)
+            if self._tracing is None:
+                await self._handle(request, started, facts)
+            else:
+                await self._traced(self._tracing, request, started, facts)
         finally:
             self.inflight -= 1
             self._metrics.inflight.dec()
 
-    async def _handle(self, request: AppSide, started: float) -> None:
+    async def _traced(
+        self, tracing: Tracing, request: AppSide, started: float, facts: Exchange
+    ) -> None:
+        """``_handle`` inside the request's server span (issue 17)."""
+        span = tracing.request(request.headers)
+        token = tracing.attach(span)
+        try:
+            await self._handle(request, started, facts)
+        finally:
+            tracing.detach(token)
+            attributes: dict[str, str | int | bool] = {
+                "http.request.method": request.method,
+                "http.response.status_code": request.status,
+                "authproxy.request_id": facts.request_id,
+                "authproxy.replayed": facts.replayed,
+            }
+            if facts.route is not None:
+                attributes["authproxy.route"] = facts.route
+            if "client" in facts.extra:
+                attributes["authproxy.client"] = str(facts.extra["client"])
+            if facts.upstream_status is not None:
+                attributes["authproxy.upstream_status"] = facts.upstream_status
+            if "error" in facts.extra:
+                attributes["error.type"] = str(facts.extra["error"])
+            tracing.finish(span, attributes, failed=request.status >= 500)
+
+    async def _handle(self, request: AppSide, started: float, facts: Exchange) -> None:
         table = self.table  # a reload swaps self.table; this request keeps its own
-        facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         route_metrics = self._unrouted
         try:
             # The engine checked the framing (one Host, transfer codings, version).
@@ -302,7 +339,11 @@ class Forwarder:
         if token is None:
             facts.waited_for_mint = True
             try:
-                token = await source.token()
+                if self._tracing is None:
+                    token = await source.token()
+                else:
+                    with self._tracing.span("wait for token", **{"authproxy.client": route.client}):
+                        token = await source.token()
             except RequestFailed as exc:  # shared by every waiter: never rewritten
                 raise exc.on_route(route.name) from None
         facts.extra["client"] = route.client
@@ -377,7 +418,11 @@ class Forwarder:
                         upstream = replay
                         prefix = None
                         facts.upstream_status = upstream.status
-            await self._relay(request, upstream, prefix, route, via)
+            if self._tracing is None:
+                await self._relay(request, upstream, prefix, route, via)
+            else:
+                with self._tracing.span("relay response"):
+                    await self._relay(request, upstream, prefix, route, via)
         finally:
             upstream.close()
 

@@ -28,6 +28,7 @@ from proxy.forwarding.seams import Interim, UpstreamClient, UpstreamResponse
 from proxy.log import get_logger
 from proxy.routing.table import RouteRuntime
 from proxy.tokens.dpop import Proofs
+from proxy.tracing import Tracing
 
 events = get_logger("proxy.forward")
 
@@ -55,8 +56,9 @@ class Sender:
     """Sends :class:`Outbound` requests on an engine's
     :class:`~proxy.forwarding.seams.UpstreamClient`. Safe for concurrent use."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, tracing: Tracing | None = None) -> None:
         self._client = client
+        self.tracing = tracing  # one "upstream" span per attempt when on
 
     async def send(
         self,
@@ -99,17 +101,44 @@ class Sender:
         tee: BodyTee | None,
         interim: Interim,
     ) -> UpstreamResponse:
+        tracing = self.tracing
+        if tracing is None:
+            return await self._attempt(runtime, outbound, data, tee, interim, None)
+        route = runtime.config
+        with tracing.span(
+            "upstream",
+            "client",
+            **{"authproxy.route": route.name, "http.request.method": outbound.method,
+               "server.address": runtime.endpoint.host, "server.port": runtime.endpoint.port},
+        ) as span:  # fmt: skip
+            response = await self._attempt(runtime, outbound, data, tee, interim, span)
+            span.set_attribute("http.response.status_code", response.status)
+            return response
+
+    async def _attempt(
+        self,
+        runtime: RouteRuntime,
+        outbound: Outbound,
+        data: Any,
+        tee: BodyTee | None,
+        interim: Interim,
+        span: Any,
+    ) -> UpstreamResponse:
         route = runtime.config
         started = time.monotonic()
+        headers = outbound.headers
+        if outbound.proof is not None:
+            headers = [*headers, ("DPoP", outbound.proof())]
+        if span is not None:
+            assert self.tracing is not None
+            headers = self.tracing.inject(span, headers)  # the partner's parent: this attempt
         try:
             response = await self._client.request(
                 runtime.endpoint,
                 outbound.method,
                 outbound.url,
                 outbound.target,
-                outbound.headers
-                if outbound.proof is None
-                else [*outbound.headers, ("DPoP", outbound.proof())],
+                headers,
                 data,
                 interim,
             )

@@ -43,6 +43,7 @@ from proxy.tokens.token import (
 
 if TYPE_CHECKING:
     from proxy.tokens.dpop import DpopKey, Nonces
+    from proxy.tracing import Tracing
 
 USER_AGENT: Final = "authproxy"
 MINTED_REMEMBERED: Final = 4  # tokens of this client redacted from endpoint error text
@@ -121,8 +122,10 @@ class ClientCredentialsMinter:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         nonces: Nonces | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.client = client
+        self._tracing = tracing
         self._session = session
         # RFC 9449: a client with a DPoP key proves it on every token request;
         # the nonces the endpoint hands out are shared with the partner side.
@@ -152,6 +155,19 @@ class ClientCredentialsMinter:
             )
 
     async def mint(self, scope: str | None) -> Token:
+        if self._tracing is None:
+            return await self._logged(scope)
+        # A child of the request whose miss started the mint (its task copied
+        # that context); the waiters' "wait for token" spans cover the wait.
+        with self._tracing.span(
+            "token endpoint", "client", **{"authproxy.client": self.client.name,
+                                           "authproxy.scope": scope or ""},
+        ) as span:  # fmt: skip
+            token = await self._logged(scope)
+            span.set_attribute("authproxy.outcome", "success")
+            return token
+
+    async def _logged(self, scope: str | None) -> Token:
         started = self._monotonic()
         try:
             token = await self._mint(scope)
