@@ -234,14 +234,18 @@ def mints(tokens: Proc) -> int:
 
 
 def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None,
-              client: str = "lean") -> Proc:  # fmt: skip
+              client: str = "lean", sampled: float | None = None) -> Proc:  # fmt: skip
+    """``sampled``: tracing on, this share of requests sampled (exported to
+    the token endpoint's OTLP sink); None: tracing off."""
     port, admin = free_port(), free_port()
-    config = tmp / f"authproxy{workers}-{client}.yaml"
+    config = tmp / f"authproxy{workers}-{client}-{sampled}.yaml"
+    tracing = "" if sampled is None else f"tracing: {{enabled: true, sample_ratio: {sampled}}}"
     config.write_text(f"""
 listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 workers: {workers}
 access_log: false
+{tracing}
 clients:
   bench:
     token_url: http://127.0.0.1:{tokens.port}/token
@@ -266,7 +270,8 @@ routes:
         [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
         cpus,
         cwd=ROOT,
-        env={**os.environ, "BENCH_SECRET": "bench-secret"},
+        env={**os.environ, "BENCH_SECRET": "bench-secret",
+             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{tokens.port}/v1/traces"},  # fmt: skip
         stderr=subprocess.DEVNULL,
     )
     wait_port(port)
@@ -456,6 +461,22 @@ def main() -> int:
             }  # fmt: skip
             results["scenarios"]["dpop_get"] = summary
             report("dpop_get", summary)
+        if wanted("tracing"):
+            # issue 17: the small GET with tracing off, on at 1 % and at 100 %,
+            # each its own pinned process, alternating round by round.
+            traced = {"off": contenders["authproxy"],
+                      "sampled_1pct": authproxy(up.port, tokens, tmp, 1, "0", sampled=0.01),
+                      "sampled_100pct": authproxy(up.port, tokens, tmp, 1, "0", sampled=1.0)}  # fmt: skip
+            procs += [p for name, p in traced.items() if name != "off" and p]
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in traced}
+            for _ in range(args.rounds):
+                for name, proc in traced.items():
+                    assert proc is not None
+                    runs[name].append(
+                        measured(proc, partial(wrk, proc.port, "/api/x", args.duration, 64, None, "1"))
+                    )
+            results["scenarios"]["tracing"] = summarise(runs)
+            report("tracing", results["scenarios"]["tracing"])
         if wanted("get") and wanted("c1000"):
             results["rss_flat"] = {"after_get_c64_mib": results["scenarios"]["get"]["authproxy"]["rss_mib"],
                                    "after_c1000_mib": results["scenarios"]["c1000"]["authproxy"]["rss_mib"]}  # fmt: skip

@@ -55,6 +55,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post", "dpop"))
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--sampled", type=float, default=None, help="tracing on, this ratio sampled")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
@@ -74,7 +75,7 @@ def main() -> int:
         tokens = bench.token_endpoint()
         up = bench.upstream(tmp, tokens.port)
         procs += [tokens, up]
-        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0")
+        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0", sampled=args.sampled)
         procs.append(proxy)
         assert proxy.popen is not None
         path = "/dpop/api/x" if args.scenario == "dpop" else "/api/x"  # dpop: a proof per request

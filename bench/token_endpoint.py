@@ -3,6 +3,7 @@
     python bench/token_endpoint.py PORT
 
 POST /token mints ``tok-<n>`` (expires_in 3600); GET /count says how many.
+POST /v1/traces takes OTLP/HTTP trace exports (the tracing scenario).
 POST /sink reads a body of any size and answers ``{"bytes": n}``: the nginx
 upstream passes its /sink there, so that an upload is consumed to its end (an
 upstream that answers before reading would let a proxy stop early).
@@ -34,6 +35,12 @@ async def main(port: int) -> None:
     async def count(request: web.Request) -> web.Response:
         return web.json_response({"mints": minted[0]})
 
+    async def traces(request: web.Request) -> web.Response:
+        # An OTLP/HTTP sink for the tracing scenario: read the export, say OK
+        # (an empty ExportTraceServiceResponse is zero bytes of protobuf).
+        await request.read()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
     async def sink(request: web.Request) -> web.Response:
         size = 0
         async for chunk in request.content.iter_any():
@@ -44,6 +51,7 @@ async def main(port: int) -> None:
     app.router.add_post("/sink", sink)
     app.router.add_post("/token", token)
     app.router.add_get("/count", count)
+    app.router.add_post("/v1/traces", traces)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()

@@ -41,7 +41,14 @@ class Tracing:
             from opentelemetry.sdk.trace import TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor
             from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-            from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
+            from opentelemetry.trace import (
+                INVALID_SPAN,
+                SpanKind,
+                Status,
+                StatusCode,
+                get_current_span,
+                set_span_in_context,
+            )
             from opentelemetry.trace.propagation.tracecontext import (
                 TraceContextTextMapPropagator,
             )
@@ -64,6 +71,8 @@ class Tracing:
         self._kinds = {"server": SpanKind.SERVER, "client": SpanKind.CLIENT,
                        "internal": SpanKind.INTERNAL}  # fmt: skip
         self._in_context = set_span_in_context
+        self._current = get_current_span
+        self._unsampled = INVALID_SPAN  # takes attributes and does nothing
         self._error = Status(StatusCode.ERROR)
 
     def request(self, headers: Mapping[str, str]) -> Any:
@@ -87,7 +96,12 @@ class Tracing:
 
     @contextmanager
     def span(self, name: str, kind: str = "internal", **attributes: Any) -> Iterator[Any]:
-        """A child of the current span; an exception marks it failed."""
+        """A child of the current span; an exception marks it failed. Under
+        a request that is not sampled, nothing is made (the cost of an
+        unsampled request is its server span, not five)."""
+        if not self._current().is_recording():
+            yield self._unsampled
+            return
         with self.tracer.start_as_current_span(
             name, kind=self._kinds[kind], attributes=attributes, record_exception=False,
             set_status_on_exception=False,
@@ -105,6 +119,10 @@ class Tracing:
         self._propagator.inject(carrier, context=self._in_context(span))
         kept = [(n, v) for n, v in fields if n.lower() not in TRACE_FIELDS]
         return kept + list(carrier.items())
+
+    def inject_current(self, fields: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """As :meth:`inject`, for the current span (an unsampled request's)."""
+        return self.inject(self._current(), fields)
 
     def finish(self, span: Any, attributes: Attributes, failed: bool) -> None:
         span.set_attributes(dict(attributes))

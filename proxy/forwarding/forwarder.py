@@ -170,6 +170,13 @@ class Forwarder:
             await self._handle(request, started, facts)
         finally:
             tracing.detach(token)
+            self._end_request(tracing, span, request, facts)
+
+    @staticmethod
+    def _end_request(tracing: Tracing, span: Any, request: AppSide, facts: Exchange) -> None:
+        if not span.is_recording():  # not sampled: nothing to say
+            span.end()
+        else:
             attributes: dict[str, str | int | bool] = {
                 "http.request.method": request.method,
                 "http.response.status_code": request.status,

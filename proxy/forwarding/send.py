@@ -131,7 +131,13 @@ class Sender:
             headers = [*headers, ("DPoP", outbound.proof())]
         if span is not None:
             assert self.tracing is not None
-            headers = self.tracing.inject(span, headers)  # the partner's parent: this attempt
+            # The partner's parent: this attempt, or the unsampled request
+            # (its traceparent then says so, and the partner does not sample).
+            headers = (
+                self.tracing.inject(span, headers)
+                if span.is_recording()
+                else self.tracing.inject_current(headers)
+            )
         try:
             response = await self._client.request(
                 runtime.endpoint,
