@@ -270,8 +270,11 @@ routes:
         [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
         cpus,
         cwd=ROOT,
-        env={**os.environ, "BENCH_SECRET": "bench-secret",
-             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{tokens.port}/v1/traces"},  # fmt: skip
+        env={
+            **os.environ,
+            "BENCH_SECRET": "bench-secret",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{tokens.port}/v1/traces",
+        },
         stderr=subprocess.DEVNULL,
     )
     wait_port(port)

@@ -37,10 +37,17 @@ _REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect", "dpop"})
 # client's address or the request's original URL (IIS/Symfony rewrite
 # headers, CDN client-IP fields): an app could climb out of its route or pose
 # as another client with them.
+# The third line (issue 11, round 5): what CDNs, load balancers and client-IP
+# libraries (request-ip, Rack, Django) also read as the client's address or
+# scheme. A name with "_" is dropped when its "-" spelling is listed: CGI,
+# WSGI and PHP stacks read X_Forwarded_For as X-Forwarded-For.
 FORWARDING: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
     | {"x-forwarded-port", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-server",
        "x-original-url", "x-rewrite-url", "true-client-ip", "x-client-ip", "x-original-host"}
+    | {"cf-connecting-ip", "fastly-client-ip", "x-cluster-client-ip", "client-ip",
+       "x-forwarded", "forwarded-for", "x-originating-ip", "x-remote-ip", "x-remote-addr",
+       "x-forwarded-ssl", "front-end-https", "x-url-scheme"}
 )  # fmt: skip
 VIA: Final = "1.1 authproxy"
 # "Connection: keep-alive" (every nginx answer) and "close" name nothing beyond
@@ -131,6 +138,8 @@ def upstream_request_headers(
     for name, value, lower in items:
         if lower in base:
             continue
+        if "_" in lower and not trust_forwarded and lower.replace("_", "-") in FORWARDING:
+            continue  # X_Forwarded_For reads as X-Forwarded-For to CGI-style stacks
         if lower == "x-forwarded-for":
             prior_xff.append(value)
             continue

@@ -113,3 +113,16 @@ def test_message_head_frames_and_refuses_line_breaks() -> None:
             message_head("GET / HTTP/1.1", [(name, value)])
     with pytest.raises(ValueError):
         message_head("GET /\r\nX: 1 HTTP/1.1", [])
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["X_Forwarded_For", "X_Real_IP", "CF-Connecting-IP", "Fastly-Client-IP", "X-Cluster-Client-IP",
+     "Client-IP", "X-Forwarded", "Forwarded-For", "X-Originating-IP", "X-Remote-IP",
+     "X-Remote-Addr", "X-Forwarded-Ssl", "Front-End-Https", "X-Url-Scheme"],
+)  # fmt: skip
+def test_other_client_address_and_scheme_spellings_are_dropped_unless_trusted(name: str) -> None:
+    """Issue 11, fifth outside round: what CDNs and client-IP libraries read."""
+    assert name.lower() not in {n.lower() for n, _ in build([(name, "6.6.6.6")])}
+    if name.startswith("X_"):  # behind a trusted balancer the field is the balancer's
+        assert (name, "6.6.6.6") in build([(name, "6.6.6.6")], trust=True)
