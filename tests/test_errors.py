@@ -12,6 +12,7 @@ from proxy.errors import (
     TokenEndpointRejected,
     TokenEndpointTimeout,
     UpstreamTimeout,
+    malformed_reason,
 )
 
 CAUSES = [
@@ -137,3 +138,27 @@ def test_the_drawn_tree_is_the_tree() -> None:
         and any(getattr(b, "id", "").endswith(("Error", "Exception")) for b in node.bases)
     ]
     assert elsewhere == []
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        ("Invalid `Transfer-Encoding` header value:\n\n  b'Transfer-Encoding: chunked, chunked'",
+         "Invalid Transfer-Encoding header value"),
+        ("Duplicate 'Max-Forwards' header found.", "Duplicate Max-Forwards header found"),
+        ("Missing 'Host' header in request.", "Missing Host header in request"),
+        ("Transfer-Encoding can't be present with Content-Length:\n\n  b'x'",
+         "Transfer-Encoding cannot be present with Content-Length"),
+        ("Bad status 'tok-secret-1' seen", "Bad status"),  # a quoted word that names no header
+    ],
+)  # fmt: skip
+def test_a_refusal_names_the_field_the_parser_quotes_and_nothing_else(
+    message: str, said: str
+) -> None:
+    """Issue 11, fifth outside round: "malformed request: Invalid" said nothing."""
+
+    class Complaint(Exception):
+        def __init__(self, text: str) -> None:
+            self.message = text
+
+    assert malformed_reason(Complaint(message)) == f"malformed request: {said}"

@@ -666,10 +666,10 @@ class AppConnection(BaseProtocol):
 
     def eof_received(self) -> bool | None:
         """The app shut its write side. In a blind tunnel the host is told and
-        may still answer. Requests already received are still answered (an
-        app may half-close after its request, RFC 9112 §9.6), a body cut
-        short by the EOF is a 400 (``bad_request``), then the connection
-        closes; with nothing owed it closes now."""
+        may still answer. A request body cut short by it is answered 400
+        (``bad_request``), then the connection closes. Otherwise the app is
+        taken as gone, as nginx takes it (its 499): the connection closes and
+        a request in flight is cancelled upstream."""
         self.app_eof = True
         if self.relay is not None:
             self.relay.app_eof()
@@ -678,14 +678,12 @@ class AppConnection(BaseProtocol):
             return True  # a pending CONNECT may still be answered
         last = self._last
         if last is not None and last[1] is not None and not last[1].is_eof():
-            # The body ends with the connection: cut short (a Content-Length
-            # or chunked body not whole), or close-delimited, which a
-            # request cannot be (RFC 9112 §6.3).
+            # The body would end with the connection: cut short (RFC 9112
+            # §8), never forwarded as if whole; the 400 still goes out.
             last[1].set_exception(RequestPayloadError("the app ended its body early"))
-        if self._current is None and not self._messages:
-            return None
-        self.closing = True  # nothing more is read; the owed answers go out, then close
-        return True
+            self.closing = True
+            return True
+        return None
 
     def pause_writing(self) -> None:
         super().pause_writing()

@@ -267,18 +267,6 @@ async def test_http_versions_other_than_1_x_get_505(stack: Stack) -> None:
     assert stack.partner.requests == []
 
 
-async def test_an_app_that_half_closes_after_its_request_is_answered(stack: Stack) -> None:
-    """RFC 9112 §9.6: an app may shut its side once the request is sent
-    (``nc -N``, some HTTP/1.0 tools); its answer still comes (issue 11, round 5)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
-    writer.write(b"GET /demo/x HTTP/1.1\r\nHost: a\r\n\r\n")
-    writer.write_eof()
-    answer = await asyncio.wait_for(reader.read(), 5)
-    writer.close()
-    assert raw_status(answer) == 200
-    assert len(stack.partner.requests) == 1
-
-
 async def test_a_body_cut_short_by_a_half_close_is_400_and_never_forwarded(stack: Stack) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
     writer.write(b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
