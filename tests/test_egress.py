@@ -276,10 +276,11 @@ async def test_requests_with_https_proxy_sends_a_body_and_gets_the_answer_byte_f
         with requests.Session() as session:  # the environment only, as an app would
             answer = session.put(f"https://{HOST}/blob", data=body)
             second = session.get(f"https://{HOST}/echo")
-            return answer.status_code, second.content
+            return answer.status_code, answer.content + b" | " + second.content
 
-    status, second = await asyncio.to_thread(call)
-    assert status == 200
+    status, both = await asyncio.to_thread(call)
+    assert status == 200, both
+    second = both.split(b" | ", 1)[1]
     assert stack.partner.requests[0].body == body
     assert len(stack.partner.requests) == 2 and stack.tokens.calls == 1
     assert json.loads(second)["raw_path"] == "/v2/echo"
@@ -572,3 +573,45 @@ def test_ca_files_are_never_group_readable_and_init_refuses_to_overwrite(tmp_pat
     assert os.stat(key).st_mode & 0o777 == 0o600
     with pytest.raises(CAError, match="exists"):
         create_ca(str(tmp_path), permit=[HOST])
+
+
+async def test_a_large_request_in_the_read_that_ends_the_handshake_is_not_stalled(
+    make_stack: StackFactory, egress: Egress
+) -> None:
+    """The app's Finished and a large request in one write: the request may
+    reach the proxy before the handshake is reported (the stall this caused
+    under load is pinned down in tests/http1/test_listener.py)."""
+    stack = await make_stack(
+        top=egress_yaml(egress) + "inbound:\n  body_timeout: 2s\n", extra_routes=ROUTE
+    )
+    reader, writer, head = await connect(stack.proxy.port, f"{HOST}:443")
+    assert head.startswith(b"HTTP/1.1 200")
+    context = ssl.create_default_context(cafile=str(egress.ca))
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=HOST)
+    body = os.urandom(600_000)
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            writer.write(outgoing.read())
+            incoming.write(await asyncio.wait_for(reader.read(65536), 5))
+    # The client's last handshake bytes and the whole request, in one write.
+    tls.write(
+        f"PUT /blob HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    )
+    writer.write(outgoing.read())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = await asyncio.wait_for(reader.read(65536), 5)
+        assert data, "the proxy closed the tunnel"
+        incoming.write(data)
+        try:
+            answer += tls.read(65536)
+        except ssl.SSLWantReadError:
+            pass
+        writer.write(outgoing.read())
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert stack.partner.requests[-1].body == body

@@ -682,7 +682,9 @@ class AppConnection(BaseProtocol):
             # §8), never forwarded as if whole; the 400 still goes out.
             last[1].set_exception(RequestPayloadError("the app ended its body early"))
             self.closing = True
-            return True
+            # Over TLS (an intercepted tunnel) the EOF closes the connection
+            # anyway: asyncio's TLS layer ignores a True here.
+            return True if self.tunnel is None else None
         return None
 
     def pause_writing(self) -> None:
@@ -699,14 +701,16 @@ class AppConnection(BaseProtocol):
         """The app's TLS inside an intercepted CONNECT is up: from here on the
         connection parses requests for ``https://host`` afresh; nothing of
         the CONNECT's parser state carries over."""
-        self.transport = tls  # type: ignore[assignment]
-        self.tunnel = host
         # What the app sent in the read that finished its handshake arrived
-        # here already (the TLS layer delivers it before start_tls returns).
-        early = bytes(self.held or b"")
-        self.held = None
+        # here already (the TLS layer delivers it before start_tls returns),
+        # and a large one paused reading: on the raw transport, which is the
+        # one to resume (the TLS one was never paused).
         if self._buffer_paused:
             self._resume_reading_for_buffer()
+        self.transport = tls  # type: ignore[assignment]
+        self.tunnel = host
+        early = bytes(self.held or b"")
+        self.held = None
         self._parser = self._new_parser(HttpRequestParser)
         self._clean = True
         self._last = None

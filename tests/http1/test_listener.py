@@ -276,3 +276,53 @@ async def test_a_body_cut_short_by_a_half_close_is_400_and_never_forwarded(stack
     assert raw_status(answer) == 400
     assert b'"bad_request"' in answer
     assert stack.partner.requests == [] or all(r.body != b"abc" for r in stack.partner.requests)
+
+
+class _Transport(asyncio.Transport):
+    """A transport that records whether reading is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 5000) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+async def test_bytes_held_during_a_handshake_release_the_transport_they_paused() -> None:
+    """Issue 14: the TLS layer hands over the app's first request before the
+    intercepted handshake is reported, while the CONNECT still holds bytes; a
+    large one pauses the raw transport, which ``inner`` must resume (a stall
+    until body_timeout, found under load)."""
+    from proxy.config.model import InboundLimits
+    from proxy.http1.listener import Listener
+
+    async def handler(exchange: object) -> None:
+        await asyncio.sleep(0)
+
+    listener = Listener(handler, InboundLimits())
+    connection = listener()
+    raw, tls = _Transport(), _Transport()
+    connection.connection_made(raw)
+    connection.held = bytearray()
+    connection.data_received(b"x" * 70_000)  # past READ_BUFFER while held
+    assert raw.paused
+    connection.inner(tls, "api.acme.example")
+    assert not raw.paused and not tls.paused
+    connection.close()
+    await asyncio.sleep(0)
