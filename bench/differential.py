@@ -48,6 +48,7 @@ KNOWN: frozenset[str] = frozenset(
         "method_connect",
         "method_connect_unrouted",
         "pipelined_after_upgrade_h2c_post",
+        "pipelined_after_upgrade_h2c_get",
         "target_percent_encoding_raw",
         "target_double_slash_kept",
         "target_absolute_form_unrouted_host",

@@ -1067,6 +1067,21 @@ case(
     why="RFC 9110 §7.8: the proxy does not upgrade; the next request in the read is served (issue 11, round 5)",
 )
 case(
+    "pipelined_after_upgrade_h2c_get",
+    request(
+        b"GET /acme/up HTTP/1.1",
+        H,
+        b"Upgrade: h2c",
+        b"Connection: Upgrade, HTTP2-Settings",
+        b"HTTP2-Settings: AAMAAABkAAQAAP__",
+    )
+    + request(b"GET /acme/b HTTP/1.1", H),
+    replies=(ok(b"one"),),
+    forwarded=(request(b"GET /v2/up HTTP/1.1"),),
+    answers=(ok(b"one"),),
+    why="RFC 9112 §9.3.2: a bodiless h2c upgrade too: answered, then closed (issue 11, round 6)",
+)
+case(
     "pipelined_after_upgrade_h2c_post",
     request(
         b"POST /acme/up HTTP/1.1",

@@ -487,6 +487,14 @@ class AppConnection(BaseProtocol):
             self._clean = True
             self._last = messages[-1] if messages else prior
             return [*messages, *(self._feed(bytes(tail)) if tail else ())]
+        if messages and getattr(messages[-1][0], "upgrade", False):  # a refusal is no message
+            # llhttp stops at an Upgrade request, and aiohttp hands on what
+            # follows it only for the upgrades it knows (websocket, above).
+            # For others (h2c, TLS/1.0...) the rest of the read is gone: the
+            # answer to this request closes the connection, so the app
+            # resends what was not answered (RFC 9112 §9.3.2), never a
+            # shifted answer.
+            self.last_served = messages[-1][0]
         last = messages[-1] if messages else prior
         self._last = last
         if last is None:
@@ -638,18 +646,6 @@ class AppConnection(BaseProtocol):
             return
         messages = self._feed(data)
         self._previous = data
-        if (
-            messages
-            and getattr(messages[-1][0], "upgrade", False)  # a refusal is no message
-            and not self._clean
-            and self.held is None
-        ):
-            # llhttp stops at an Upgrade request; aiohttp hands on the rest of
-            # the read only for the upgrades it knows (websocket, re-parsed in
-            # _feed). For others (h2c) it is gone: answer up to this request
-            # and close, so the app resends what was not answered (RFC 9112
-            # §9.3.2), rather than answer the wrong request.
-            messages = self._serve_only(list(messages))
         if messages:
             self._disarm_head()
             self._messages.extend(messages)
