@@ -72,7 +72,11 @@ class _Connection(ResponseHandler):
     _deadline: float | None = None
     folded = False  # the answer's first field line started with whitespace
 
+    answered = False  # a byte of an answer (a 1xx included) came for the request in flight
+
     def data_received(self, data: bytes) -> None:
+        if data:
+            self.answered = True
         if data.startswith(b"HTTP/1."):
             if starts_folded(data):
                 self.folded = True
@@ -95,7 +99,26 @@ class _Connection(ResponseHandler):
             payload.set_exception(aiohttp.ClientPayloadError("the partner reset the connection"))
         super().connection_lost(exc)
 
+    # While a head is awaited, the deadline is fixed: the route's timeout bounds
+    # the wait for the whole head, and a partner that trickles it byte by
+    # byte does not move it (issue 11, sixth outside round). Body reads move
+    # it: there it bounds each gap.
+    _head_fixed = False
+
+    def start_timeout(self) -> None:
+        """The request is sent: the wait for a head (a 1xx or the answer) starts."""
+        self._head_fixed = False
+        self._reschedule_timeout()
+        self._head_fixed = True
+
+    def head_received(self) -> None:
+        """The answer's head is in: from here each read moves the deadline."""
+        self._head_fixed = False
+        self._reschedule_timeout()
+
     def _reschedule_timeout(self) -> None:
+        if self._head_fixed:
+            return
         timeout = self._read_timeout
         if not timeout:
             self._deadline = None
@@ -283,6 +306,7 @@ class LeanClient:
             protocol.params = params
         transport = protocol.transport
         assert transport is not None
+        protocol.answered = False
         writer: asyncio.Task[None] | None = None
         if body is None:
             transport.write(head)
@@ -311,7 +335,11 @@ class LeanClient:
                     # switch of protocols is an answer to a question not asked.
                     raise UpstreamProtocolError("101 Switching Protocols, no Upgrade asked")
                 if code > 199:
+                    protocol.head_received()
                     break
+                # A 1xx says the partner is at work (102 Processing): the wait
+                # for the next head starts again, bounded as the first.
+                protocol.start_timeout()
                 # RFC 9110 §15.2: a proxy forwards the 1xx answers it did not
                 # ask for (103 Early Hints, 102); 100 Continue is this hop's.
                 if code != 100 and interim is not None:
@@ -321,6 +349,13 @@ class LeanClient:
                 writer.cancel()
             protocol.close()
             if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+                if protocol.answered:
+                    # A 1xx or part of a head came: the request reached the
+                    # partner's application, so it is never sent again (and the
+                    # app never gets one attempt's 1xx and another's answer).
+                    raise UpstreamProtocolError(
+                        f"the connection closed in the answer ({type(exc).__name__})"
+                    ) from None
                 raise Dropped(type(exc).__name__) from exc
             if isinstance(
                 exc, (TimeoutError, BodyFailed, UpstreamProtocolError, asyncio.CancelledError)

@@ -629,3 +629,61 @@ async def test_large_answers_stream_whole(scripted: Any, client: LeanClient) -> 
     assert b"".join(chunks) == payload and len(chunks) > 1
     assert (await get(client, server))[1] == payload
     assert server.connections == 1
+
+
+@pytest.mark.parametrize(
+    "sent", [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Le"]
+)
+async def test_a_connection_closed_after_a_byte_of_the_answer_is_not_dropped_but_broken(
+    client: LeanClient, sent: bytes
+) -> None:
+    """Issue 11, sixth outside round: the partner had the request (it began
+    to answer), so it is never resent: not Dropped, a protocol failure."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(sent)
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        with pytest.raises(UpstreamProtocolError):
+            await client.request(endpoint(port), "PUT", "", "/", [("Host", "h")], b"abc")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_head_trickled_byte_by_byte_is_bounded_by_the_read_timeout(
+    client: LeanClient,
+) -> None:
+    """Issue 11, sixth outside round: each byte of a head used to move the
+    deadline, so a partner dripping its head held the request for ever."""
+    head = b"HTTP/1.1 200 OK\r\nX-Slow: 1\r\nContent-Length: 2\r\n\r\nok"
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0.1)
+        except ConnectionError:
+            pass
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(TimeoutError):
+            await client.request(
+                endpoint(port, read_timeout=0.5), "GET", "", "/", [("Host", "h")], None
+            )
+        assert loop.time() - started < 1.5  # the head needs 5 s at this pace
+    finally:
+        server.close()
+        await server.wait_closed()
