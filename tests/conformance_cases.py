@@ -1066,6 +1066,14 @@ case(
     answers=(ok(b"one"), ok(b"two")),
     why="RFC 9110 §7.8: the proxy does not upgrade; the next request in the read is served (issue 11, round 5)",
 )
+for name, value in (("2_63", b"9223372036854775808"), ("2_64_plus_3", b"18446744073709551619")):
+    case(
+        f"malformed_400_content_length_{name}",
+        request(b"POST /acme/x HTTP/1.1", H, b"Content-Length: " + value, body=b"abc")
+        + request(b"GET /beta/next HTTP/1.1", H),
+        status=(400,),
+        why="RFC 9110 §8.6: a Content-Length past 2^63-1 is refused, never copied (issue 11, round 6)",
+    )
 case(
     "pipelined_after_upgrade_h2c_get",
     request(

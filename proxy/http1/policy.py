@@ -121,6 +121,9 @@ def _field_name(seen: bytes, recent: bytes) -> str:
     return "(unnamed)"
 
 
+MAX_CONTENT_LENGTH: Final = 2**63 - 1  # nginx's bound, and a signed 64-bit integer's
+
+
 def framing_error(message: Any) -> RequestFailed | None:
     """What this hop refuses in a parsed request head, before any routing:
     RFC 9112 §2.3 versions, §3.2 Host, §6.1 transfer codings."""
@@ -137,6 +140,12 @@ def framing_error(message: Any) -> RequestFailed | None:
     if hosts and not valid_authority(hosts[0]):
         # A Host that is no host[:port] would be copied into X-Forwarded-Host.
         return BadRequest("the Host header is not a host[:port] (RFC 9110 §7.2)")
+    length = headers.get(hdrs.CONTENT_LENGTH)
+    if length is not None and (not length.isdigit() or int(length) > MAX_CONTENT_LENGTH):
+        # RFC 9110 §8.6: a numeral past 2^63-1 (what nginx accepts) is refused,
+        # never copied: a partner that wraps it at 64 bits would read the
+        # body's tail as a request of the app's making (issue 11, round 6).
+        return BadRequest(f"Content-Length over {MAX_CONTENT_LENGTH} (RFC 9110 §8.6)")
     coding = headers.get(hdrs.TRANSFER_ENCODING)
     if coding is not None:
         if version < (1, 1):

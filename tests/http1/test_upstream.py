@@ -673,6 +673,8 @@ async def test_a_head_trickled_byte_by_byte_is_bounded_by_the_read_timeout(
                 await asyncio.sleep(0.1)
         except ConnectionError:
             pass
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
