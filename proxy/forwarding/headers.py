@@ -48,6 +48,8 @@ FORWARDING: Final = frozenset(
     | {"cf-connecting-ip", "fastly-client-ip", "x-cluster-client-ip", "client-ip",
        "x-forwarded", "forwarded-for", "x-originating-ip", "x-remote-ip", "x-remote-addr",
        "x-forwarded-ssl", "front-end-https", "x-url-scheme"}
+    | {"x-forwarded-client-cert", "wl-proxy-client-ip", "proxy-client-ip", "x-original-uri",
+       "x-forwarded-uri", "x-envoy-original-path", "x-forwarded-protocol", "x-scheme", "x-host"}
 )  # fmt: skip
 VIA: Final = "1.1 authproxy"
 # "Connection: keep-alive" (every nginx answer) and "close" name nothing beyond

@@ -119,7 +119,9 @@ def test_message_head_frames_and_refuses_line_breaks() -> None:
     "name",
     ["X_Forwarded_For", "X_Real_IP", "CF-Connecting-IP", "Fastly-Client-IP", "X-Cluster-Client-IP",
      "Client-IP", "X-Forwarded", "Forwarded-For", "X-Originating-IP", "X-Remote-IP",
-     "X-Remote-Addr", "X-Forwarded-Ssl", "Front-End-Https", "X-Url-Scheme"],
+     "X-Remote-Addr", "X-Forwarded-Ssl", "Front-End-Https", "X-Url-Scheme",
+     "X-Forwarded-Client-Cert", "WL-Proxy-Client-IP", "Proxy-Client-IP", "X-Original-URI",
+     "X-Forwarded-Uri", "X-Envoy-Original-Path", "X-Forwarded-Protocol", "X-Scheme", "X-Host"],
 )  # fmt: skip
 def test_other_client_address_and_scheme_spellings_are_dropped_unless_trusted(name: str) -> None:
     """Issue 11, fifth outside round: what CDNs and client-IP libraries read."""
