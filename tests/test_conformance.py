@@ -334,3 +334,28 @@ async def test_body_timeout_is_a_gap_for_a_small_sized_body_too(rig: Rig) -> Non
     await app.close()
     assert answer.status == 200, render_bytes(answer.raw)
     assert [r.message.content for r in rig.partner.requests] == [b"hello"]
+
+
+@pytest.mark.parametrize(
+    ("parts", "start_line"),
+    [
+        ((b"fooba", b"r /acme/x HTTP/1.1\r\nHost: a\r\n\r\n"), b"foobar /v2/x HTTP/1.1"),
+        ((b"g", b"et /acme/x HTTP/1.1\r\nHost: a\r\n\r\n"), b"get /v2/x HTTP/1.1"),
+        ((b"get /acme/x HTT", b"P/1.1\r\nHost: a\r\n\r\n"), b"get /v2/x HTTP/1.1"),
+        ((b"G", b"ET /acme/x HTTP/1.1\r\nHost: a\r\n\r\n"), b"GET /v2/x HTTP/1.1"),
+    ],
+)
+async def test_a_request_is_the_same_whatever_its_tcp_segmentation(
+    rig: Rig, parts: tuple[bytes, bytes], start_line: bytes
+) -> None:
+    """RFC 9110 §9.1: a method is any token, case kept; a request split across
+    reads is the request sent in one (issue 11, sixth outside round)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.port)
+    for part in parts:
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.15)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert rig.partner.requests[-1].message.start_line == start_line

@@ -66,6 +66,8 @@ LINGER: Final = 2.0  # seconds to drain an unread request body before closing
 MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
 _LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
 _AFTER_CLOSE: Final = "Data after `Connection: close`"
+# The start of a request line that is all method so far (a token, no space yet).
+_PARTIAL_METHOD: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # RFC 9110 §9.3.6: a 2xx to CONNECT has no Content-Length or Transfer-Encoding.
 CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
@@ -348,7 +350,9 @@ class AppConnection(BaseProtocol):
         "_lingering",
         "_listener",
         "_messages",
+        "_method_part",
         "_previous",
+        "_spelled",
         "_task",
         "_waiter",
         "app_eof",
@@ -389,6 +393,8 @@ class AppConnection(BaseProtocol):
         self.relay: Relay | None = None  # a blind tunnel's, once it is open
         self.app_eof = False
         self.tunnel: str | None = None  # the host of an intercepted CONNECT, inside it
+        self._method_part = b""  # a request line's first bytes, all method so far
+        self._spelled: str | None = None  # a lower-case method whose head is not whole yet
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -433,7 +439,7 @@ class AppConnection(BaseProtocol):
         prior = self._last
         prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
         before = getattr(prior[1], "total_bytes", 0) if prior is not None else 0
-        spelled = None
+        spelled = self._spelled  # a method's spelling seen in an earlier read
         if clean:
             method = METHOD_START.match(data)
             if method is not None and not method.group().isupper():
@@ -465,9 +471,15 @@ class AppConnection(BaseProtocol):
                 self._clean = True
                 return self._feed(data)
             return self._refused_read(type(parser), data, exc, clean=clean)
-        if spelled is not None and messages:
+        if spelled is not None and not messages:
+            self._spelled = spelled  # the head ends in a later read: keep the spelling
+        elif spelled is not None:
+            self._spelled = None
             first, payload = messages[0]
-            messages = [(first._replace(method=spelled), payload), *messages[1:]]
+            if isinstance(first, RequestFailed):
+                pass
+            elif first.method.upper() == spelled.upper():
+                messages = [(first._replace(method=spelled), payload), *messages[1:]]
         if messages and messages[-1][0].method == "CONNECT":
             # What follows a CONNECT head is the tunnel's, not HTTP: held
             # until the CONNECT is answered (RFC 9110 §9.3.6).
@@ -644,7 +656,17 @@ class AppConnection(BaseProtocol):
             or (self.closing and self._current is None)
         ):
             return
-        messages = self._feed(data)
+        if self._clean and (self._method_part or _PARTIAL_METHOD.fullmatch(data)):
+            # A method split across reads (RFC 9110 §9.1: any token, its case
+            # kept): nothing can be decided on part of it, so the bytes wait
+            # for the space after it (a request is the same whatever the TCP
+            # segmentation, issue 11, sixth outside round).
+            data = self._method_part + data
+            self._method_part = b""
+            if _PARTIAL_METHOD.fullmatch(data):
+                self._method_part = data
+                data = b""
+        messages = self._feed(data) if data else []
         self._previous = data
         if messages:
             self._disarm_head()
@@ -705,6 +727,8 @@ class AppConnection(BaseProtocol):
             self._resume_reading_for_buffer()
         self.transport = tls  # type: ignore[assignment]
         self.tunnel = host
+        self._method_part = b""
+        self._spelled = None
         early = bytes(self.held or b"")
         self.held = None
         self._parser = self._new_parser(HttpRequestParser)
