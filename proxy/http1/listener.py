@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
 import ssl
 from collections import deque
@@ -865,14 +866,18 @@ class AppConnection(BaseProtocol):
         """Answer a request that cannot be served, and close: its framing, or
         what follows it, cannot be trusted. The log line and the answer name
         the fault (a field's name and size), never the request's bytes."""
+        # A fresh id: the app's own X-Request-Id is in the bytes not trusted.
+        # It ties the answer to the log line, as for every other error.
+        rid = os.urandom(16).hex()
         log.warning(
             "malformed_request",
             client=self.remote,
             status=refusal.status,
             error=refusal.code,
             reason=refusal.message,
+            request_id=rid,
         )
-        body = json.dumps(refusal.as_json()).encode()
+        body = json.dumps({**refusal.as_json(), "request_id": rid}).encode()
         self.write(
             response_head(
                 refusal.status,

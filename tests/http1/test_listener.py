@@ -326,3 +326,17 @@ async def test_bytes_held_during_a_handshake_release_the_transport_they_paused()
     assert not raw.paused and not tls.paused
     connection.close()
     await asyncio.sleep(0)
+
+
+async def test_a_refused_request_has_a_request_id_its_log_line_shares(
+    stack: Stack, log_stream: io.StringIO
+) -> None:
+    """Issue 11, sixth outside round: parser refusals carried none."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    document = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert len(document["request_id"]) == 32
+    (line,) = [e for e in log_events(log_stream) if e["event"] == "malformed_request"]
+    assert line["request_id"] == document["request_id"]
