@@ -67,3 +67,10 @@ def parse_share(value: object) -> float:
     if share is None or not 0.0 <= share < 1.0:
         raise ValueError(f"expected a share like 10% (0% to 99%), got {value!r}")
     return share
+
+
+def b64url(data: bytes) -> str:
+    """base64url without padding (RFC 7515 §2): JOSE values and thumbprints."""
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")

@@ -29,6 +29,15 @@ def ha_config(tokens: FakeTokenEndpoint, partner: FakePartner, url: str, cluster
     )
 
 
+async def two_by_two(proxy_processes: Factory, text: str) -> list[ProxyProcess]:
+    """Two proxy instances of two workers each, all serving."""
+    instances = [proxy_processes(text) for _ in range(2)]
+    for instance in instances:
+        await instance.start()
+        await workers_serving(instance, 2)
+    return instances
+
+
 async def traffic(urls: list[str], seconds: float, during: Any) -> list[int]:
     """Waves of 20 requests spread over ``urls`` for ``seconds``; ``during``
     runs in a thread after the first waves (the fault)."""
@@ -68,11 +77,7 @@ async def test_a_sentinel_failover_costs_no_request_and_no_mint_storm(
     proxy_processes: Factory,
 ) -> None:
     tokens, partner = servers
-    text = ha_config(tokens, partner, sentinels.url, cluster=False)
-    instances = [proxy_processes(text) for _ in range(2)]
-    for instance in instances:
-        await instance.start()
-        await workers_serving(instance, 2)
+    instances = await two_by_two(proxy_processes, ha_config(tokens, partner, sentinels.url, False))
     urls = [instance.url for instance in instances]
 
     def fail_over() -> None:
@@ -99,11 +104,7 @@ async def test_a_cluster_slot_migration_mid_traffic_costs_no_request(
     proxy_processes: Factory,
 ) -> None:
     tokens, partner = servers
-    text = ha_config(tokens, partner, cluster.url, cluster=True)
-    instances = [proxy_processes(text) for _ in range(2)]
-    for instance in instances:
-        await instance.start()
-        await workers_serving(instance, 2)
+    instances = await two_by_two(proxy_processes, ha_config(tokens, partner, cluster.url, True))
     urls = [instance.url for instance in instances]
     assert await fire(urls, 400) == [200] * 400  # 400 concurrent, 4 workers: one token
     assert tokens.mint_count == 1

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from proxy.units import b64url
+
 KEY_ALGORITHMS: Final = frozenset({"RS256", "PS256", "ES256"})
 # RFC 9449 §5.1: the JWS algorithms a DPoP key may sign with, by key type; the
 # first is what the key signs with when ``dpop.alg`` is not set.
@@ -26,13 +28,10 @@ def jwt_module() -> Any:
     return jwt
 
 
-def load_private_key(path: str, algorithm: str) -> str:
-    """The PEM text of ``path`` after checking it is a private key that fits
-    ``algorithm`` (RSA for RS256/PS256, EC P-256 for ES256). Raises ValueError
-    with a message that never quotes the key."""
-    jwt_module()
+def read_private_key(path: str) -> tuple[bytes, Any]:
+    """The bytes of the PEM file ``path`` and the private key in it.
+    ValueError naming the file, never quoting it."""
     from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
     try:
         with open(path, "rb") as f:
@@ -43,6 +42,17 @@ def load_private_key(path: str, algorithm: str) -> str:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
         raise ValueError(f"{path!r} is not an unencrypted PEM private key") from None
+    return data, key
+
+
+def load_private_key(path: str, algorithm: str) -> str:
+    """The PEM text of ``path`` after checking it is a private key that fits
+    ``algorithm`` (RSA for RS256/PS256, EC P-256 for ES256). Raises ValueError
+    with a message that never quotes the key."""
+    jwt_module()
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    data, key = read_private_key(path)
     if algorithm in ("RS256", "PS256") and not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError(f"{path!r} is not an RSA key, which {algorithm} needs")
     if algorithm == "ES256" and not (
@@ -57,7 +67,6 @@ def certificate_thumbprints(path: str) -> tuple[tuple[str, str], ...]:
     key (RFC 7515 §4.1.7-8), for IdPs that pick the key by certificate
     (Microsoft Entra ID's certificate credentials)."""
     jwt_module()
-    import base64
     import hashlib
 
     from cryptography import x509
@@ -71,24 +80,14 @@ def certificate_thumbprints(path: str) -> tuple[tuple[str, str], ...]:
     except ValueError:
         raise ValueError(f"{path!r} is not a PEM certificate") from None
     der = cert.public_bytes(Encoding.DER)
-
-    def b64(digest: bytes) -> str:
-        return base64.urlsafe_b64encode(digest).decode().rstrip("=")
-
     return (
-        ("x5t", b64(hashlib.sha1(der).digest())),  # noqa: S324 - a thumbprint, not security
-        ("x5t#S256", b64(hashlib.sha256(der).digest())),
+        ("x5t", b64url(hashlib.sha1(der).digest())),  # noqa: S324 - a thumbprint, not security
+        ("x5t#S256", b64url(hashlib.sha256(der).digest())),
     )
 
 
-def _b64url(data: bytes) -> str:
-    import base64
-
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
 def _uint(value: int, size: int | None = None) -> str:
-    return _b64url(value.to_bytes(size or max(1, (value.bit_length() + 7) // 8), "big"))
+    return b64url(value.to_bytes(size or max(1, (value.bit_length() + 7) // 8), "big"))
 
 
 def load_dpop_key(path: str, alg: str | None) -> tuple[str, str, str]:
@@ -102,15 +101,7 @@ def load_dpop_key(path: str, alg: str | None) -> tuple[str, str, str]:
         from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     except ImportError:  # pragma: no cover - depends on the install
         raise ValueError("DPoP needs cryptography: pip install 'authproxy[jwt]'") from None
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        raise ValueError(f"cannot read {path!r}: {exc.strerror}") from None
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError):
-        raise ValueError(f"{path!r} is not an unencrypted PEM private key") from None
+    data, key = read_private_key(path)
     jwk: dict[str, str]
     if isinstance(key, ec.EllipticCurvePrivateKey):
         if key.curve.name != "secp256r1":
@@ -130,7 +121,7 @@ def load_dpop_key(path: str, alg: str | None) -> tuple[str, str, str]:
         raw = key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
-        jwk = {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}
+        jwk = {"crv": "Ed25519", "kty": "OKP", "x": b64url(raw)}
     else:
         raise ValueError(f"{path!r}: a DPoP key must be EC P-256, RSA or Ed25519")
     allowed = DPOP_ALGORITHMS[jwk["kty"]]

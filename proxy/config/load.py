@@ -8,7 +8,6 @@ YAML tells it) and the dotted key, e.g.
 
 from __future__ import annotations
 
-import base64
 import difflib
 import hashlib
 import os
@@ -80,7 +79,7 @@ from proxy.config.model import (
     TunnelEntry,
 )
 from proxy.errors import ConfigError
-from proxy.units import parse_duration, parse_share, parse_size
+from proxy.units import b64url, parse_duration, parse_share, parse_size
 
 DEFAULT_CONFIG_PATH: Final = "proxy.yaml"
 CONFIG_ENV_VAR: Final = "AUTHPROXY_CONFIG"
@@ -656,7 +655,7 @@ def _x5t_s256(path: str) -> str:
     start = text.find("-----BEGIN CERTIFICATE-----")
     end = text.find("-----END CERTIFICATE-----", start)
     der = ssl.PEM_cert_to_DER_cert(text[start : end + len("-----END CERTIFICATE-----")])
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).decode("ascii").rstrip("=")
+    return b64url(hashlib.sha256(der).digest())
 
 
 def _tls_files(reader: _Reader, ca_file: str | None) -> tuple[str | None, str | None, str]:

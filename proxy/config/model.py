@@ -5,7 +5,6 @@ construction, with the defaults and their reasons. Pure: no YAML, no aiohttp;
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from types import MappingProxyType
 from typing import Final, Literal, get_args
 
 from proxy.errors import ConfigError
+from proxy.units import b64url
 
 # RFC 6749 §2.3, RFC 7523 §2.2, RFC 8705 §2: how a client proves itself.
 AuthMethod = Literal[
@@ -99,8 +99,7 @@ class DpopConfig:
     @property
     def thumbprint(self) -> str:
         """RFC 7638: what a DPoP-bound token's ``cnf.jkt`` names."""
-        digest = hashlib.sha256(self.jwk.encode()).digest()
-        return base64.urlsafe_b64encode(digest).decode("ascii").rstrip("=")
+        return b64url(hashlib.sha256(self.jwk.encode()).digest())
 
 
 @dataclass(frozen=True, slots=True)

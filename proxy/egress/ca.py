@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.config.keys import read_private_key
 from proxy.errors import CAError
 
 MAX_LEAVES: Final = 1024  # hosts whose leaf stays cached; one per routed host is the usual need
@@ -150,12 +151,10 @@ class CertificateAuthority:
             cert = x509.load_pem_x509_certificate(cert_pem)
         except ValueError:
             raise CAError(f"{cert_file!r} is not a PEM certificate") from None
-        key_pem = _read(key_file)
         try:
-            key = serialization.load_pem_private_key(key_pem, password=None)
-        except (ValueError, TypeError):
-            raise CAError(f"{key_file!r} is not an unencrypted PEM private key") from None
-        del key_pem
+            key = read_private_key(key_file)[1]
+        except ValueError as exc:
+            raise CAError(str(exc)) from None
         if not isinstance(
             key, (ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey)
         ):
@@ -240,17 +239,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _key_usage(digital_signature=True),
                 critical=True,
             )
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -287,6 +276,24 @@ def _load_in_memory(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+_KEY_USAGES: Final = (
+    "digital_signature",
+    "content_commitment",
+    "key_encipherment",
+    "data_encipherment",
+    "key_agreement",
+    "key_cert_sign",
+    "crl_sign",
+    "encipher_only",
+    "decipher_only",
+)
+
+
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A keyUsage extension allowing only ``allowed`` (RFC 5280 §4.2.1.3)."""
+    return x509.KeyUsage(**{name: allowed.get(name, False) for name in _KEY_USAGES})
 
 
 def _read(path: str) -> bytes:
@@ -349,17 +356,7 @@ def create_ca(
         .not_valid_after(_utc(now + lifetime))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)

@@ -11,7 +11,6 @@ one signature and a random ``jti``.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import re
@@ -20,19 +19,16 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 from urllib.parse import urlsplit
 
 from proxy.config.model import DpopConfig
+from proxy.units import b64url
 
 MAX_NONCE: Final = 512  # characters of a DPoP-Nonce kept
 MAX_ORIGINS: Final = 1024  # origins whose last nonce is remembered
 # RFC 9449 §8.1: nonce = 1*NQCHAR (%x21 / %x23-5B / %x5D-7E)
 _NONCE: Final = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]{1,512}")
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
 
 
 def htu(url: str) -> str:
@@ -88,19 +84,7 @@ class DpopKey:
         """A fresh proof for ``method url`` (``url`` without query or fragment,
         RFC 9449 §4.2); ``ath`` binds it to ``access_token`` when given. Every
         call has its own ``jti``: a proof is never reused."""
-        claims: dict[str, Any] = {
-            "jti": secrets.token_urlsafe(16),
-            "htm": method,
-            "htu": url,
-            "iat": int(now),
-        }
-        if access_token is not None:
-            claims["ath"] = b64url(hashlib.sha256(access_token.encode("ascii")).digest())
-        if nonce is not None:
-            claims["nonce"] = nonce
-        payload = b64url(json.dumps(claims, separators=(",", ":")).encode())
-        signing_input = f"{self._header}.{payload}"
-        return f"{signing_input}.{b64url(self._sign(signing_input.encode('ascii')))}"
+        return self.prover(method, url, access_token)(now, nonce)
 
     def prover(
         self, method: str, url: str, access_token: str | None
