@@ -359,3 +359,52 @@ async def test_a_request_is_the_same_whatever_its_tcp_segmentation(
     writer.close()
     assert head.startswith(b"HTTP/1.1 200"), head
     assert rig.partner.requests[-1].message.start_line == start_line
+
+
+async def test_a_lower_case_method_that_starts_in_the_read_of_a_body_keeps_its_case(
+    rig: Rig,
+) -> None:
+    """RFC 9110 §9.1 (issue 11, sixth outside round's residual): on the
+    Python parser, a method whose first bytes come in the read that ends the
+    body before it, and whose rest comes in the next read, is forwarded as
+    spelled ("abcget"), never upper-cased."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.port)
+    for part in (
+        b"foobar /acme/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiab",
+        b"cget /acme/b HTTP/1.1\r\nHost: a\r\n\r\n",
+    ):
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.15)
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert first.startswith(b"HTTP/1.1 200"), first
+    lines = [r.message.start_line for r in rig.partner.requests[-2:]]
+    assert lines == [b"foobar /v2/a HTTP/1.1", b"abcget /v2/b HTTP/1.1"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "named"),
+    [
+        (b"HTTP/1.1 2x0 tok-secret-7\r\nContent-Length: 0\r\n\r\n", b"Bad status line"),
+        (b"HTTP/1.1 200 OK\r\nX-Echo tok-secret-7: v\r\n\r\n", b"Invalid header token"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: tok-secret-7\r\n\r\n", b"Content-Length"),
+    ],
+)
+async def test_a_malformed_partner_answer_is_a_502_naming_the_fault_not_its_bytes(
+    rig: Rig, reply: bytes, named: bytes
+) -> None:
+    """Bad input gets a clear answer: the 502 says what the parser found
+    wrong (issue 11, sixth round's residual: it said only
+    "HttpProcessingError"), and none of the partner's bytes, which could
+    echo a credential."""
+    rig.partner.reset()
+    rig.partner.script([Reply.of(reply)])
+    app = await AppConnection.open(rig.proxy.port)
+    await app.send(b"GET /acme/bad HTTP/1.1\r\nHost: a\r\n\r\n")
+    answer = (await app.response())[-1]
+    await app.close()
+    assert answer.status == 502, render_bytes(answer.raw, 400)
+    assert named in answer.content, render_bytes(answer.content, 400)
+    assert b"tok-secret-7" not in answer.content
+    assert b"tok-secret-7" not in rig.log.getvalue().encode()

@@ -567,7 +567,7 @@ class Forwarder:
                 "upstream_body_failed",
                 route=route.name,
                 client=route.client,
-                reason=type(exc).__name__,
+                reason=exc.reason if isinstance(exc, UpstreamBodyFailed) else "timeout",
             )
             request.abort()
             return

@@ -34,7 +34,7 @@ from aiohttp import hdrs
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpRequestParser  # the C parser (proxy/compat.py checks it)
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.http_parser import HttpRequestParserPy
+from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
@@ -337,6 +337,20 @@ class AppExchange:
         await self.finish()
 
 
+class SpellingParser(HttpRequestParserPy):
+    """aiohttp's Python request parser, keeping a method's spelling. Both of
+    aiohttp's parsers upper-case the method ("get" -> GET), but a method is
+    case-sensitive (RFC 9110 §9.1): "get" is another one. The request line
+    is whole here, wherever the TCP reads cut it or the message before it."""
+
+    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
+        message = super().parse_message(lines)
+        spelled = lines[0].split(b" ", 1)[0].decode("ascii")  # a token: ASCII (checked)
+        if spelled != message.method and spelled.upper() == message.method:
+            message = message._replace(method=spelled)
+        return message
+
+
 class AppConnection(BaseProtocol):
     """One app connection: parses requests, runs the handler for each in turn."""
 
@@ -353,7 +367,6 @@ class AppConnection(BaseProtocol):
         "_messages",
         "_method_part",
         "_previous",
-        "_spelled",
         "_task",
         "_waiter",
         "app_eof",
@@ -395,7 +408,6 @@ class AppConnection(BaseProtocol):
         self.app_eof = False
         self.tunnel: str | None = None  # the host of an intercepted CONNECT, inside it
         self._method_part = b""  # a request line's first bytes, all method so far
-        self._spelled: str | None = None  # a lower-case method whose head is not whole yet
 
     # --- asyncio.Protocol ---------------------------------------------------
 
@@ -440,16 +452,11 @@ class AppConnection(BaseProtocol):
         prior = self._last
         prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
         before = getattr(prior[1], "total_bytes", 0) if prior is not None else 0
-        spelled = self._spelled  # a method's spelling seen in an earlier read
-        if clean:
+        if clean and isinstance(parser, HttpRequestParser):
             method = METHOD_START.match(data)
             if method is not None and not method.group().isupper():
-                # Both of aiohttp's parsers upper-case the method ("get" -> GET),
-                # but a method is case-sensitive (RFC 9110 §9.1): "get" is
-                # another one. The Python parser's message can be corrected.
-                spelled = method.group()[:-1].decode("ascii")
-                if isinstance(parser, HttpRequestParser):
-                    self._parser = parser = self._new_parser(HttpRequestParserPy)
+                # A lower-case method: only SpellingParser keeps its case.
+                self._parser = parser = self._new_parser(SpellingParser)
         try:
             messages: Sequence[tuple[Any, Any]]
             messages, upgraded, tail = parser.feed_data(data)
@@ -458,29 +465,20 @@ class AppConnection(BaseProtocol):
                 return [(self._refuse(exc, data), None)]  # not a token: 400
             if not clean:
                 return [(self._refuse(exc, data, unframed=True), None)]
-            self._parser = parser = self._new_parser(HttpRequestParserPy)
+            self._parser = parser = self._new_parser(SpellingParser)
             try:
                 messages, upgraded, tail = parser.feed_data(data)
             except HttpProcessingError as again:
-                return self._refused_read(HttpRequestParserPy, data, again, clean=True)
+                return self._refused_read(SpellingParser, data, again, clean=True)
         except HttpProcessingError as exc:
             text = str(exc)
             if clean and _LATER_MINOR.match(data) and "Invalid HTTP version" in text:
                 # RFC 9110 §2.5: HTTP/1.2 and later minors are served as 1.1;
                 # llhttp refuses them, aiohttp's Python parser does not.
-                self._parser = self._new_parser(HttpRequestParserPy)
+                self._parser = self._new_parser(SpellingParser)
                 self._clean = True
                 return self._feed(data)
             return self._refused_read(type(parser), data, exc, clean=clean)
-        if spelled is not None and not messages:
-            self._spelled = spelled  # the head ends in a later read: keep the spelling
-        elif spelled is not None:
-            self._spelled = None
-            first, payload = messages[0]
-            if isinstance(first, RequestFailed):
-                pass
-            elif first.method.upper() == spelled.upper():
-                messages = [(first._replace(method=spelled), payload), *messages[1:]]
         if messages and messages[-1][0].method == "CONNECT":
             # What follows a CONNECT head is the tunnel's, not HTTP: held
             # until the CONNECT is answered (RFC 9110 §9.3.6).
@@ -729,7 +727,6 @@ class AppConnection(BaseProtocol):
         self.transport = tls  # type: ignore[assignment]
         self.tunnel = host
         self._method_part = b""
-        self._spelled = None
         early = bytes(self.held or b"")
         self.held = None
         self._parser = self._new_parser(HttpRequestParser)

@@ -275,3 +275,33 @@ def _chunked_end(data: bytes, at: int) -> int | None:
         at = line_end + 2 + size + 2
         if at > len(data):
             return None
+
+
+_QUOTED: Final = re.compile(r"\s*b?'[^'\n]*'?")
+_FIXED_FAULTS: Final = {
+    "TransferEncodingError": "a malformed chunked body",
+    "ContentLengthError": "a body shorter than its Content-Length",
+    "ContentEncodingError": "a body its Content-Encoding does not decode",
+    "LineTooLong": "a line longer than the parser's limit",
+}
+
+
+def partner_fault(exc: BaseException) -> str:
+    """What was wrong with a partner's answer, for the app's 502 and the log:
+    the parser's reason ("Bad status line: Invalid status code") without the
+    bytes it quotes, which are the partner's and could echo a credential."""
+    name = type(exc).__name__
+    fixed = _FIXED_FAULTS.get(name)
+    if fixed is not None:
+        return f"{fixed} ({name})"
+    text = str(getattr(exc, "message", "") or "")
+    reason = []
+    for line in text.splitlines():
+        line = _QUOTED.sub("", line).strip().rstrip(":").strip()
+        if not line:
+            break  # llhttp's reason ends at a blank line; its excerpt follows
+        reason.append(line)
+    said = ": ".join(reason)
+    if not said or not re.fullmatch(r"[A-Za-z][A-Za-z0-9 ,.:()/-]*", said):
+        return name
+    return f"{said} ({name})"

@@ -45,6 +45,7 @@ from proxy.http1.policy import (
     READ_BUFFER,
     answer_end,
     bad_field_name,
+    partner_fault,
     raw_fields,
     request_framing,
     request_head,
@@ -168,7 +169,7 @@ class LeanBody:
         try:
             data: bytes = self._payload.read_nowait()
         except _BROKEN as exc:
-            raise UpstreamBodyFailed(type(exc).__name__) from None
+            raise UpstreamBodyFailed(partner_fault(exc)) from None
         return data
 
     async def read(self, n: int = -1) -> bytes:
@@ -177,7 +178,7 @@ class LeanBody:
         except TimeoutError:
             raise
         except _BROKEN as exc:
-            raise UpstreamBodyFailed(type(exc).__name__) from None
+            raise UpstreamBodyFailed(partner_fault(exc)) from None
         return data
 
     async def iter_any(self) -> AsyncIterator[bytes]:
@@ -188,7 +189,7 @@ class LeanBody:
             except TimeoutError:
                 raise
             except _BROKEN as exc:
-                raise UpstreamBodyFailed(type(exc).__name__) from None
+                raise UpstreamBodyFailed(partner_fault(exc)) from None
             if not chunk:
                 return
             yield chunk
@@ -362,7 +363,7 @@ class LeanClient:
             ):
                 raise
             if isinstance(exc, _BROKEN):
-                raise UpstreamProtocolError(type(exc).__name__) from None
+                raise UpstreamProtocolError(partner_fault(exc)) from None
             raise
         if message.version[0] != 1 or protocol.folded or bad_field_name(message.raw_headers):
             protocol.close()
