@@ -234,17 +234,19 @@ def mints(tokens: Proc) -> int:
 
 
 def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None,
-              client: str = "lean", sampled: float | None = None) -> Proc:  # fmt: skip
+              client: str = "lean", sampled: float | None = None,
+              access_log: bool = False) -> Proc:  # fmt: skip
     """``sampled``: tracing on, this share of requests sampled (exported to
-    the token endpoint's OTLP sink); None: tracing off."""
+    the token endpoint's OTLP sink); None: tracing off. ``access_log``: on,
+    its lines (stderr) written to a file, as a log collector would read them."""
     port, admin = free_port(), free_port()
-    config = tmp / f"authproxy{workers}-{client}-{sampled}.yaml"
+    config = tmp / f"authproxy{workers}-{client}-{sampled}-{access_log}.yaml"
     tracing = "" if sampled is None else f"tracing: {{enabled: true, sample_ratio: {sampled}}}"
     config.write_text(f"""
 listen: 127.0.0.1:{port}
 admin: 127.0.0.1:{admin}
 workers: {workers}
-access_log: false
+access_log: {str(access_log).lower()}
 {tracing}
 clients:
   bench:
@@ -275,7 +277,7 @@ routes:
             "BENCH_SECRET": "bench-secret",
             "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"http://127.0.0.1:{tokens.port}/v1/traces",
         },
-        stderr=subprocess.DEVNULL,
+        stderr=open(tmp / f"{config.stem}.log", "wb") if access_log else subprocess.DEVNULL,
     )
     wait_port(port)
     if workers > 1:
@@ -329,6 +331,30 @@ def wrk(port: int, path: str, duration: float, connections: int, script: str | N
         errors += sum(int(x) for x in m.groups())
     return {"rps": rps, "requests": total, "p50_ms": lat.get("50"), "p99_ms": lat.get("99"),
             "errors": errors}  # fmt: skip
+
+
+HEY_LATENCY = re.compile(r"^\s+(50|99)% in ([\d.]+) secs$", re.M)
+
+
+def hey(port: int, path: str, duration: float, connections: int, rate: float,
+        cpus: str | None) -> dict[str, Any]:  # fmt: skip
+    """A fixed total ``rate`` over ``connections`` (hey's ``-q`` is per
+    connection: each sends at most rate/connections requests a second)."""
+    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(connections),
+           "-q", f"{rate / connections:.3f}", "-disable-compression",
+           f"http://127.0.0.1:{port}{path}"]  # fmt: skip
+    if cpus is not None:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = {p: float(v) * 1000 for p, v in HEY_LATENCY.findall(out)}
+    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
+    ok = int(codes.get("200", 0))
+    errors = sum(int(n) for code, n in codes.items() if code != "200")
+    if m := re.search(r"Error distribution:\n((?:\s+\[\d+\].*\n?)+)", out):
+        errors += sum(int(n) for n in re.findall(r"\[(\d+)\]", m.group(1)))
+    return {"rps": rps, "requests": ok + errors, "p50_ms": lat.get("50"),
+            "p99_ms": lat.get("99"), "errors": errors}  # fmt: skip
 
 
 def measured(proc: Proc | None, run: Any) -> dict[str, Any]:
@@ -400,7 +426,7 @@ def main() -> int:
     parser.add_argument("--skip-big", action="store_true", help="skip the 512 MiB transfers")
     parser.add_argument("--only", default="", help="comma-separated scenarios, e.g. get,post_16k")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "taskset", "curl"):
+    for tool in ("wrk", "nginx", "taskset", "curl", "hey"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (bash bench/run installs it)", file=sys.stderr)
             return 1
@@ -422,6 +448,8 @@ def main() -> int:
             "nginx": nginx_static(up.port, tmp, 1, "0"),
             "minimal": minimal(up.port, "0"),
             "authproxy": authproxy(up.port, tokens, tmp, 1, "0"),
+            # the default a user runs: the access log on, its lines to a file
+            "authproxy_log": authproxy(up.port, tokens, tmp, 1, "0", access_log=True),
         }
         procs += [p for p in contenders.values() if p]
         scenarios = {
@@ -446,6 +474,27 @@ def main() -> int:
                     )
             results["scenarios"][name] = summarise(rounds)
             report(name, results["scenarios"][name])
+        if wanted("paced") and "get" in results["scenarios"]:
+            # Latency that is not queueing: every contender at one fixed rate,
+            # half of authproxy's own maximum in the get scenario above.
+            rate = results["scenarios"]["get"]["authproxy"]["rps"] / 2
+            paced: dict[str, list[dict[str, Any]]] = {c: [] for c in contenders if c != "minimal"}
+            for _ in range(args.rounds):
+                for cname in paced:
+                    proc = contenders[cname]
+                    port = proc.port if proc else up.port
+                    paced[cname].append(
+                        measured(proc, partial(hey, port, "/api/x", args.duration, 64, rate, "1"))
+                    )
+            summary = summarise(paced)
+            summary["rate"] = round(rate)
+            for cname in ("authproxy", "authproxy_log"):
+                summary[f"{cname}_minus_nginx_ms"] = {
+                    key: round((summary[cname][key] or 0) - (summary["nginx"][key] or 0), 2)
+                    for key in ("p50_ms", "p99_ms")
+                }
+            results["scenarios"]["paced"] = summary
+            report("paced", summary)
         if wanted("dpop_get"):
             # issue 15: the same small GET on a DPoP route (a proof signed per
             # request) and on the bearer route, alternating, same process.
@@ -555,22 +604,24 @@ def summarise(rounds: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         }
         summary[cname]["errors"] = sum(r["errors"] for r in rs)
         summary[cname]["rounds_rps"] = [r["rps"] for r in rs]
-    if "authproxy" in rounds:
-        ours = rounds["authproxy"]
+    for mine in ("authproxy", "authproxy_log"):
+        if mine not in rounds:
+            continue
+        ours = rounds[mine]
         for other in ("nginx", "minimal", "direct"):
             if other in rounds:
                 per_round = [
                     round(a["rps"] / b["rps"], 3) for a, b in zip(ours, rounds[other], strict=True)
                 ]
-                summary[f"authproxy_over_{other}"] = {"per_round": per_round,
-                                                      "median": round(statistics.median(per_round), 3)}  # fmt: skip
+                summary[f"{mine}_over_{other}"] = {"per_round": per_round,
+                                                   "median": round(statistics.median(per_round), 3)}  # fmt: skip
     return summary
 
 
 def report(name: str, summary: dict[str, Any], big: bool = False) -> None:
     print(f"\n== {name}")
     for cname, s in summary.items():
-        if cname.startswith(("authproxy_over", "dpop_over")) or "scaling" in cname:
+        if not isinstance(s, dict) or "_over_" in cname or "_minus_" in cname or "scaling" in cname:
             print(f"   {cname}: {s}")
             continue
         if big:

@@ -70,6 +70,8 @@ KNOWN: frozenset[str] = frozenset(
         "limit_unknown_transfer_coding_alone",
         "interim_103_with_content_length_and_hop_by_hop",
         "malformed_400_host_userinfo",
+        "malformed_400_host_port_99999",
+        "malformed_400_host_port_30_digits",
         "method_options_max_forwards_00",
         "response_101_without_upgrade_http_1_0",
         "response_101_without_upgrade_http_1_1",

@@ -28,14 +28,14 @@ import bench
 
 AREAS = (  # first match wins; lines that call transport.write are "system calls" first
     ("event loop (uvloop: reads, epoll, timers)", re.compile(r"runners\.py|base_events")),
-    ("aiohttp: parsers, protocols ", re.compile(r"aiohttp/")),
-    ("authproxy: apps' side (listener)", re.compile(r"proxy/(listener|inbound)\.py")),
-    ("authproxy: partners' side (upstream)", re.compile(r"proxy/upstream\.py")),
-    (
-        "authproxy: forwarding, routing, headers, token",
-        re.compile(r"proxy/(forward|routing|headers|source|challenge)\.py|<string>"),
-    ),
+    ("aiohttp: parsers, protocols", re.compile(r"aiohttp/")),
+    ("authproxy: apps' side (http1/listener)", re.compile(r"proxy/http1/listener\.py")),
+    ("authproxy: partners' side (http1/upstream)", re.compile(r"proxy/http1/upstream\.py")),
+    ("authproxy: HTTP rules (http1/policy)", re.compile(r"proxy/http1/policy\.py")),
+    ("authproxy: forwarding (forwarding/)", re.compile(r"proxy/forwarding/")),
+    ("authproxy: routing, tokens", re.compile(r"proxy/(routing|tokens)/|<string>")),
     ("metrics (prometheus_client)", re.compile(r"prometheus_client|proxy/metrics")),
+    ("access log (structlog, logging)", re.compile(r"structlog|logging/|proxy/log\.py")),
 )
 
 
@@ -44,7 +44,7 @@ SOURCES = {"proxy": bench.ROOT / "proxy", "aiohttp": Path(aiohttp.__file__).pare
 
 def writes(frame: str) -> bool:
     """Is this sampled line a ``transport.write`` (its time is the system call)?"""
-    found = re.search(r"\((\w+)/([\w.]+):(\d+)\)$", frame)
+    found = re.search(r"\((\w+)/([\w./]+):(\d+)\)$", frame)
     if not found or found.group(1) not in SOURCES:
         return False
     line = linecache.getline(str(SOURCES[found.group(1)] / found.group(2)), int(found.group(3)))
@@ -55,6 +55,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("scenario", nargs="?", default="get", choices=("get", "post", "dpop"))
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--lines", type=int, default=0, help="also the N hottest lines")
+    parser.add_argument("--log", action="store_true", help="access log on (to a file)")
     parser.add_argument("--sampled", type=float, default=None, help="tracing on, this ratio sampled")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -75,7 +77,9 @@ def main() -> int:
         tokens = bench.token_endpoint()
         up = bench.upstream(tmp, tokens.port)
         procs += [tokens, up]
-        proxy = bench.authproxy(up.port, tokens, tmp, 1, "0", sampled=args.sampled)
+        proxy = bench.authproxy(
+            up.port, tokens, tmp, 1, "0", sampled=args.sampled, access_log=args.log
+        )
         procs.append(proxy)
         assert proxy.popen is not None
         path = "/dpop/api/x" if args.scenario == "dpop" else "/api/x"  # dpop: a proof per request
@@ -106,6 +110,7 @@ def main() -> int:
             proc.stop()
     by_function: collections.Counter[str] = collections.Counter()
     by_area: collections.Counter[str] = collections.Counter()
+    by_line: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -115,6 +120,7 @@ def main() -> int:
         total += n
         leaf = stack.split(";")[-1]
         by_function[re.sub(r":\d+\)$", ")", leaf)] += n
+        by_line[leaf] += n
         if writes(leaf):
             area = "system calls: socket writes"
         else:
@@ -128,6 +134,15 @@ def main() -> int:
     print()
     for name, n in by_function.most_common(25):
         print(f"{100 * n / total:5.1f} %  {name}")
+    if args.lines:
+        print()
+        for name, n in by_line.most_common(args.lines):
+            found = re.search(r"\((\w+)/([\w./]+):(\d+)\)$", name)
+            text = ""
+            if found and found.group(1) in SOURCES:
+                path = SOURCES[found.group(1)] / found.group(2)
+                text = linecache.getline(str(path), int(found.group(3))).strip()[:70]
+            print(f"{100 * n / total:5.1f} %  {name}  {text}")
     return 0
 
 

@@ -196,8 +196,19 @@ class PathEscapesRoute(BadRequest):
 
 
 class ProxyKeyRequired(RequestFailed):
+    """A route's ``inbound_auth`` key is missing or wrong. A 401 carries a
+    challenge (RFC 9110 §15.5.2): this one names the proxy's scheme and the
+    header the key goes in, so an app tells it from a partner's 401."""
+
     status = 401
     code = "proxy_key_required"
+    headers = (("WWW-Authenticate", 'ProxyKey realm="authproxy"'),)
+
+    @classmethod
+    def for_header(cls, route: str, header: str) -> ProxyKeyRequired:
+        failed = cls.at(route, f"needs a valid key in the {header} header")
+        failed.headers = (("WWW-Authenticate", f'ProxyKey realm="authproxy", header="{header}"'),)
+        return failed
 
 
 class SourceNotAllowed(RequestFailed):

@@ -9,9 +9,11 @@ locals, and locals hold tokens.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
+import time
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
@@ -74,6 +76,55 @@ class LineWriter:
     debug = info = warning = warn = error = critical = exception = msg
 
 
+class AccessLog:
+    """The access log's JSON line, rendered without structlog's processor
+    chain (about 32 µs a line there, a third of a proxied request; issue
+    16): the object structlog would write for ``log.info("access", ...)``
+    — the fields, ``event``, the worker's fields, ``level``, ``ts`` — with
+    the same redaction, through the same :class:`LineWriter`, one write a
+    line."""
+
+    __slots__ = ("_extra", "_prefix", "_second", "_writer")
+
+    def __init__(self, writer: LineWriter, extra: dict[str, Any]) -> None:
+        self._writer = writer
+        self._extra = extra
+        self._second = -1
+        self._prefix = ""
+
+    def _ts(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time, formatted once a second
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+    def write(self, fields: dict[str, Any]) -> None:
+        for key in fields.keys() & SECRET_FIELDS:
+            fields[key] = REDACTED
+        fields["event"] = "access"
+        if self._extra:
+            fields.update(self._extra)
+        fields["level"] = "info"
+        fields["ts"] = self._ts()
+        self._writer.msg(_ENCODE(fields))
+
+
+# Built once: json.dumps(default=...) builds an encoder per call.
+_ENCODE: Final = json.JSONEncoder(default=repr).encode
+_access: AccessLog | None = None  # set by configure_logging for JSON at info or below
+_access_fallback: Any = None
+
+
+def access(fields: dict[str, Any]) -> None:
+    """One access log line of ``fields`` (the dict is the callee's)."""
+    if _access is not None:
+        _access.write(fields)
+    elif _access_fallback is not None:
+        _access_fallback.info("access", **fields)
+
+
 def configure_logging(
     level: str = "info", stream: TextIO | None = None, log_format: str = "json"
 ) -> None:
@@ -93,8 +144,10 @@ def configure_logging(
         renderer = structlog.processors.JSONRenderer()
     processors: list[Any] = [structlog.contextvars.merge_contextvars]
     worker = os.environ.get("AUTHPROXY_WORKER_ID")
+    extra: dict[str, Any] = {}
     if worker is not None:  # one of several workers: say which
-        processors.append(_add_worker({"worker": int(worker), "pid": os.getpid()}))
+        extra = {"worker": int(worker), "pid": os.getpid()}
+        processors.append(_add_worker(extra))
     processors += [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="ts"),
@@ -110,6 +163,13 @@ def configure_logging(
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
+    global _access, _access_fallback
+    # Nothing binds context variables for an access line (merge_contextvars
+    # adds none), so the fast line is structlog's line; the console format
+    # stays structlog's.
+    fast = log_format != "console" and numeric <= logging.INFO
+    _access = AccessLog(writer, extra) if fast else None
+    _access_fallback = get_logger("proxy.access") if log_format == "console" else None
 
 
 def get_logger(name: str) -> Any:

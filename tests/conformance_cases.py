@@ -1106,7 +1106,13 @@ case(
     answers=(ok(b"one"),),
     why="RFC 9112 §9.3.2: the parser drops what follows an h2c upgrade; answered, then closed, never a shifted answer",
 )
-for name, host in (("space", b"a b"), ("userinfo", b"u@partner.example"), ("slash", b"a/b")):
+for name, host in (
+    ("space", b"a b"),
+    ("userinfo", b"u@partner.example"),
+    ("slash", b"a/b"),
+    ("port_99999", b"partner.example:99999"),  # round 7 (F5): as in an absolute-form target
+    ("port_30_digits", b"a:123456789012345678901234567890"),
+):
     case(
         f"malformed_400_host_{name}",
         request(b"GET /acme/x HTTP/1.1", b"Host: " + host),

@@ -389,6 +389,11 @@ async def test_a_lower_case_method_that_starts_in_the_read_of_a_body_keeps_its_c
         (b"HTTP/1.1 2x0 tok-secret-7\r\nContent-Length: 0\r\n\r\n", b"Bad status line"),
         (b"HTTP/1.1 200 OK\r\nX-Echo tok-secret-7: v\r\n\r\n", b"Invalid header token"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: tok-secret-7\r\n\r\n", b"Content-Length"),
+        (  # round 7 (F4): an apostrophe in the reason is no quoted excerpt
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            b"Transfer-Encoding can't be present with Content-Length",
+        ),
     ],
 )
 async def test_a_malformed_partner_answer_is_a_502_naming_the_fault_not_its_bytes(

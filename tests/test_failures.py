@@ -211,3 +211,23 @@ async def test_access_and_mint_lines_carry_the_facts(stack: Stack, log_stream: i
     assert [m["outcome"] for m in mints] == ["success", "success"]
     assert mints[0]["client"] == "demo" and mints[0]["scope"] == "orders.read"
     assert mints[0]["lifetime_s"] == 3600
+
+
+async def test_unreplayable_expired_401s_cost_one_mint_per_remint_interval(
+    make_stack: StackFactory,
+) -> None:
+    """The quota guard holds for bodies over replay_limit too (issue 11,
+    seventh outside round): dropping the token for each such 401 would let
+    every next request mint, one mint per upload against a partner that keeps
+    calling tokens expired."""
+    stack = await make_stack(route="    replay_limit: 100")
+    for _ in range(4):
+        async with stack.http.post(stack.url("/demo/early401"), data=b"x" * 200) as response:
+            assert response.status == 401
+            await response.read()
+    assert stack.tokens.mint_count == 2  # the first token, one drop within the interval
+    stack.clock.advance(11)  # past remint_min_interval: one more drop is allowed
+    for _ in range(2):
+        async with stack.http.post(stack.url("/demo/early401"), data=b"x" * 200) as response:
+            assert response.status == 401
+    assert stack.tokens.mint_count == 3

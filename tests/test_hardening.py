@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 from fakes import LocalServer
 
@@ -52,6 +53,9 @@ async def test_inbound_key_is_required_checked_and_never_forwarded(
         async with stack.http.get(stack.url("/demo/x"), headers=headers) as response:
             assert response.status == 401
             assert (await response.json())["error"] == "proxy_key_required"
+            # RFC 9110 §15.5.2: a 401 carries a challenge (round 7, F6)
+            challenge = response.headers["WWW-Authenticate"]
+            assert challenge == 'ProxyKey realm="authproxy", header="X-Proxy-Key"'
     assert stack.tokens.calls == 0 and stack.partner.requests == []
     assert await status_of(stack, headers={"X-Proxy-Key": "key-of-app-two"}) == 200
     (seen,) = stack.partner.requests
@@ -280,3 +284,31 @@ async def test_apps_that_go_away_cancel_upstream_and_leak_nothing(stack: Stack) 
     assert len(asyncio.all_tasks()) <= baseline + 2
     assert len(os.listdir("/proc/self/fd")) <= fds + 10
     assert await status_of(stack) == 200
+
+
+@pytest.mark.parametrize("first", ["GET /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\n\r\n"])
+@pytest.mark.parametrize("partial", [b"GET /demo/x HTTP/1.1\r\nHo", b"GE"])
+async def test_a_head_begun_while_a_request_is_in_flight_is_cut_off_too(
+    make_stack: StackFactory, first: str, partial: bytes
+) -> None:
+    """header_timeout bounds a head whose first bytes came while the request
+    before it was in flight, from when that request is answered (round 7,
+    F3: it was held until idle_timeout, with no 408), and a head that is
+    only a method's first bytes."""
+    stack = await make_stack(top="inbound: {header_timeout: 400ms, idle_timeout: 30s}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    loop = asyncio.get_running_loop()
+    writer.write(first.encode())
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the first request is at the partner
+    writer.write(partial)
+    await writer.drain()
+    started = loop.time()
+    answer = b""
+    with contextlib.suppress(OSError):
+        answer = await asyncio.wait_for(reader.read(), 5)  # 200, 408, then closed
+    closed_after = loop.time() - started
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"request_head_timeout" in answer
+    assert closed_after < 2.5  # 0.4 s after the first answer (~0.4 s in), not idle_timeout

@@ -5,10 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 
 import pytest
 
-from proxy.log import LineWriter, configure_logging, get_logger
+from proxy.log import LineWriter, access, configure_logging, get_logger
 
 
 def test_json_lines_redact_secret_fields() -> None:
@@ -54,3 +55,40 @@ def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def _fields() -> dict[str, object]:
+    return {"request_id": "r1", "route": "partner", "status": 200, "duration_ms": 1.5,
+            "replayed": False, "path": None, "authorization": "Bearer tok-9"}  # fmt: skip
+
+
+@pytest.mark.parametrize("worker", [None, "3"])
+def test_the_fast_access_line_is_structlogs_line(
+    monkeypatch: pytest.MonkeyPatch, worker: str | None
+) -> None:
+    """The access log skips structlog's processor chain (issue 16): its
+    line is the one structlog writes, key for key and in order, redaction
+    and a worker's fields included; only the time differs."""
+    if worker is not None:
+        monkeypatch.setenv("AUTHPROXY_WORKER_ID", worker)
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    access(_fields())
+    get_logger("proxy.access").info("access", **_fields())
+    fast, slow = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert list(fast) == list(slow)
+    stamp = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    assert stamp.fullmatch(fast.pop("ts")) and stamp.fullmatch(slow.pop("ts"))
+    assert fast == slow
+    assert fast["authorization"] == "[redacted]" and "tok-9" not in stream.getvalue()
+
+
+def test_the_access_log_follows_the_level_and_format() -> None:
+    stream = io.StringIO()
+    configure_logging("warning", stream)
+    access(_fields())
+    assert stream.getvalue() == ""  # an info line, below the level
+    configure_logging("info", stream, log_format="console")
+    access(_fields())
+    text = stream.getvalue()
+    assert "access" in text and not text.lstrip().startswith("{") and "tok-9" not in text

@@ -45,7 +45,7 @@ from proxy.forwarding.seams import (
     UpstreamResponse,
 )
 from proxy.forwarding.send import Outbound, Sender
-from proxy.log import get_logger
+from proxy.log import access, get_logger
 from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
 from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
@@ -54,7 +54,6 @@ from proxy.tokens.dpop import Proofs, htu
 from proxy.tokens.token import Token
 from proxy.tracing import Tracing
 
-log = get_logger("proxy.access")
 events = get_logger("proxy.forward")
 # A body with a Content-Length up to this many bytes (and within the route's
 # replay_limit) is read whole and sent in one write, as nginx buffers request
@@ -315,20 +314,21 @@ class Forwarder:
         duration = time.monotonic() - started
         route_metrics.finished(request.status, duration)
         if table.config.access_log:
-            log.info(
-                "access",
-                request_id=facts.request_id,
-                route=facts.route,
-                method=request.method,
-                path=request.raw_path.partition("?")[0]
-                if not request.raw_path.startswith("http") and request.method != "CONNECT"
-                else None,
-                status=request.status,
-                upstream_status=facts.upstream_status,
-                duration_ms=round(duration * 1000, 2),
-                replayed=facts.replayed,
-                waited_for_mint=facts.waited_for_mint,
-                **facts.extra,
+            access(
+                {
+                    "request_id": facts.request_id,
+                    "route": facts.route,
+                    "method": request.method,
+                    "path": request.raw_path.partition("?")[0]
+                    if not request.raw_path.startswith("http") and request.method != "CONNECT"
+                    else None,
+                    "status": request.status,
+                    "upstream_status": facts.upstream_status,
+                    "duration_ms": round(duration * 1000, 2),
+                    "replayed": facts.replayed,
+                    "waited_for_mint": facts.waited_for_mint,
+                    **facts.extra,
+                }
             )
 
     async def _exchange(
@@ -461,6 +461,7 @@ class Forwarder:
         upstream: UpstreamResponse,
         facts: Exchange,
         why: str,
+        failed: Token | None = None,
     ) -> Any:
         """The body to send again, or ``_NOT_REPLAYABLE`` when it is over the
         route's ``replay_limit`` (counted and logged here)."""
@@ -474,14 +475,21 @@ class Forwarder:
         if not await tee.finish():
             runtime.metrics.too_large.inc()
             facts.extra["replay"] = "too_large"
+            then = ""
+            if failed is not None:  # an expired token: dropped, unless the quota guard holds
+                then = (
+                    " and the next request gets a fresh token"
+                    if runtime.source.forget(failed)
+                    else " and the token is kept: an expiry re-mint came less than "
+                    "remint_min_interval ago"
+                )
             events.warning(
                 "replay_too_large" if why == "nonce" else "expired_token_not_replayed",
                 route=route.name,
                 client=route.client,
                 reason=(
                     f"request body is larger than replay_limit ({route.replay_limit} bytes); "
-                    "the 401 goes back to the app"
-                    + ("" if why == "nonce" else " and the next request gets a fresh token")
+                    "the 401 goes back to the app" + then
                 ),
             )
             return _NOT_REPLAYABLE
@@ -499,9 +507,8 @@ class Forwarder:
     ) -> UpstreamResponse | None:
         """Replay ``outbound`` once with a fresh token, or ``None`` to pass the 401 on."""
         route = runtime.config
-        body = await self._replay_body(runtime, outbound, tee, upstream, facts, "expired")
+        body = await self._replay_body(runtime, outbound, tee, upstream, facts, "expired", failed)
         if body is _NOT_REPLAYABLE:
-            runtime.source.forget(failed)
             return None
         mints_before = runtime.source.mints
         try:

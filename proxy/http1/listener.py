@@ -358,6 +358,7 @@ class AppConnection(BaseProtocol):
         "_clean",
         "_current",
         "_discard",
+        "_head_pending",
         "_head_timer",
         "_idle_timer",
         "_last",
@@ -396,6 +397,7 @@ class AppConnection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self._current: AppExchange | None = None
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_pending = False  # bytes of a request head not yet whole
         self._idle_timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._last_active = loop.time()
@@ -667,6 +669,16 @@ class AppConnection(BaseProtocol):
                 data = b""
         messages = self._feed(data) if data else []
         self._previous = data
+        # Bytes of a next request head are in (the parser is past the last
+        # message, whose body is whole): its header_timeout runs once no
+        # request is in flight, also when it started while one was (round 7).
+        last = self._last
+        self._head_pending = bool(self._method_part) or (
+            bool(data)
+            and not self._clean
+            and not self._discard
+            and (last is None or last[1] is None or last[1].is_eof())
+        )
         if messages:
             self._disarm_head()
             self._messages.extend(messages)
@@ -675,7 +687,12 @@ class AppConnection(BaseProtocol):
             waiter = self._waiter
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
-        elif data and self._current is None and not self._messages and self._head_timer is None:
+        elif (
+            (data or self._method_part)
+            and self._current is None
+            and not self._messages
+            and self._head_timer is None
+        ):
             # Bytes of a request head arrived, the head is not complete: start the clock.
             self._head_timer = self._loop.call_later(
                 self._listener.limits.header_timeout, self._head_expired
@@ -850,6 +867,10 @@ class AppConnection(BaseProtocol):
                     self._end(exchange)
                     return
                 self._last_active = self._loop.time()
+                if self._head_pending and not self._messages and self._head_timer is None:
+                    self._head_timer = self._loop.call_later(
+                        self._listener.limits.header_timeout, self._head_expired
+                    )
         except asyncio.CancelledError:
             return
         except Exception as exc:  # a bug outside the handler: never a hung connection

@@ -277,7 +277,9 @@ def _chunked_end(data: bytes, at: int) -> int | None:
             return None
 
 
-_QUOTED: Final = re.compile(r"\s*b?'[^'\n]*'?")
+# A quoted excerpt starts a line or follows a space ("line 'HTTP/1.1 x'",
+# "b'...'"); an apostrophe inside a word ("can't") starts none.
+_QUOTED: Final = re.compile(r"(?:^|\s+)b?'[^'\n]*'?")
 _FIXED_FAULTS: Final = {
     "TransferEncodingError": "a malformed chunked body",
     "ContentLengthError": "a body shorter than its Content-Length",
@@ -302,6 +304,6 @@ def partner_fault(exc: BaseException) -> str:
             break  # llhttp's reason ends at a blank line; its excerpt follows
         reason.append(line)
     said = ": ".join(reason)
-    if not said or not re.fullmatch(r"[A-Za-z][A-Za-z0-9 ,.:()/-]*", said):
+    if not said or not re.fullmatch(r"[A-Za-z][A-Za-z0-9 ,.:()/'-]*", said):
         return name
     return f"{said} ({name})"

@@ -26,9 +26,7 @@ def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
         if address is None or not any(address in net for net in route.allow_from):
             raise SourceNotAllowed.at(route.name, f"requests from {remote} are not allowed")
     if route.inbound_auth is not None and not _key_ok(route.inbound_auth, headers):
-        raise ProxyKeyRequired.at(
-            route.name, f"needs a valid key in the {route.inbound_auth.header} header"
-        )
+        raise ProxyKeyRequired.for_header(route.name, route.inbound_auth.header)
 
 
 def _key_ok(auth: InboundAuth, headers: Any) -> bool:

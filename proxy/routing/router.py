@@ -52,8 +52,13 @@ class RequestTarget:
 
 def valid_authority(value: str) -> bool:
     """Whether ``value`` is a ``Host`` (host and optional port, RFC 9110 §7.2);
-    an empty one is valid (a target with no authority)."""
-    return _AUTHORITY.fullmatch(value) is not None
+    an empty one is valid (a target with no authority). A port is 0-65535
+    (RFC 3986 §3.2.3), in ``Host`` as in an absolute-form target."""
+    if _AUTHORITY.fullmatch(value) is None:
+        return False
+    end = value.rfind("]") + 1 if value.startswith("[") else 0  # past an IPv6 literal
+    port = value[end:].partition(":")[2]
+    return len(port) <= 5 and (not port or int(port) <= 65535)
 
 
 def split_host(authority: str) -> str:

@@ -251,15 +251,28 @@ class SharedTokenSource:
         log.warning("tokens_dropped", client=self.key[0], scope=self.key[1] or None)
         return len(dropped)
 
-    def forget(self, failed: Token) -> None:
-        """Stop using ``failed`` locally without minting (the next request mints).
+    def forget(self, failed: Token) -> bool:
+        """Stop using ``failed`` without minting (the next request mints);
+        False when the quota guard keeps it (an expiry-triggered re-mint or
+        drop of this key came less than ``remint_min_interval`` ago): the
+        drop counts as that re-mint, so 401s that cannot be replayed cost at
+        most one mint per interval, as those that can (issue 11, seventh
+        outside round).
 
         Used when a 401 cannot be replayed (its body was too large to keep).
         """
+        now = self._clock()
+        if (
+            self._last_expiry_remint is not None
+            and now - self._last_expiry_remint < self._remint_min_interval
+        ):
+            return False
         if self.current is not None and self.current.access_token == failed.access_token:
+            self._last_expiry_remint = now
             self.current = None
             task = asyncio.get_running_loop().create_task(self._cache.invalidate(self.key, failed))
             task.add_done_callback(_consume)
+        return True
 
     # --------------------------------------------------------------- minting
 

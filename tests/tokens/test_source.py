@@ -164,3 +164,14 @@ async def test_forget_drops_the_token_without_minting(clock: FakeClock) -> None:
     assert source.cached() is None
     assert minter.calls == 1
     assert (await source.token()).access_token == "t2"
+
+
+async def test_forget_keeps_the_token_within_the_remint_interval(clock: FakeClock) -> None:
+    minter = CountingMinter(clock)
+    source = make(clock, minter)
+    first = await source.token()
+    assert source.forget(first) is True
+    second = await source.token()
+    assert source.forget(second) is False  # the quota guard: one drop per interval
+    assert source.cached() is second and minter.calls == 2
+    assert await source.replace_expired(second) is None  # a re-mint is held the same way
