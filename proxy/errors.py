@@ -195,6 +195,12 @@ class PathEscapesRoute(BadRequest):
     code = "path_escapes_route"
 
 
+class AmbiguousPath(BadRequest):
+    """A path another route serves once decoded and normalised."""
+
+    code = "ambiguous_path"
+
+
 class ProxyKeyRequired(RequestFailed):
     """A route's ``inbound_auth`` key is missing or wrong. A 401 carries a
     challenge (RFC 9110 §15.5.2): this one names the proxy's scheme and the

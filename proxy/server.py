@@ -235,14 +235,15 @@ class ProxyServer:
         )
 
     async def _start_admin(self, host: str) -> None:
-        from proxy.ops.admin import admin_app
+        from proxy.ops.admin import admin_app, loopback_name
 
         auth_token = None
         assert self.config.admin is not None
         if self.config.admin.auth_token_file is not None:
             with open(self.config.admin.auth_token_file, encoding="utf-8") as file:  # noqa: ASYNC230 - once, at start
                 auth_token = file.read().strip()
-        self._admin_runner = web.AppRunner(admin_app(self, auth_token), access_log=None)
+        app = admin_app(self, auth_token, loopback_only=loopback_name(host))
+        self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(
             self._admin_runner, host, self.admin_port, reuse_port=self._reuse_port or None

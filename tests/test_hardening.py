@@ -312,3 +312,38 @@ async def test_a_head_begun_while_a_request_is_in_flight_is_cut_off_too(
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert b"request_head_timeout" in answer
     assert closed_after < 2.5  # 0.4 s after the first answer (~0.4 s in), not idle_timeout
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["/x/./admin/users", "/x//admin/users", "/x/%61dmin/users", "/x/admin%2Fusers"],
+)
+async def test_a_guarded_route_cannot_be_reached_through_a_broader_one(
+    make_stack: StackFactory, spelling: str
+) -> None:
+    """Round 7 (F1): ``/x/admin/`` allows 10/8 only; its path spelled so that
+    only ``/x/`` matches the raw bytes is refused (400 ambiguous_path), never
+    forwarded with the token to a partner that would read it as
+    ``/v2/admin/users``."""
+    stack = await make_stack(
+        extra_routes="""  - name: x-admin
+    match: {path_prefix: /x/admin/}
+    upstream: {partner}/v2/admin/
+    client: demo
+    allow_from: [10.0.0.0/8]
+  - name: x
+    match: {path_prefix: /x/}
+    upstream: {partner}/v2/
+    client: demo
+"""
+    )
+    assert await status_of(stack, "/x/admin/users") == 403
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(f"GET {spelling} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw_status(answer) == 400, answer
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"] == "ambiguous_path" and "x-admin" in body["message"]
+    assert stack.partner.requests == [] and stack.tokens.calls == 0
+    assert await status_of(stack, "/x/other/./y") == 200  # the same route either way: served

@@ -210,7 +210,7 @@ class Forwarder:
                 return await self._connect(request, table, facts, started)
             else:
                 target = parse_target(request.method, request.raw_path, request.headers.get("Host"))
-            matched = table.router.match(target)
+            matched = table.router.route_for(target)
             if matched is None:
                 where = f"host {target.host!r} " if target.host else ""
                 raise NoRoute(f"no route matches {where}path {target.path[:200]!r}")

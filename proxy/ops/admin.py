@@ -15,6 +15,7 @@ presented is never logged nor echoed.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
@@ -175,11 +176,76 @@ def _require_token(token: str) -> Middleware:
     return authenticate
 
 
-def admin_app(server: Operated, auth_token: str | None = None) -> web.Application:
+def loopback_name(host: str) -> bool:
+    """``localhost`` (and its subdomains, RFC 6761 §6.3) or a loopback IP."""
+    name = host.lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(authority: str) -> str:
+    if authority.startswith("["):
+        return authority.partition("]")[0] + "]"
+    return authority.partition(":")[0]
+
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_SAME_SITE: Final = frozenset({"same-origin", "none"})  # Sec-Fetch-Site: the page itself, or typed
+
+
+def _refused(request: web.Request, code: str, message: str) -> web.Response:
+    log.warning("admin_refused", error=code, method=request.method, path=request.path,
+                remote=request.remote)  # fmt: skip
+    return _json({"error": code, "message": message}, 403)
+
+
+def _browser_guard(loopback_only: bool) -> Middleware:
+    """What a browser on the proxy's host must not do to the admin port:
+    change state from another site's page (a form or ``fetch`` needs no
+    preflight for a POST: CSRF), and, on a loopback listener without a
+    token, read it under another name (DNS rebinding: a page of
+    ``rebound.example`` that resolves to 127.0.0.1)."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host", "")
+        if loopback_only and request.path not in UNAUTHENTICATED_PATHS and host:
+            if not loopback_name(_host_name(host)):
+                return _refused(
+                    request,
+                    "admin_host_not_allowed",
+                    "without admin.auth_token_file the admin port answers only to a loopback "
+                    "Host (localhost, 127.0.0.1, [::1])",
+                )
+        if request.method not in _SAFE_METHODS:
+            site = request.headers.get("Sec-Fetch-Site")
+            origin = request.headers.get("Origin")
+            foreign = origin is not None and origin.partition("://")[2].lower() != host.lower()
+            if (site is not None and site not in _SAME_SITE) or foreign:
+                return _refused(
+                    request,
+                    "admin_cross_site",
+                    "a state-changing admin request from another site's page is refused "
+                    "(Origin, Sec-Fetch-Site); send it with curl, or from the status page",
+                )
+        return await handler(request)
+
+    return guard
+
+
+def admin_app(
+    server: Operated, auth_token: str | None = None, *, loopback_only: bool = False
+) -> web.Application:
     """The admin application for ``server``; with ``auth_token`` (the contents
     of ``admin.auth_token_file``; surrounding whitespace is ignored) every
-    endpoint except ``/healthz`` and ``/readyz`` needs it as a bearer token."""
-    middlewares: list[Middleware] = []
+    endpoint except ``/healthz`` and ``/readyz`` needs it as a bearer token.
+    ``loopback_only`` (a loopback listener with no token) answers only to a
+    loopback ``Host``. Cross-site POSTs are refused always."""
+    middlewares: list[Middleware] = [_browser_guard(loopback_only and auth_token is None)]
     if auth_token is not None:
         auth_token = auth_token.strip()
         if not auth_token:

@@ -15,7 +15,13 @@ from typing import Generic, TypeVar
 from yarl import URL
 
 from proxy.config.model import RouteConfig
-from proxy.errors import BadRequest, MethodNotAllowed, MisdirectedRequest, PathEscapesRoute
+from proxy.errors import (
+    AmbiguousPath,
+    BadRequest,
+    MethodNotAllowed,
+    MisdirectedRequest,
+    PathEscapesRoute,
+)
 
 T = TypeVar("T")
 # Separators that some upstream stacks honour besides "/": encoded slashes and
@@ -126,6 +132,44 @@ def tunnel_target(
     return replace(target, host=tunnel_host, authority=authority, absolute=True)
 
 
+_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+# RFC 3986 §2.3: unreserved characters; decoded, they name the same resource.
+# "/" too: many partner stacks decode %2F before they route.
+_DECODED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+_SLASHES = re.compile(r"/{2,}")
+
+
+def _decode_unreserved(found: re.Match[str]) -> str:
+    char = chr(int(found.group(1), 16))
+    return char if char in _DECODED else found.group().upper()
+
+
+def canonical_path(path: str) -> str:
+    """The path as a partner stack may read it: unreserved characters and
+    ``/`` percent-decoded, slashes merged, dot-segments removed (RFC 3986
+    §6.2.2, §5.2.4; nginx matches its locations on this form), and, as Java
+    and IIS stacks read it, ``;parameters`` dropped and ``\\`` a slash."""
+    decoded = _ESCAPE.sub(_decode_unreserved, path) if "%" in path else path
+    segments: list[str] = []
+    parts = [
+        part.partition(";")[0] for part in _SLASHES.sub("/", decoded.replace("\\", "/")).split("/")
+    ]
+    for part in parts[1:]:
+        if part == "..":
+            if segments:
+                segments.pop()
+        elif part != ".":
+            segments.append(part)
+    if parts[-1] in (".", ".."):
+        segments.append("")  # "/a/." is the directory "/a/"
+    return "/" + "/".join(segments)
+
+
+def may_read_otherwise(path: str) -> bool:
+    """Could ``path`` read as another path once decoded and normalised?"""
+    return "%" in path or "//" in path or "/." in path or ";" in path or "\\" in path
+
+
 def climbs_out(remainder: str) -> bool:
     """True when dot-segments in ``remainder`` would climb above its start.
 
@@ -226,6 +270,25 @@ class Router(Generic[T]):
                 continue
             return route, value
         return None
+
+    def route_for(self, target: RequestTarget) -> tuple[RouteConfig, T] | None:
+        """:meth:`match`, refusing a path whose decoded, normalised form
+        (:func:`canonical_path`) another route serves: ``/acme/%61dmin/``
+        or ``/acme/./admin/`` must not reach ``/acme/admin/``'s partner
+        path through ``/acme/``, past the guards (``allow_from``,
+        ``inbound_auth``) of the route that serves it (issue 11, seventh
+        outside round). Raises AmbiguousPath."""
+        matched = self.match(target)
+        if matched is None or not may_read_otherwise(target.path):
+            return matched
+        canonical = canonical_path(target.path)
+        other = self.match(replace(target, path=canonical)) if canonical != target.path else None
+        if other is not None and other[0] is not matched[0]:
+            raise AmbiguousPath(
+                f"the path reads as {canonical[:200]!r} once decoded and normalised, which "
+                f"route {other[0].name!r} serves, not {matched[0].name!r}; send it as that"
+            )
+        return matched
 
 
 def upstream_url(route: RouteConfig, base: UpstreamBase, target: RequestTarget) -> str:

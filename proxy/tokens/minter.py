@@ -394,7 +394,8 @@ class GuardedMinter:
             except TimeoutError:
                 exc: TokenError = TokenEndpointTimeout(
                     f"token endpoint for client {self._client!r} did not answer within "
-                    f"the {self._budget:g}s budget ({attempt + 1} attempts)",
+                    f"the {self._budget:g}s budget ({attempt + 1} "
+                    f"{'attempt' if attempt == 0 else 'attempts'})",
                     client=self._client,
                 )
             except TokenError as error:

@@ -63,3 +63,59 @@ async def test_drop_names_an_unknown_client(guarded: Stack) -> None:
         guarded.proxy.admin_url + "/tokens/nobody/drop", headers=headers
     ) as response:
         assert response.status == 404 and "nobody" in (await response.json())["message"]
+
+
+@pytest.fixture
+async def loopback(make_stack: StackFactory) -> Stack:
+    return await make_stack(top="admin: 127.0.0.1:0")  # the documented default: no token
+
+
+async def admin_call(stack: Stack, method: str, path: str, **headers: str) -> tuple[int, str]:
+    async with stack.http.request(method, stack.proxy.admin_url + path, headers=headers) as r:
+        body = await r.json() if r.content_type == "application/json" else {}
+        return r.status, body.get("error", "")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Origin": "https://attacker.example"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},
+    ],
+)
+async def test_a_cross_site_page_cannot_drop_tokens_or_reload(
+    loopback: Stack, headers: dict[str, str]
+) -> None:
+    """Round 7 (F2): a form or no-cors fetch from another site's page (no
+    preflight) must not burn the partner's token quota through /drop."""
+    async with loopback.http.get(loopback.url("/demo/a")) as response:
+        assert response.status == 200
+    for path in ("/tokens/demo/drop", "/reload"):
+        assert await admin_call(loopback, "POST", path, **headers) == (403, "admin_cross_site")
+    async with loopback.http.get(loopback.url("/demo/b")) as response:
+        assert response.status == 200
+    assert loopback.tokens.mint_count == 1  # nothing was dropped
+    # curl, and the status page's own origin, still can
+    port = loopback.proxy.admin_url.rsplit(":", 1)[1]
+    same = {"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "same-origin"}
+    assert (await admin_call(loopback, "POST", "/tokens/demo/drop", **same))[0] == 200
+    assert (await admin_call(loopback, "POST", "/tokens/demo/drop"))[0] == 200
+
+
+@pytest.mark.parametrize("host", ["rebound.attacker.example:9090", "10.1.2.3", "attacker"])
+async def test_a_loopback_admin_without_a_token_answers_only_loopback_names(
+    loopback: Stack, host: str
+) -> None:
+    """Round 7 (F2): DNS rebinding; a page of another name that resolves to
+    127.0.0.1 must not read /tokens, /metrics or the status page."""
+    for path in ("/tokens", "/metrics", "/"):
+        assert await admin_call(loopback, "GET", path, Host=host) == (403, "admin_host_not_allowed")
+    assert (await admin_call(loopback, "GET", "/healthz", Host=host))[0] == 200  # probes
+    for good in ("localhost:9090", "127.0.0.1", "[::1]:9090", "app.localhost"):
+        assert (await admin_call(loopback, "GET", "/tokens", Host=good))[0] == 200
+
+
+async def test_with_a_token_any_host_is_answered(guarded: Stack) -> None:
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Host": "authproxy.internal:9090"}
+    assert (await admin_call(guarded, "GET", "/tokens", **headers))[0] == 200

@@ -1,10 +1,11 @@
 import pytest
 
 from proxy.config.model import RouteConfig
-from proxy.errors import BadRequest, MethodNotAllowed, PathEscapesRoute
+from proxy.errors import AmbiguousPath, BadRequest, MethodNotAllowed, PathEscapesRoute
 from proxy.routing.router import (
     Router,
     UpstreamBase,
+    canonical_path,
     climbs_out,
     parse_target,
     prefix_matches,
@@ -136,3 +137,39 @@ def test_router_first_match_wins_and_absolute_needs_host() -> None:
     assert pick("/y", "other") is None
     assert Router([(c, 3)]).match(parse_target("GET", "http://h.example/x/1", None)) is not None
     assert Router([(c, 3)]).match(parse_target("GET", "http://h.example/y", None)) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "canonical"),
+    [
+        ("/acme/./admin/users", "/acme/admin/users"),
+        ("/acme//admin/users", "/acme/admin/users"),
+        ("/acme/%61dmin/users", "/acme/admin/users"),
+        ("/acme/admin%2Fusers", "/acme/admin/users"),
+        ("/acme/admin;jsessionid=1/users", "/acme/admin/users"),
+        ("/acme/x/../admin/", "/acme/admin/"),
+        ("/acme/admin/.", "/acme/admin/"),
+        ("/acme/%20x", "/acme/%20x"),  # not unreserved: kept encoded
+        ("/acme/%3fx", "/acme/%3Fx"),
+    ],
+)
+def test_canonical_path_is_what_a_partner_stack_may_read(raw: str, canonical: str) -> None:
+    assert canonical_path(raw) == canonical
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/acme/./admin/users", "/acme//admin/users", "/acme/%61dmin/users", "/acme/admin%2Fusers",
+     "/acme/admin;x/users", "/acme/x/../admin/users"],
+)  # fmt: skip
+def test_a_path_another_route_serves_once_normalised_is_refused(raw: str) -> None:
+    """Round 7 (F1): the broad route must not carry a request for the guarded
+    route's path; nginx matches its locations on the normalised path too."""
+    admin, broad = route("admin", prefix="/acme/admin/"), route("broad", prefix="/acme/")
+    router = Router([(admin, 1), (broad, 2)])
+    with pytest.raises(AmbiguousPath) as refused:
+        router.route_for(parse_target("GET", raw, "h"))
+    assert refused.value.status == 400 and "'admin'" in refused.value.message
+    assert router.route_for(parse_target("GET", "/acme/admin/users", "h")) == (admin, 1)
+    for same in ("/acme/./other", "/acme/%61bc", "/acme/a//b"):  # the same route either way
+        assert router.route_for(parse_target("GET", same, "h")) == (broad, 2)
