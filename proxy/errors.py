@@ -25,7 +25,8 @@ contains a token, a client secret or an ``Authorization`` value.
     │   └── HandshakeFailed            an app's TLS handshake inside a CONNECT failed
     └── RequestFailed                  answered to the app as JSON
         ├── BadRequest            400  malformed request (named, never quoted)
-        │   └── PathEscapesRoute  400  dot-segments climb out of the route
+        │   ├── PathEscapesRoute  400  dot-segments climb out of the route
+        │   └── AmbiguousPath     400  normalised, the path is another route's
         ├── ProxyKeyRequired      401  the route's inbound_auth key is missing or wrong
         ├── SourceNotAllowed      403  the app's address is not in the route's allow_from
         ├── ConnectNotAllowed     403  a CONNECT to neither a routed host nor a tunnel entry
