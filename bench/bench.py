@@ -333,28 +333,26 @@ def wrk(port: int, path: str, duration: float, connections: int, script: str | N
             "errors": errors}  # fmt: skip
 
 
-HEY_LATENCY = re.compile(r"^\s+(50|99)% in ([\d.]+) secs$", re.M)
+PACED_LUA = """
+-- paced: each connection waits a random 0.5-1.5 times its period before each
+-- request, so that 64 connections send R requests a second in all, spread
+-- out (hey's -q tickers start together and send bursts of 64 at once)
+local period = {period}
+function init(args)
+  local seed = tonumber(tostring({{}}):match("0x(%x+)"), 16) or os.time()
+  math.randomseed(seed)
+end
+function delay()
+  return period * (0.5 + math.random())
+end
+"""
 
 
-def hey(port: int, path: str, duration: float, connections: int, rate: float,
-        cpus: str | None) -> dict[str, Any]:  # fmt: skip
-    """A fixed total ``rate`` over ``connections`` (hey's ``-q`` is per
-    connection: each sends at most rate/connections requests a second)."""
-    cmd = ["hey", "-z", f"{max(1, round(duration))}s", "-c", str(connections),
-           "-q", f"{rate / connections:.3f}", "-disable-compression",
-           f"http://127.0.0.1:{port}{path}"]  # fmt: skip
-    if cpus is not None:
-        cmd = ["taskset", "-c", cpus, *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    lat = {p: float(v) * 1000 for p, v in HEY_LATENCY.findall(out)}
-    codes = dict(re.findall(r"\[(\d{3})\]\s+(\d+) responses", out))
-    ok = int(codes.get("200", 0))
-    errors = sum(int(n) for code, n in codes.items() if code != "200")
-    if m := re.search(r"Error distribution:\n((?:\s+\[\d+\].*\n?)+)", out):
-        errors += sum(int(n) for n in re.findall(r"\[(\d+)\]", m.group(1)))
-    return {"rps": rps, "requests": ok + errors, "p50_ms": lat.get("50"),
-            "p99_ms": lat.get("99"), "errors": errors}  # fmt: skip
+def paced_script(tmp: Path, rate: float, connections: int) -> str:
+    """A wrk script for ``rate`` requests a second over ``connections``."""
+    path = tmp / f"paced-{round(rate)}.lua"
+    path.write_text(PACED_LUA.format(period=round(1000 * connections / rate, 3)))
+    return str(path)
 
 
 def measured(proc: Proc | None, run: Any) -> dict[str, Any]:
@@ -426,7 +424,7 @@ def main() -> int:
     parser.add_argument("--skip-big", action="store_true", help="skip the 512 MiB transfers")
     parser.add_argument("--only", default="", help="comma-separated scenarios, e.g. get,post_16k")
     args = parser.parse_args()
-    for tool in ("wrk", "nginx", "taskset", "curl", "hey"):
+    for tool in ("wrk", "nginx", "taskset", "curl"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed (bash bench/run installs it)", file=sys.stderr)
             return 1
@@ -483,8 +481,9 @@ def main() -> int:
                 for cname in paced:
                     proc = contenders[cname]
                     port = proc.port if proc else up.port
+                    script = paced_script(tmp, rate, 64)
                     paced[cname].append(
-                        measured(proc, partial(hey, port, "/api/x", args.duration, 64, rate, "1"))
+                        measured(proc, partial(wrk, port, "/api/x", args.duration, 64, script, "1"))
                     )
             summary = summarise(paced)
             summary["rate"] = round(rate)

@@ -55,7 +55,7 @@ from proxy.routing.table import Endpoint
 
 KEEPALIVE_TIMEOUT: Final = 30.0  # below the usual 60 s idle timeout of partner load balancers
 DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at most this often
-MAX_IDLE_PER_ORIGIN: Final = 512  # idle keep-alive connections kept per origin
+MAX_IDLE_PER_ORIGIN: Final = 1024  # idle keep-alive connections kept per origin
 
 
 class _Connection(ResponseHandler):
