@@ -33,6 +33,8 @@ REQUIRED: Final = (
     ("aiohttp.base_protocol", "BaseProtocol._drain_helper"),
     ("aiohttp.base_protocol", "BaseProtocol._pause_reading_for_buffer"),
     ("aiohttp.base_protocol", "BaseProtocol._resume_reading_for_buffer"),
+    ("aiohttp.base_protocol", "BaseProtocol._pause_transport_reading"),
+    ("aiohttp.base_protocol", "BaseProtocol._resume_transport_reading"),
     ("aiohttp.client_proto", "ResponseHandler.set_response_params"),
     ("aiohttp.client_proto", "ResponseHandler._reschedule_timeout"),
     ("aiohttp.client_proto", "ResponseHandler._drop_timeout"),

@@ -722,6 +722,20 @@ class AppConnection(BaseProtocol):
             return True if self.tunnel is None else None
         return None
 
+    def pause_reading(self) -> None:
+        """A request body's buffer is full (aiohttp's StreamReader says so):
+        hold the socket, never the parser. aiohttp 3.14 also pauses its parser
+        and resumes it with ``data_received(b"")``, leaving unparsed bytes
+        inside it that this connection's per-read bookkeeping (``_feed``)
+        cannot see; the socket's pause alone bounds memory to a read."""
+        self._reading_paused = True
+        self._pause_transport_reading()
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        self._reading_paused = False
+        if not self._buffer_paused:
+            self._resume_transport_reading()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.relay is not None:

@@ -340,3 +340,52 @@ async def test_a_refused_request_has_a_request_id_its_log_line_shares(
     assert len(document["request_id"]) == 32
     (line,) = [e for e in log_events(log_stream) if e["event"] == "malformed_request"]
     assert line["request_id"] == document["request_id"]
+
+
+async def test_a_burst_of_connections_is_accepted_in_one_go() -> None:
+    """Issue 16: libuv (uvloop) accepts one connection a loop iteration; under
+    load, with hundreds of requests served in each, 400 of 1,000 new
+    connections waited seconds unaccepted while the first ones were served
+    again and again. The listener accepts every waiting connection (up to
+    ACCEPT_BATCH) each time its socket is readable, on any loop."""
+    import socket
+
+    from proxy.config.model import InboundLimits
+    from proxy.http1.listener import Listener
+
+    async def handler(exchange: object) -> None:
+        await asyncio.sleep(0)
+
+    listener = Listener(handler, InboundLimits())
+    port = await listener.start("127.0.0.1", 0)
+    assert listener._socket is not None
+    loop = asyncio.get_running_loop()
+    loop.remove_reader(listener._socket.fileno())  # the loop does not accept: we do, once
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        listener._accept()
+        await asyncio.sleep(0.05)
+        assert len(listener.connections) == 40
+    finally:
+        for client in clients:
+            client.close()
+        await listener.shutdown(1)
+
+
+async def test_a_fast_chunked_upload_resumes_after_flow_control(stack: Stack) -> None:
+    """aiohttp 3.14 pauses its parser, not only the socket, when a body's
+    buffer is full, and resumes it with ``data_received(b"")``: the proxy
+    ignored that empty read and a chunked upload of a MiB or more hung until
+    body_timeout (found by bench/bench.py's upload_512mib)."""
+    body = b"".join(b"%x\r\n%s\r\n" % (65536, bytes([65 + i % 26]) * 65536) for i in range(64))
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(
+        b"POST /demo/sink HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + body
+        + b"0\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    writer.close()
+    assert raw_status(head) == 200, head
+    assert [size for size, _ in stack.partner.sunk] == [64 * 65536]
