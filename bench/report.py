@@ -9,8 +9,8 @@ import json
 import sys
 from typing import Any
 
-RATE_SCENARIOS = ("get", "post_16k", "c1000", "workers_2")
-NOT_CONTENDERS = ("authproxy_over", "scaling", "machine_scaling")
+RATE_SCENARIOS = ("get", "post_16k", "c1000", "paced", "workers_2")
+NOT_CONTENDERS = ("authproxy_over", "authproxy_log_over", "scaling", "machine_scaling")
 
 
 def fmt(value: Any) -> str:
@@ -26,7 +26,7 @@ def main(path: str) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in RATE_SCENARIOS:
         for contender, row in scenarios.get(name, {}).items():
-            if contender.startswith(NOT_CONTENDERS):
+            if contender.startswith(NOT_CONTENDERS) or not isinstance(row, dict) or "rps" not in row:
                 continue
             print(f"| {name} | {contender} | {round(row['rps'])} | {fmt(row['p50_ms'])} | "
                   f"{fmt(row['p99_ms'])} | {fmt(row['cpu_us_per_req'])} | {fmt(row['rss_mib'])} | "
