@@ -231,3 +231,20 @@ async def test_unreplayable_expired_401s_cost_one_mint_per_remint_interval(
         async with stack.http.post(stack.url("/demo/early401"), data=b"x" * 200) as response:
             assert response.status == 401
     assert stack.tokens.mint_count == 3
+
+
+async def test_an_absolute_form_access_line_names_path_and_host(
+    stack: Stack, log_stream: io.StringIO
+) -> None:
+    """Round 8 (N3): an app using the proxy as HTTP_PROXY sends absolute-form
+    targets; its access lines said "path": null. The path (no query) and the
+    host (no userinfo) are logged; a refused userinfo target leaks none."""
+    for target in (b"http://nowhere.example:8080/v1/x?api_key=K9", b"http://u:PW7@h.example/a"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+        writer.write(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    lines = [e for e in log_events(log_stream) if e["event"] == "access"]
+    assert (lines[0]["path"], lines[0]["host"]) == ("/v1/x", "nowhere.example:8080")
+    assert (lines[1]["path"], lines[1]["host"]) == ("/a", "h.example")
+    assert "K9" not in log_stream.getvalue() and "PW7" not in log_stream.getvalue()

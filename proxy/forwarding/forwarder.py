@@ -319,9 +319,7 @@ class Forwarder:
                     "request_id": facts.request_id,
                     "route": facts.route,
                     "method": request.method,
-                    "path": request.raw_path.partition("?")[0]
-                    if not request.raw_path.startswith("http") and request.method != "CONNECT"
-                    else None,
+                    **_logged_target(request.method, request.raw_path),
                     "status": request.status,
                     "upstream_status": facts.upstream_status,
                     "duration_ms": round(duration * 1000, 2),
@@ -579,6 +577,23 @@ class Forwarder:
             request.abort()
             return
         await request.finish()
+
+
+def _logged_target(method: str, raw_path: str) -> dict[str, str | None]:
+    """The access line's ``path`` (never the query: it may hold a key) and,
+    for an absolute-form target, its ``host`` (never userinfo); a CONNECT
+    names its target in ``connect``."""
+    if method == "CONNECT":
+        return {"path": None}
+    lowered = raw_path[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        rest = raw_path.partition("://")[2]
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i != -1), default=len(rest))
+        return {
+            "path": rest[cut:].partition("?")[0] or "/",
+            "host": rest[:cut].rpartition("@")[2][:255],
+        }
+    return {"path": raw_path.partition("?")[0]}
 
 
 def _new_nonce(runtime: RouteRuntime, proofs: Proofs | None, upstream: UpstreamResponse) -> bool:

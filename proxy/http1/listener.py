@@ -965,7 +965,7 @@ class Listener:
         self.limits = limits
         self.loop = asyncio.get_running_loop()
         self.connections: set[AppConnection] = set()
-        self._socket: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
         self._accepting: set[asyncio.Task[Any]] = set()
         self._resume: asyncio.TimerHandle | None = None
         self._none_left = asyncio.Event()
@@ -987,28 +987,35 @@ class Listener:
         each iteration, a burst of new connections waited seconds in the
         kernel's queue while the first ones were served again and again
         (issue 16: 1,000 connections, p99 2.4 s)."""
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        self._socket = sock
-        self.loop.add_reader(sock.fileno(), self._accept)
-        return int(sock.getsockname()[1])
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        seen: set[tuple[int, object]] = set()
+        for family, kind, proto, _, address in infos:
+            if (family, address[0]) in seen:
+                continue
+            seen.add((family, address[0]))
+            # A name with several addresses (localhost: 127.0.0.1 and ::1)
+            # listens on each, as asyncio's create_server does; on one port,
+            # the one the first bind chose when ``port`` is 0.
+            chosen = self._sockets[0].getsockname()[1] if self._sockets else port
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6 and len(infos) > 1:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind((address[0], chosen, *address[2:]))
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                self._stop_accepting()
+                raise
+            self._sockets.append(sock)
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
+        return int(self._sockets[0].getsockname()[1])
 
-    def _accept(self) -> None:
-        sock = self._socket
-        if sock is None:
-            return
+    def _accept(self, sock: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = sock.accept()
@@ -1017,7 +1024,7 @@ class Listener:
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: pause, as asyncio does
                 log.warning("accept_failed", reason=exc.strerror or type(exc).__name__)
                 self.loop.remove_reader(sock.fileno())
-                self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting)
+                self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting, sock)
                 return
             conn.setblocking(False)
             with contextlib.suppress(OSError):
@@ -1026,10 +1033,10 @@ class Listener:
             self._accepting.add(task)
             task.add_done_callback(self._accepting.discard)
 
-    def _resume_accepting(self) -> None:
+    def _resume_accepting(self, sock: socket.socket) -> None:
         self._resume = None
-        if self._socket is not None:
-            self.loop.add_reader(self._socket.fileno(), self._accept)
+        if sock in self._sockets:
+            self.loop.add_reader(sock.fileno(), self._accept, sock)
 
     async def _adopt(self, conn: socket.socket) -> None:
         try:
@@ -1041,11 +1048,11 @@ class Listener:
             raise
 
     def _stop_accepting(self) -> None:
-        sock, self._socket = self._socket, None
+        sockets, self._sockets = self._sockets, []
         if self._resume is not None:
             self._resume.cancel()
             self._resume = None
-        if sock is not None:
+        for sock in sockets:
             self.loop.remove_reader(sock.fileno())
             sock.close()
 

@@ -135,7 +135,8 @@ def tunnel_target(
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 # RFC 3986 §2.3: unreserved characters; decoded, they name the same resource.
 # "/" too: many partner stacks decode %2F before they route.
-_DECODED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+# "\\" as well, read as "/" below: IIS and some Java containers split on it.
+_DECODED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/\\")
 _SLASHES = re.compile(r"/{2,}")
 
 

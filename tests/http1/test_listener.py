@@ -358,12 +358,12 @@ async def test_a_burst_of_connections_is_accepted_in_one_go() -> None:
 
     listener = Listener(handler, InboundLimits())
     port = await listener.start("127.0.0.1", 0)
-    assert listener._socket is not None
+    (sock,) = listener._sockets
     loop = asyncio.get_running_loop()
-    loop.remove_reader(listener._socket.fileno())  # the loop does not accept: we do, once
+    loop.remove_reader(sock.fileno())  # the loop does not accept: we do, once
     clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
     try:
-        listener._accept()
+        listener._accept(sock)
         await asyncio.sleep(0.05)
         assert len(listener.connections) == 40
     finally:
@@ -389,3 +389,37 @@ async def test_a_fast_chunked_upload_resumes_after_flow_control(stack: Stack) ->
     writer.close()
     assert raw_status(head) == 200, head
     assert [size for size, _ in stack.partner.sunk] == [64 * 65536]
+
+
+async def test_a_name_with_two_addresses_listens_on_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Round 8 (N1): ``listen: localhost:P`` where localhost is 127.0.0.1 and
+    ::1 listens on both, on one port, as asyncio's create_server did."""
+    import socket
+
+    from proxy.config.model import InboundLimits
+    from proxy.http1.listener import Listener
+
+    real = socket.getaddrinfo
+
+    def both(host: str, port: int, *args: object, **kwargs: object) -> list[object]:
+        if host != "twice.test":
+            return real(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        return [*real("127.0.0.1", port, *args, **kwargs), *real("::1", port, *args, **kwargs)]  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", both)
+
+    async def handler(exchange: object) -> None:
+        await asyncio.sleep(0)
+
+    listener = Listener(handler, InboundLimits())
+    try:
+        port = await listener.start("twice.test", 0)
+    except OSError as exc:  # a machine without IPv6 on loopback
+        pytest.skip(f"no ::1 here: {exc}")
+    try:
+        assert {s.getsockname()[1] for s in listener._sockets} == {port}
+        for address in ("127.0.0.1", "::1"):
+            _, writer = await asyncio.open_connection(address, port)
+            writer.close()
+    finally:
+        await listener.shutdown(1)

@@ -160,7 +160,8 @@ def test_canonical_path_is_what_a_partner_stack_may_read(raw: str, canonical: st
 @pytest.mark.parametrize(
     "raw",
     ["/acme/./admin/users", "/acme//admin/users", "/acme/%61dmin/users", "/acme/admin%2Fusers",
-     "/acme/admin;x/users", "/acme/x/../admin/users"],
+     "/acme/admin;x/users", "/acme/x/../admin/users",
+     "/acme/x%5C..%5Cadmin/users", "/acme/x%5c%2e%2e%5cadmin/users"],  # round 8 (N2)
 )  # fmt: skip
 def test_a_path_another_route_serves_once_normalised_is_refused(raw: str) -> None:
     """Round 7 (F1): the broad route must not carry a request for the guarded
