@@ -98,7 +98,9 @@ class AccessLog:
         if second != self._second:  # the date and time, formatted once a second
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+        micro = int((now - second) * 1e6)
+        # datetime.isoformat, which structlog uses, leaves out a zero fraction
+        return f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
 
     def write(self, fields: dict[str, Any]) -> None:
         for key in fields.keys() & SECRET_FIELDS:
@@ -114,7 +116,7 @@ class AccessLog:
 # Built once: json.dumps(default=...) builds an encoder per call.
 _ENCODE: Final = json.JSONEncoder(default=repr).encode
 _access: AccessLog | None = None  # set by configure_logging for JSON at info or below
-_access_fallback: Any = None
+_access_fallback: Any = structlog.get_logger("proxy.access")  # until configure_logging runs
 
 
 def access(fields: dict[str, Any]) -> None:
@@ -169,7 +171,7 @@ def configure_logging(
     # stays structlog's.
     fast = log_format != "console" and numeric <= logging.INFO
     _access = AccessLog(writer, extra) if fast else None
-    _access_fallback = get_logger("proxy.access") if log_format == "console" else None
+    _access_fallback = None if fast else get_logger("proxy.access")  # filtered by level there
 
 
 def get_logger(name: str) -> Any:

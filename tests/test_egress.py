@@ -615,3 +615,20 @@ async def test_a_large_request_in_the_read_that_ends_the_handshake_is_not_stalle
     writer.close()
     assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
     assert stack.partner.requests[-1].body == body
+
+
+async def test_an_idle_intercepted_tunnel_waits_past_header_timeout(
+    make_stack: StackFactory, egress: Egress
+) -> None:
+    """A CONNECT's head is no partial next head: an app that opens the tunnel
+    and sends its first request later than header_timeout (a preconnect) is
+    served, never given a 408 (review of the round-7 header_timeout fix)."""
+    stack = await make_stack(
+        top=egress_yaml(egress) + "inbound: {header_timeout: 300ms}", extra_routes=ROUTE
+    )
+    reader, writer = await intercepted(stack.proxy.port, egress.ca)
+    await asyncio.sleep(0.8)  # idle inside the tunnel, past header_timeout
+    writer.write(f"GET /x HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    head, _ = await read_answer(reader)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200"), head

@@ -353,3 +353,19 @@ async def test_a_guarded_route_cannot_be_reached_through_a_broader_one(
     assert body["error"] == "ambiguous_path" and "x-admin" in body["message"]
     assert stack.partner.requests == [] and stack.tokens.calls == 0
     assert await status_of(stack, "/x/other/./y") == 200  # the same route either way: served
+
+
+async def test_a_bare_crlf_after_a_body_starts_no_head_timer(make_stack: StackFactory) -> None:
+    """RFC 9112 §2.2: a CRLF after a body is no request head; an idle
+    connection after it gets no 408 (which an app could read as the answer
+    to its next request) and serves the next request."""
+    stack = await make_stack(top="inbound: {header_timeout: 300ms, idle_timeout: 30s}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert raw_status(first) == 200
+    await asyncio.sleep(0.9)  # past header_timeout
+    writer.write(b"GET /demo/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert b"request_head_timeout" not in rest and b"HTTP/1.1 200" in rest, rest[:300]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import re
@@ -29,6 +30,7 @@ import socket
 import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, Final
 
 from aiohttp import hdrs
@@ -673,11 +675,17 @@ class AppConnection(BaseProtocol):
         # Bytes of a next request head are in (the parser is past the last
         # message, whose body is whole): its header_timeout runs once no
         # request is in flight, also when it started while one was (round 7).
+        # Not after a CONNECT (what follows is the tunnel's), nor when the
+        # read ends a line: a bare CRLF after a body (RFC 9112 §2.2) or a
+        # chunked body's last LF is no head, and a 408 on an idle connection
+        # could be read as the answer to the app's next request.
         last = self._last
         self._head_pending = bool(self._method_part) or (
             bool(data)
             and not self._clean
             and not self._discard
+            and self.held is None
+            and not data.endswith(b"\n")
             and (last is None or last[1] is None or last[1].is_eof())
         )
         if messages:
@@ -759,6 +767,7 @@ class AppConnection(BaseProtocol):
         self.transport = tls  # type: ignore[assignment]
         self.tunnel = host
         self._method_part = b""
+        self._head_pending = False
         early = bytes(self.held or b"")
         self.held = None
         self._parser = self._new_parser(HttpRequestParser)
@@ -955,6 +964,13 @@ class AppConnection(BaseProtocol):
 BACKLOG: Final = 4096  # the kernel's queue of connections not yet accepted
 ACCEPT_BATCH: Final = 512  # connections accepted each time the socket is readable
 ACCEPT_PAUSE: Final = 0.5  # seconds between accepts after EMFILE and the like
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _close_if_cancelled(conn: socket.socket, task: asyncio.Task[Any]) -> None:
+    """A connection accepted but never adopted (a shutdown): its socket is ours."""
+    if task.cancelled():
+        conn.close()
 
 
 class Listener:
@@ -1002,7 +1018,7 @@ class Listener:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if reuse_port:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                if family == socket.AF_INET6 and len(infos) > 1:
+                if family == socket.AF_INET6:  # as asyncio and uvloop do: IPv4 on its own socket
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind((address[0], chosen, *address[2:]))
                 sock.listen(BACKLOG)
@@ -1019,12 +1035,15 @@ class Listener:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS: pause, as asyncio does
+            except ConnectionAbortedError:
+                continue  # that app gave up; the next may be waiting
+            except OSError as exc:
                 log.warning("accept_failed", reason=exc.strerror or type(exc).__name__)
-                self.loop.remove_reader(sock.fileno())
-                self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting, sock)
+                if exc.errno in _OUT_OF_RESOURCES:  # pause, as asyncio does
+                    self.loop.remove_reader(sock.fileno())
+                    self._resume = self.loop.call_later(ACCEPT_PAUSE, self._resume_accepting, sock)
                 return
             conn.setblocking(False)
             with contextlib.suppress(OSError):
@@ -1032,6 +1051,7 @@ class Listener:
             task = self.loop.create_task(self._adopt(conn))
             self._accepting.add(task)
             task.add_done_callback(self._accepting.discard)
+            task.add_done_callback(partial(_close_if_cancelled, conn))
 
     def _resume_accepting(self, sock: socket.socket) -> None:
         self._resume = None

@@ -224,8 +224,14 @@ def _browser_guard(loopback_only: bool) -> Middleware:
         if request.method not in _SAFE_METHODS:
             site = request.headers.get("Sec-Fetch-Site")
             origin = request.headers.get("Origin")
-            foreign = origin is not None and origin.partition("://")[2].lower() != host.lower()
-            if (site is not None and site not in _SAME_SITE) or foreign:
+            # A browser's Sec-Fetch-Site decides when it is sent (behind a TLS
+            # terminating proxy, Origin names the outer host, not Host);
+            # Origin only when it is not.
+            if site is not None:
+                foreign = site not in _SAME_SITE
+            else:
+                foreign = origin is not None and origin.partition("://")[2].lower() != host.lower()
+            if foreign:
                 return _refused(
                     request,
                     "admin_cross_site",

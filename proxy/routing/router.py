@@ -249,6 +249,14 @@ class Router(Generic[T]):
 
     def __init__(self, routes: Sequence[tuple[RouteConfig, T]]) -> None:
         self._routes = tuple(routes)
+        # The routes with their prefixes normalised, for route_for: a prefix
+        # written "/%7Euser/" or "/caf%c3%a9/" must meet a normalised path.
+        self._canonical = tuple(
+            (replace(route, path_prefix=canonical_path(route.path_prefix)), i)
+            if route.path_prefix is not None
+            else (route, i)
+            for i, (route, _) in enumerate(self._routes)
+        )
 
     @property
     def entries(self) -> tuple[tuple[RouteConfig, T], ...]:
@@ -261,16 +269,8 @@ class Router(Generic[T]):
         Absolute-form targets only match routes that name a host: the proxy must
         never send an app's request for ``http://elsewhere/`` to a path-only route.
         """
-        for route, value in self._routes:
-            if route.host is not None:
-                if route.host != target.host:
-                    continue
-            elif target.absolute:
-                continue
-            if route.path_prefix is not None and not prefix_matches(route.path_prefix, target.path):
-                continue
-            return route, value
-        return None
+        found = _first(self._routes, target)
+        return None if found is None else self._routes[found]
 
     def route_for(self, target: RequestTarget) -> tuple[RouteConfig, T] | None:
         """:meth:`match`, refusing a path whose decoded, normalised form
@@ -279,17 +279,32 @@ class Router(Generic[T]):
         path through ``/acme/``, past the guards (``allow_from``,
         ``inbound_auth``) of the route that serves it (issue 11, seventh
         outside round). Raises AmbiguousPath."""
-        matched = self.match(target)
-        if matched is None or not may_read_otherwise(target.path):
-            return matched
+        index = _first(self._routes, target)
+        if index is None or not may_read_otherwise(target.path):
+            return None if index is None else self._routes[index]
         canonical = canonical_path(target.path)
-        other = self.match(replace(target, path=canonical)) if canonical != target.path else None
-        if other is not None and other[0] is not matched[0]:
+        other = _first(self._canonical, replace(target, path=canonical))
+        if other is not None and self._canonical[other][1] != index:
             raise AmbiguousPath(
                 f"the path reads as {canonical[:200]!r} once decoded and normalised, which "
-                f"route {other[0].name!r} serves, not {matched[0].name!r}; send it as that"
+                f"route {self._routes[self._canonical[other][1]][0].name!r} serves, not "
+                f"{self._routes[index][0].name!r}; send it as that"
             )
-        return matched
+        return self._routes[index]
+
+
+def _first(routes: Sequence[tuple[RouteConfig, object]], target: RequestTarget) -> int | None:
+    """The index of the first route whose host and/or path prefix match."""
+    for i, (route, _) in enumerate(routes):
+        if route.host is not None:
+            if route.host != target.host:
+                continue
+        elif target.absolute:
+            continue
+        if route.path_prefix is not None and not prefix_matches(route.path_prefix, target.path):
+            continue
+        return i
+    return None
 
 
 def upstream_url(route: RouteConfig, base: UpstreamBase, target: RequestTarget) -> str:

@@ -174,3 +174,13 @@ def test_a_path_another_route_serves_once_normalised_is_refused(raw: str) -> Non
     assert router.route_for(parse_target("GET", "/acme/admin/users", "h")) == (admin, 1)
     for same in ("/acme/./other", "/acme/%61bc", "/acme/a//b"):  # the same route either way
         assert router.route_for(parse_target("GET", same, "h")) == (broad, 2)
+
+
+@pytest.mark.parametrize("prefix", ["/caf%c3%a9/", "/%7Euser/", "/a;v2/", "/x%2Fy/"])
+def test_a_prefix_written_unnormalised_still_serves_its_own_paths(prefix: str) -> None:
+    """Review of round 7's F1 fix: the normalised path is compared with the
+    normalised prefixes, so a route whose prefix is written with escapes or
+    parameters is not refused in favour of a catch-all after it."""
+    own, everything = route("own", prefix=prefix), route("all", prefix="/")
+    router = Router([(own, 1), (everything, 2)])
+    assert router.route_for(parse_target("GET", prefix + "x", "h")) == (own, 1)
