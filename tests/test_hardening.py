@@ -369,3 +369,23 @@ async def test_a_bare_crlf_after_a_body_starts_no_head_timer(make_stack: StackFa
     rest = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert b"request_head_timeout" not in rest and b"HTTP/1.1 200" in rest, rest[:300]
+
+
+async def test_an_empty_line_on_an_idle_connection_starts_no_head_timer(
+    make_stack: StackFactory,
+) -> None:
+    """Round 9 (R1): a CRLF in a read of its own on an idle keep-alive
+    connection is no request head (RFC 9112 §2.2): no 408 after
+    header_timeout, and the next request is served."""
+    stack = await make_stack(top="inbound: {header_timeout: 300ms, idle_timeout: 30s}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/a HTTP/1.1\r\nHost: a\r\n\r\n")
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert raw_status(first) == 200
+    await asyncio.sleep(0.2)
+    writer.write(b"\r\n")
+    await asyncio.sleep(0.8)  # past header_timeout
+    writer.write(b"GET /demo/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert b"request_head_timeout" not in rest and b"HTTP/1.1 200" in rest, rest[:300]

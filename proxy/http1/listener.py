@@ -697,7 +697,7 @@ class AppConnection(BaseProtocol):
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         elif (
-            (data or self._method_part)
+            (data.strip(b"\r\n") or self._method_part)  # an empty line is no head (RFC 9112 §2.2)
             and self._current is None
             and not self._messages
             and self._head_timer is None

@@ -257,6 +257,13 @@ class Router(Generic[T]):
             else (route, i)
             for i, (route, _) in enumerate(self._routes)
         )
+        # A prefix not in normalised form ("/%7Euser/") can read as a plain
+        # path ("/~user/"): then every path is checked, not only the ones
+        # that could read otherwise themselves.
+        self._check_all = any(
+            route.path_prefix is not None and canonical_path(route.path_prefix) != route.path_prefix
+            for route, _ in self._routes
+        )
 
     @property
     def entries(self) -> tuple[tuple[RouteConfig, T], ...]:
@@ -280,7 +287,7 @@ class Router(Generic[T]):
         ``inbound_auth``) of the route that serves it (issue 11, seventh
         outside round). Raises AmbiguousPath."""
         index = _first(self._routes, target)
-        if index is None or not may_read_otherwise(target.path):
+        if index is None or not (self._check_all or may_read_otherwise(target.path)):
             return None if index is None else self._routes[index]
         canonical = canonical_path(target.path)
         other = _first(self._canonical, replace(target, path=canonical))

@@ -184,3 +184,16 @@ def test_a_prefix_written_unnormalised_still_serves_its_own_paths(prefix: str) -
     own, everything = route("own", prefix=prefix), route("all", prefix="/")
     router = Router([(own, 1), (everything, 2)])
     assert router.route_for(parse_target("GET", prefix + "x", "h")) == (own, 1)
+
+
+@pytest.mark.parametrize(("prefix", "plain"), [("/%7Euser/", "/~user/x"), ("/api;v=2/", "/api/x")])
+def test_a_plain_path_that_reads_as_an_unnormalised_prefix_is_refused(
+    prefix: str, plain: str
+) -> None:
+    """Round 9 (R3): "/~user/x" is "/%7Euser/x" (RFC 3986 §6.2.2.2): the
+    catch-all must not carry it past the guarded route's rules."""
+    own, everything = route("own", prefix=prefix), route("all", prefix="/")
+    router = Router([(own, 1), (everything, 2)])
+    with pytest.raises(AmbiguousPath):
+        router.route_for(parse_target("GET", plain, "h"))
+    assert router.route_for(parse_target("GET", "/other", "h")) == (everything, 2)
