@@ -336,6 +336,18 @@ async def test_body_timeout_is_a_gap_for_a_small_sized_body_too(rig: Rig) -> Non
     assert [r.message.content for r in rig.partner.requests] == [b"hello"]
 
 
+async def first_head_of_reads(port: int, parts: tuple[bytes, ...]) -> bytes:
+    """Send ``parts`` as separate TCP reads (0.15 s apart); the first answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for part in parts:
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.15)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    return head
+
+
 @pytest.mark.parametrize(
     ("parts", "start_line"),
     [
@@ -350,13 +362,7 @@ async def test_a_request_is_the_same_whatever_its_tcp_segmentation(
 ) -> None:
     """RFC 9110 §9.1: a method is any token, case kept; a request split across
     reads is the request sent in one (issue 11, sixth outside round)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.port)
-    for part in parts:
-        writer.write(part)
-        await writer.drain()
-        await asyncio.sleep(0.15)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    writer.close()
+    head = await first_head_of_reads(rig.proxy.port, parts)
     assert head.startswith(b"HTTP/1.1 200"), head
     assert rig.partner.requests[-1].message.start_line == start_line
 
@@ -368,16 +374,13 @@ async def test_a_lower_case_method_that_starts_in_the_read_of_a_body_keeps_its_c
     Python parser, a method whose first bytes come in the read that ends the
     body before it, and whose rest comes in the next read, is forwarded as
     spelled ("abcget"), never upper-cased."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", rig.proxy.port)
-    for part in (
-        b"foobar /acme/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiab",
-        b"cget /acme/b HTTP/1.1\r\nHost: a\r\n\r\n",
-    ):
-        writer.write(part)
-        await writer.drain()
-        await asyncio.sleep(0.15)
-    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-    writer.close()
+    first = await first_head_of_reads(
+        rig.proxy.port,
+        (
+            b"foobar /acme/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhiab",
+            b"cget /acme/b HTTP/1.1\r\nHost: a\r\n\r\n",
+        ),
+    )
     assert first.startswith(b"HTTP/1.1 200"), first
     lines = [r.message.start_line for r in rig.partner.requests[-2:]]
     assert lines == [b"foobar /v2/a HTTP/1.1", b"abcget /v2/b HTTP/1.1"]
