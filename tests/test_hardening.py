@@ -286,15 +286,29 @@ async def test_apps_that_go_away_cancel_upstream_and_leak_nothing(stack: Stack) 
     assert await status_of(stack) == 200
 
 
-@pytest.mark.parametrize("first", ["GET /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\n\r\n"])
-@pytest.mark.parametrize("partial", [b"GET /demo/x HTTP/1.1\r\nHo", b"GE"])
+_SLOW_GET = "GET /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\n\r\n"
+_SLOW_POST = "POST /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok"
+
+
+@pytest.mark.parametrize(
+    ("first", "partial"),
+    [
+        (_SLOW_GET, b"GET /demo/x HTTP/1.1\r\nHo"),
+        (_SLOW_GET, b"GE"),
+        (_SLOW_GET, b"GET /demo/x HTTP/1.1\r\nHost: a\r\n"),  # a read ending in a line's end
+        (_SLOW_POST + "GET /demo/x HTTP/1.1\r\nHost: a\r\n", b""),  # after a body, same read
+        (_SLOW_GET + "\r\nGET /demo/x HTTP/1.1\r\n", b""),
+    ],
+)
 async def test_a_head_begun_while_a_request_is_in_flight_is_cut_off_too(
     make_stack: StackFactory, first: str, partial: bytes
 ) -> None:
     """header_timeout bounds a head whose first bytes came while the request
     before it was in flight, from when that request is answered (round 7,
     F3: it was held until idle_timeout, with no 408), and a head that is
-    only a method's first bytes."""
+    only a method's first bytes. Also when the read ends a line, or the
+    head's bytes follow a body in the same read (round 9, R2: such a head
+    waited for idle_timeout)."""
     stack = await make_stack(top="inbound: {header_timeout: 400ms, idle_timeout: 30s}")
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
     loop = asyncio.get_running_loop()
@@ -355,13 +369,24 @@ async def test_a_guarded_route_cannot_be_reached_through_a_broader_one(
     assert await status_of(stack, "/x/other/./y") == 200  # the same route either way: served
 
 
-async def test_a_bare_crlf_after_a_body_starts_no_head_timer(make_stack: StackFactory) -> None:
+@pytest.mark.parametrize(
+    "request_",
+    [
+        b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok\r\n",
+        b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\n\r\n\r\n\r\n\r\n\r\n",
+        b"GET /demo/a HTTP/1.1\r\nHost: a\r\n\r\n\r\n\r\n",
+        b"POST /demo/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    ],
+)
+async def test_a_bare_crlf_after_a_body_starts_no_head_timer(
+    make_stack: StackFactory, request_: bytes
+) -> None:
     """RFC 9112 §2.2: a CRLF after a body is no request head; an idle
     connection after it gets no 408 (which an app could read as the answer
     to its next request) and serves the next request."""
     stack = await make_stack(top="inbound: {header_timeout: 300ms, idle_timeout: 30s}")
     reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
-    writer.write(b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok\r\n")
+    writer.write(request_)
     first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert raw_status(first) == 200
     await asyncio.sleep(0.9)  # past header_timeout

@@ -358,6 +358,7 @@ class AppConnection(BaseProtocol):
     """One app connection: parses requests, runs the handler for each in turn."""
 
     __slots__ = (
+        "_after_blank",
         "_clean",
         "_current",
         "_discard",
@@ -401,6 +402,7 @@ class AppConnection(BaseProtocol):
         self._current: AppExchange | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_pending = False  # bytes of a request head not yet whole
+        self._after_blank = True  # the last read held nothing past its messages but blank lines
         self._idle_timer: asyncio.TimerHandle | None = None
         self._lingering = False
         self._last_active = loop.time()
@@ -454,6 +456,7 @@ class AppConnection(BaseProtocol):
         parser = self._parser
         clean = self._clean
         self._clean = False
+        self._after_blank = True
         prior = self._last
         prior_open = prior is not None and prior[0].chunked and not prior[1].is_eof()
         before = getattr(prior[1], "total_bytes", 0) if prior is not None else 0
@@ -522,25 +525,38 @@ class AppConnection(BaseProtocol):
             return self._poison(messages)
         message, payload = last
         ends_here = data.endswith(b"\r\n\r\n")
+        # Where the read's blank tail starts: a message ends with CRLF CRLF
+        # after a byte that is not CR or LF (a head's last field, a last
+        # chunk's size), or with its body.
+        core = len(data.rstrip(b"\r\n"))
         if message.chunked:
             ended_now = payload.is_eof() and ((last is prior and prior_open) or bool(messages))
             if not ended_now:
+                self._after_blank = not core  # a body still open, or what follows an old one
                 return messages
             if ends_here:  # a chunked request ended exactly where this read ends
                 if not python:
                     self._parser = self._new_parser(HttpRequestParser)
                 self._clean = True
                 return messages
+            self._after_blank = data.startswith(b"\r\n\r\n", core)
             return messages if python else self._poison(messages)
         length = int(message.headers.get(hdrs.CONTENT_LENGTH) or 0)  # digits: the parser checked
         if not length:
             self._clean = bool(messages) and ends_here
+            self._after_blank = data.startswith(b"\r\n\r\n", core) if messages else not core
         elif not payload.is_eof():
             self._clean = False
         elif messages:  # head and whole body in this read: the head ends where the body starts
             self._clean = len(data) >= length + 4 and data[-length - 4 : -length] == b"\r\n\r\n"
+            # The body ends where only blank lines follow it, if anywhere.
+            self._after_blank = any(
+                data.startswith(b"\r\n\r\n", end - length - 4)
+                for end in range(max(core, length + 4), len(data) + 1)
+            )
         else:  # the body's end came in this read, and nothing after it
             self._clean = length - before == len(data)
+            self._after_blank = not data[length - before :].strip(b"\r\n")
         return messages
 
     def _refused_read(
@@ -675,17 +691,18 @@ class AppConnection(BaseProtocol):
         # Bytes of a next request head are in (the parser is past the last
         # message, whose body is whole): its header_timeout runs once no
         # request is in flight, also when it started while one was (round 7).
-        # Not after a CONNECT (what follows is the tunnel's), nor when the
-        # read ends a line: a bare CRLF after a body (RFC 9112 §2.2) or a
-        # chunked body's last LF is no head, and a 408 on an idle connection
-        # could be read as the answer to the app's next request.
+        # Not after a CONNECT (what follows is the tunnel's), nor when all
+        # the read held past its messages is blank lines: a CRLF after a body
+        # (RFC 9112 §2.2) or a chunked body's last LF is no head, and a 408
+        # on an idle connection could be read as the answer to the app's
+        # next request. A head whose read ends a line is one (round 9, R2).
         last = self._last
         self._head_pending = bool(self._method_part) or (
             bool(data)
             and not self._clean
             and not self._discard
             and self.held is None
-            and not data.endswith(b"\n")
+            and not self._after_blank
             and (last is None or last[1] is None or last[1].is_eof())
         )
         if messages:
