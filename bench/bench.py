@@ -240,7 +240,9 @@ def authproxy(up: int, tokens: Proc, tmp: Path, workers: int, cpus: str | None,
     the token endpoint's OTLP sink); None: tracing off. ``access_log``: on,
     its lines (stderr) written to a file, as a log collector would read them."""
     port, admin = free_port(), free_port()
-    config = tmp / f"authproxy{workers}-{client}-{sampled}-{access_log}.yaml"
+    # One file per proxy: a running proxy re-reads its file (watch_interval),
+    # and one rewritten for the next proxy would move it to that one's endpoint.
+    config = tmp / f"authproxy{workers}-{client}-{sampled}-{access_log}-{port}.yaml"
     tracing = "" if sampled is None else f"tracing: {{enabled: true, sample_ratio: {sampled}}}"
     config.write_text(f"""
 listen: 127.0.0.1:{port}

@@ -397,6 +397,16 @@ async def test_a_lower_case_method_that_starts_in_the_read_of_a_body_keeps_its_c
             b"5\r\nhello\r\n0\r\n\r\n",
             b"Transfer-Encoding can't be present with Content-Length",
         ),
+        (  # the limits a partner's answer is held to (docs/configuration.md)
+            b"HTTP/1.1 200 OK\r\n"
+            + b"".join(b"X-H%d: tok-secret-7\r\n" % i for i in range(129))
+            + b"Content-Length: 0\r\n\r\n",
+            b"Too many headers received",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Long: tok-secret-7" + b"a" * 8190 + b"\r\n\r\n",
+            b"a header line over 8190 bytes",
+        ),
     ],
 )
 async def test_a_malformed_partner_answer_is_a_502_naming_the_fault_not_its_bytes(

@@ -304,6 +304,9 @@ def partner_fault(exc: BaseException) -> str:
             break  # llhttp's reason ends at a blank line; its excerpt follows
         reason.append(line)
     said = ": ".join(reason)
+    too_long = re.match(r"Got more than (\d+) bytes when reading", said)
+    if too_long:  # llhttp's words for a header line past max_field_size
+        said = f"a header line over {too_long.group(1)} bytes"
     if not said or not re.fullmatch(r"[A-Za-z][A-Za-z0-9 ,.:()/'-]*", said):
         return name
     return f"{said} ({name})"
