@@ -213,7 +213,7 @@ class ProxyKeyRequired(RequestFailed):
 
     @classmethod
     def for_header(cls, route: str, header: str) -> ProxyKeyRequired:
-        failed = cls.at(route, f"needs a valid key in the {header} header")
+        failed = cls.at(route, f"needs a valid key in one {header} header")
         failed.headers = (("WWW-Authenticate", f'ProxyKey realm="authproxy", header="{header}"'),)
         return failed
 
@@ -363,16 +363,19 @@ def route_prefix(route: str) -> str:
 _SAFE_WORDS: Final = re.compile(r"[A-Z][A-Za-z ,-]{2,80}")
 
 
-# A field name the parser quotes (`Transfer-Encoding`, 'Host'): a name is no
-# secret, and without it "Invalid" says nothing (issue 11, round 5).
-_QUOTED_NAME: Final = re.compile(r"[`']([A-Za-z][A-Za-z0-9-]{0,39})[`'](?= header\b)")
+# A field name the parser quotes: in backquotes (`Transfer-Encoding`, the
+# parsers' own wording, never the request's bytes) or, before " header", in
+# single quotes ('Host'); a name is no secret.
+_QUOTED_NAME: Final = re.compile(
+    r"`([A-Za-z][A-Za-z0-9-]{0,39})`|'([A-Za-z][A-Za-z0-9-]{0,39})'(?= header\b)"
+)
 
 
 def malformed_reason(exc: BaseException | None) -> str:
     """An HTTP parser's complaint without any of the request bytes it quotes."""
     text = str(getattr(exc, "message", None) or (type(exc).__name__ if exc else ""))
     text = text.replace("`Connection: close`", "Connection close").replace("can't", "cannot")
-    text = _QUOTED_NAME.sub(r"\1", text)
+    text = _QUOTED_NAME.sub(lambda found: found.group(1) or found.group(2), text)
     found = _SAFE_WORDS.match(text.strip())
     words = found.group().strip(" ,-") if found else ""
     return "malformed request: " + (words or "bad request")

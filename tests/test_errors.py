@@ -150,6 +150,9 @@ def test_the_drawn_tree_is_the_tree() -> None:
         ("Transfer-Encoding can't be present with Content-Length:\n\n  b'x'",
          "Transfer-Encoding cannot be present with Content-Length"),
         ("Bad status 'tok-secret-1' seen", "Bad status"),  # a quoted word that names no header
+        # round 10 (F3): the name ends the sentence
+        ("Request has invalid `Transfer-Encoding`:\n\n  b''\n    ^",
+         "Request has invalid Transfer-Encoding"),
     ],
 )  # fmt: skip
 def test_a_refusal_names_the_field_the_parser_quotes_and_nothing_else(

@@ -123,3 +123,15 @@ async def test_an_extension_method_is_forwarded(stack: Stack, log_stream: io.Str
     (access,) = [e for e in log_events(log_stream) if e["event"] == "access"]
     assert (access["method"], access["upstream_status"]) == ("BAN", 400)
     assert b"aiohttp" in response  # the partner's own answer, relayed
+
+
+@pytest.mark.parametrize("coding", [b"xchunked", b"gzip", b"identity"])
+async def test_a_transfer_coding_refusal_names_the_field(stack: Stack, coding: bytes) -> None:
+    """Round 10 (F3): the 400 said "malformed request: Request has invalid",
+    cut before the field's name."""
+    data = b"POST /demo/x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: " + coding + b"\r\n\r\n"
+    response = await raw_exchange(stack.proxy.port, data)
+    assert raw_status(response) == 400, response[:300]
+    message = json.loads(response.partition(b"\r\n\r\n")[2])["message"]
+    assert "Transfer-Encoding" in message, message
+    assert stack.partner.requests == []

@@ -39,8 +39,9 @@ _REQUEST_OWNED: Final = frozenset({"host", "authorization", "expect", "dpop"})
 # as another client with them.
 # The third line (issue 11, round 5): what CDNs, load balancers and client-IP
 # libraries (request-ip, Rack, Django) also read as the client's address or
-# scheme. A name with "_" is dropped when its "-" spelling is listed: CGI,
-# WSGI and PHP stacks read X_Forwarded_For as X-Forwarded-For.
+# scheme. A name with "_" is dropped when its "-" spelling is dropped (these,
+# the inbound key headers, the hop-by-hop fields): CGI, WSGI and PHP stacks
+# read X_Forwarded_For as X-Forwarded-For (nginx drops every name with "_").
 FORWARDING: Final = frozenset(
     {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "x-real-ip"}
     | {"x-forwarded-port", "x-forwarded-prefix", "x-forwarded-scheme", "x-forwarded-server",
@@ -140,8 +141,10 @@ def upstream_request_headers(
     for name, value, lower in items:
         if lower in base:
             continue
-        if "_" in lower and not trust_forwarded and lower.replace("_", "-") in FORWARDING:
-            continue  # X_Forwarded_For reads as X-Forwarded-For to CGI-style stacks
+        if "_" in lower and lower.replace("_", "-") in base:
+            # X_Forwarded_For reads as X-Forwarded-For to CGI-style stacks;
+            # so does X_Proxy_Key as an inbound key header (round 10, F2).
+            continue
         if lower == "x-forwarded-for":
             prior_xff.append(value)
             continue

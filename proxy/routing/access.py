@@ -30,9 +30,13 @@ def check_access(route: RouteConfig, remote: str | None, headers: Any) -> None:
 
 
 def _key_ok(auth: InboundAuth, headers: Any) -> bool:
-    presented = headers.get(auth.header)
-    if not presented:
+    """One field holding a listed key. Two fields are refused whatever they
+    hold: which one a check reads (the first, the last) would decide, and a
+    stack that joins them would see neither (round 10)."""
+    fields = headers.getall(auth.header, ())
+    if len(fields) != 1 or not fields[0]:
         return False
+    presented = fields[0]
     digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
     ok = False
     for known in auth.key_digests:  # every key is compared: no early exit

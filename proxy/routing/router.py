@@ -73,7 +73,10 @@ def split_host(authority: str) -> str:
     if authority.startswith("["):
         end = authority.find("]")
         return authority[: end + 1] if end != -1 else authority
-    return authority.rsplit(":", 1)[0].rstrip(".") if ":" in authority else authority.rstrip(".")
+    host = authority.rsplit(":", 1)[0] if ":" in authority else authority
+    # One trailing dot is the same name, fully qualified (RFC 1034 §3.1);
+    # two are no name, and match no route (round 10).
+    return host[:-1] if host.endswith(".") else host
 
 
 def parse_target(method: str, raw_target: str, host_header: str | None) -> RequestTarget:
@@ -137,7 +140,6 @@ _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 # "/" too: many partner stacks decode %2F before they route.
 # "\\" as well, read as "/" below: IIS and some Java containers split on it.
 _DECODED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/\\")
-_SLASHES = re.compile(r"/{2,}")
 
 
 def _decode_unreserved(found: re.Match[str]) -> str:
@@ -152,10 +154,14 @@ def canonical_path(path: str) -> str:
     and IIS stacks read it, ``;parameters`` dropped and ``\\`` a slash."""
     decoded = _ESCAPE.sub(_decode_unreserved, path) if "%" in path else path
     segments: list[str] = []
-    parts = [
-        part.partition(";")[0] for part in _SLASHES.sub("/", decoded.replace("\\", "/")).split("/")
-    ]
-    for part in parts[1:]:
+    # Parameters dropped before slashes merge: a segment that is only
+    # ";x" leaves an empty one, merged as "//" is (round 10, F1:
+    # "/acme/;/admin/x" reads as "/acme/admin/x" to Tomcat and Spring).
+    parts = [part.partition(";")[0] for part in decoded.replace("\\", "/").split("/")]
+    last = len(parts) - 1
+    for index, part in enumerate(parts[1:], 1):
+        if not part and index != last:
+            continue  # an empty segment: merged slashes (a trailing one stays)
         if part == "..":
             if segments:
                 segments.pop()

@@ -115,6 +115,26 @@ def test_message_head_frames_and_refuses_line_breaks() -> None:
         message_head("GET /\r\nX: 1 HTTP/1.1", [])
 
 
+def test_the_underscore_spelling_of_a_dropped_field_is_dropped_too() -> None:
+    """What CGI-style stacks read as a dropped field (round 10, F2: an
+    inbound key header); a name that is not dropped keeps its "_"."""
+    headers = [("X_Proxy_Key", "k"), ("Proxy_Authorization", "p"), ("X_Trace_Id", "t")]
+    out = upstream_request_headers(
+        headers,
+        upstream_host="api.example",
+        authorization="Bearer T",
+        request_id="rid-1",
+        client_ip=None,
+        inbound_host=None,
+        inbound_proto="http",
+        trust_forwarded=True,
+        drop=frozenset({"x-proxy-key"}),
+    )
+    names = [name for name, _ in out]
+    assert "X_Proxy_Key" not in names and "Proxy_Authorization" not in names
+    assert ("X_Trace_Id", "t") in out
+
+
 @pytest.mark.parametrize(
     "name",
     ["X_Forwarded_For", "X_Real_IP", "CF-Connecting-IP", "Fastly-Client-IP", "X-Cluster-Client-IP",

@@ -9,6 +9,7 @@ from proxy.routing.router import (
     climbs_out,
     parse_target,
     prefix_matches,
+    split_host,
     upstream_url,
 )
 
@@ -151,6 +152,15 @@ def test_router_first_match_wins_and_absolute_needs_host() -> None:
         ("/acme/admin/.", "/acme/admin/"),
         ("/acme/%20x", "/acme/%20x"),  # not unreserved: kept encoded
         ("/acme/%3fx", "/acme/%3Fx"),
+        # round 10 (F1): a segment of parameters only is an empty one, merged
+        ("/acme/;/admin/x", "/acme/admin/x"),
+        ("/acme/;a=b/admin/x", "/acme/admin/x"),
+        ("/acme//;/admin/x", "/acme/admin/x"),
+        ("/acme/x/;/../admin/x", "/acme/admin/x"),
+        ("/acme/admin/;", "/acme/admin/"),
+        ("/acme/admin//", "/acme/admin/"),
+        ("/", "/"),
+        ("//", "/"),
     ],
 )
 def test_canonical_path_is_what_a_partner_stack_may_read(raw: str, canonical: str) -> None:
@@ -197,3 +207,17 @@ def test_a_plain_path_that_reads_as_an_unnormalised_prefix_is_refused(
     with pytest.raises(AmbiguousPath):
         router.route_for(parse_target("GET", plain, "h"))
     assert router.route_for(parse_target("GET", "/other", "h")) == (everything, 2)
+
+
+@pytest.mark.parametrize(
+    ("authority", "host"),
+    [
+        ("Orders.Acme.Example", "orders.acme.example"),
+        ("orders.acme.example.", "orders.acme.example"),  # fully qualified: the same name
+        ("orders.acme.example.:8080", "orders.acme.example"),
+        ("orders.acme.example..", "orders.acme.example."),  # no name: matches no route
+        ("[::1]:8080", "[::1]"),
+    ],
+)
+def test_split_host_takes_one_trailing_dot(authority: str, host: str) -> None:
+    assert split_host(authority) == host
