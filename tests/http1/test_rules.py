@@ -1,4 +1,4 @@
-"""proxy/http1/policy.py: the HTTP rules, pure."""
+"""proxy/http1/policy.py: the HTTP rules, pure (test_policy.py is egress's)."""
 
 from __future__ import annotations
 
