@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from collections.abc import MutableMapping
 from typing import Any, Final, TextIO
 
@@ -165,6 +166,7 @@ def configure_logging(
         logger_factory=lambda *_: writer,
         cache_logger_on_first_use=False,
     )
+    _bridge_libraries(numeric)
     global _access, _access_fallback
     # Nothing binds context variables for an access line (merge_contextvars
     # adds none), so the fast line is structlog's line; the console format
@@ -172,6 +174,46 @@ def configure_logging(
     fast = log_format != "console" and numeric <= logging.INFO
     _access = AccessLog(writer, extra) if fast else None
     _access_fallback = None if fast else get_logger("proxy.access")  # filtered by level there
+
+
+_LEVELS: Final = frozenset({"debug", "info", "warning", "error", "critical"})
+
+
+class LibraryLogBridge(logging.Handler):
+    """Libraries' records (aiohttp, asyncio: the stdlib ``logging`` tree) as
+    this process's lines: one JSON object each, never Python's bare
+    "last resort" text. An exception is named by its type and where it was
+    raised, not by its message: a library's message can quote the bytes it
+    refused (an ``Authorization`` line), and those bytes are not ours to log."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1]
+                fields["error"] = type(exc).__name__
+                fields["where"] = "".join(traceback.format_tb(exc.__traceback__)[-3:]).strip()
+            method = record.levelname.lower()
+            if method not in _LEVELS:
+                method = "error"
+            getattr(structlog.get_logger("library"), method)(_safe_message(record), **fields)
+        except Exception:  # a log line must never raise into the code that logs
+            self.handleError(record)
+
+
+def _safe_message(record: logging.LogRecord) -> str:
+    try:
+        return record.getMessage()
+    except Exception:  # bad %-arguments: the template is still worth a line
+        return str(record.msg)
+
+
+def _bridge_libraries(level: int) -> None:
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, LibraryLogBridge)]:
+        root.removeHandler(handler)
+    bridge = LibraryLogBridge(level=max(level, logging.WARNING))  # libraries' chatter is not ours
+    root.addHandler(bridge)
 
 
 def get_logger(name: str) -> Any:

@@ -141,6 +141,7 @@ class ProxyServer:
         self.tracing: Tracing | None = None
         self._listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._admin_server: asyncio.Server | None = None
         self._upstream: UpstreamClient | None = None
         self._tokens: aiohttp.ClientSession | None = None
         self._warming: dict[tuple[str, str], asyncio.Task[None]] = {}
@@ -164,8 +165,7 @@ class ProxyServer:
             await self._start()
         except BaseException:
             # A bind that fails leaves no session or admin listener open.
-            if self._admin_runner is not None:
-                await self._admin_runner.cleanup()
+            await self._stop_admin()
             await self._close_clients()
             raise
         watched = os.path.isfile(self.config.source)  # noqa: ASYNC240 - one stat at start
@@ -235,7 +235,7 @@ class ProxyServer:
         )
 
     async def _start_admin(self, host: str) -> None:
-        from proxy.ops.admin import admin_app, loopback_name
+        from proxy.ops.admin import AdminRequestHandler, admin_app, loopback_name
 
         auth_token = None
         assert self.config.admin is not None
@@ -245,11 +245,26 @@ class ProxyServer:
         app = admin_app(self, auth_token, loopback_only=loopback_name(host))
         self._admin_runner = web.AppRunner(app, access_log=None)
         await self._admin_runner.setup()
-        site = web.TCPSite(
-            self._admin_runner, host, self.admin_port, reuse_port=self._reuse_port or None
+        # The runner's server, with the admin port's own connection handler
+        # (its refusals never quote the request: AdminRequestHandler).
+        manager = self._admin_runner.server
+        assert manager is not None
+        loop = asyncio.get_running_loop()
+        self._admin_server = await loop.create_server(
+            lambda: AdminRequestHandler(manager, loop=loop, access_log=None),  # type: ignore[arg-type]  # None: no access log, as AppRunner(access_log=None)
+            host,
+            self.admin_port,
+            reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
-        await site.start()
-        self.admin_port = bound_port(site)
+        self.admin_port = int(self._admin_server.sockets[0].getsockname()[1])
+
+    async def _stop_admin(self) -> None:
+        if self._admin_server is not None:
+            self._admin_server.close()  # no new connections; the runner ends the open ones
+            self._admin_server = None
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
 
     @property
     def url(self) -> str:
@@ -534,8 +549,7 @@ class ProxyServer:
             self.sources.close()
         if self._listener is not None:
             await self._listener.shutdown(self.config.shutdown_grace)
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
+        await self._stop_admin()
         await self._close_clients()
         log.info("stopped")
 

@@ -298,6 +298,16 @@ class FakePartner(LocalServer):
             assert request.transport is not None
             request.transport.close()
             return out
+        if name == "cut-chunked":
+            # A chunked answer whose last chunk never comes: the connection drops.
+            out = web.StreamResponse()
+            out.enable_chunked_encoding()
+            await out.prepare(request)
+            await out.write(b"hello")
+            await out.drain()
+            assert request.transport is not None
+            request.transport.close()
+            return out
         if name == "slow":
             await asyncio.sleep(float(query.get("delay", "2")))
         return web.json_response(

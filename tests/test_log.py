@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 
@@ -92,3 +93,23 @@ def test_the_access_log_follows_the_level_and_format() -> None:
     access(_fields())
     text = stream.getvalue()
     assert "access" in text and not text.lstrip().startswith("{") and "tok-9" not in text
+
+
+def test_library_records_are_json_lines_without_the_exception_text() -> None:
+    """Round 11 (N2): aiohttp's "Error handling request" went to Python's
+    last-resort handler, a plain-text traceback quoting the refused line (an
+    Authorization value). A library's record is one JSON line; its exception
+    is named by type and place, never by its message."""
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    refused = "Authorization: Bearer " + "lib-secret-55"
+    try:
+        raise ValueError(refused)  # the traceback's source line is code, not data
+    except ValueError:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "10.0.0.9")
+    logging.getLogger("asyncio").info("chatter below WARNING stays out")
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == "Error handling request from 10.0.0.9"
+    assert line["logger"] == "aiohttp.server" and line["error"] == "ValueError"
+    assert "test_log.py" in line["where"]
+    assert "lib-secret-55" not in stream.getvalue()

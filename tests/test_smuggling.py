@@ -135,3 +135,26 @@ async def test_a_transfer_coding_refusal_names_the_field(stack: Stack, coding: b
     message = json.loads(response.partition(b"\r\n\r\n")[2])["message"]
     assert "Transfer-Encoding" in message, message
     assert stack.partner.requests == []
+
+
+@pytest.mark.parametrize(
+    ("data", "named"),
+    [
+        (b"GET /demo/x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer app-secret-3\x00y\r\n\r\n",
+         "'Authorization'"),
+        (b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: app-secret-3\rc\r\n\r\n", "'X-A'"),
+        (b"GET http://a:99999/demo/x?app-secret-3 HTTP/1.1\r\nHost: a\r\n\r\n", "request target"),
+    ],
+)  # fmt: skip
+async def test_a_refused_value_names_its_field_not_its_bytes(
+    stack: Stack, log_stream: io.StringIO, data: bytes, named: str
+) -> None:
+    """Round 11 (N3): llhttp says "Invalid header value char", not which
+    field; yarl quotes the whole target. The 400 names the field (or the
+    target), and neither it nor the log holds the bytes."""
+    response = await raw_exchange(stack.proxy.port, data)
+    assert raw_status(response) == 400, response[:300]
+    message = json.loads(response.partition(b"\r\n\r\n")[2])["message"]
+    assert named in message, message
+    assert b"app-secret-3" not in response and "app-secret-3" not in log_stream.getvalue()
+    assert stack.partner.requests == []

@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -68,6 +69,7 @@ log = get_logger("proxy.inbound")
 
 LINGER: Final = 2.0  # seconds to drain an unread request body before closing
 MAX_PIPELINED: Final = 16  # parsed requests waiting on one connection before reading pauses
+_LINGER_ZERO: Final = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 _LATER_MINOR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [^ \r\n]+ HTTP/1\.[2-9]\r?\n")
 _AFTER_CLOSE: Final = "Data after `Connection: close`"
 # The start of a request line that is all method so far (a token, no space yet).
@@ -100,6 +102,7 @@ class AppExchange:
     connection is cut with :meth:`abort` when its body cannot be completed)."""
 
     __slots__ = (
+        "_by_close",
         "_chunked",
         "_connection",
         "_continue",
@@ -149,6 +152,7 @@ class AppExchange:
         self.started = False
         self.status = 0
         self._chunked = False
+        self._by_close = False  # the answer's body ends with the connection
         self._no_body = False
         self._head: bytes | None = None
 
@@ -184,6 +188,7 @@ class AppExchange:
                 self._chunked = True
             else:
                 self.closes = True  # HTTP/1.0: the body ends when the connection does
+                self._by_close = True
         if self.closes:
             headers.append(("Connection", "close"))
         elif self.version < (1, 1):
@@ -250,9 +255,15 @@ class AppExchange:
 
     def abort(self) -> None:
         """Cut the connection: the answer cannot be completed, and an app must
-        see a short body as an error, never as a whole one."""
+        see a short body as an error, never as a whole one. A Content-Length
+        or chunked framing shows the cut on a plain close; an answer that ends
+        with the connection (HTTP/1.0) would read as whole, so it ends in a
+        reset (round 11)."""
         self.closes = True
-        self._connection.close()
+        if self._by_close:
+            self._connection.reset()
+        else:
+            self._connection.close()
 
     async def intercept(self, host: str, context: ssl.SSLContext) -> None:
         """Answer this CONNECT with 200 and complete the app's TLS handshake
@@ -827,6 +838,19 @@ class AppConnection(BaseProtocol):
         self.closing = True
         if self.transport is not None:
             self.transport.close()
+
+    def reset(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0), not a FIN: what is unsent is
+        dropped, and the app's next read fails rather than ends."""
+        self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+        transport.abort()
 
     # --- timers -------------------------------------------------------------
 

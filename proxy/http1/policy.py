@@ -91,7 +91,27 @@ def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) 
         return HeaderTooLarge(f"more than {limits.max_headers} header fields (inbound.max_headers)")
     if "Invalid HTTP version" in text or "PRI/Upgrade" in text:
         return VersionNotSupported("only HTTP/1.0 and HTTP/1.1 are served on this port")
-    return BadRequest(malformed_reason(exc))
+    if type(exc).__name__ == "InvalidURLError":  # yarl's, quoting the whole target: never shown
+        return BadRequest("malformed request: the request target is not a valid URL")
+    reason = malformed_reason(exc)
+    if "header value" in text:  # llhttp names the fault, not the field; find it (round 11)
+        name = _field_with_bad_value(recent)
+        if name is not None:
+            reason = f"{reason} (field {name})"
+    return BadRequest(reason)
+
+
+_BAD_VALUE_BYTE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def _field_with_bad_value(recent: bytes) -> str | None:
+    """The name of the first field in ``recent`` whose value holds a control
+    character (a NUL, a bare CR: RFC 9110 §5.5), when its name is a token."""
+    for line in recent.split(b"\n")[1:]:
+        name, colon, value = line.removesuffix(b"\r").partition(b":")
+        if colon and _BAD_VALUE_BYTE.search(value) and _FIELD_NAMES.fullmatch(name):
+            return repr(name.decode("ascii"))
+    return None
 
 
 def _in_request_line(seen: bytes, recent: bytes) -> bool:

@@ -270,6 +270,15 @@ class Router(Generic[T]):
             route.path_prefix is not None and canonical_path(route.path_prefix) != route.path_prefix
             for route, _ in self._routes
         )
+        # Prefixes that end in "/", without it: "/acme/admin" for "/acme/admin/".
+        # nginx redirects such a path to the prefix, Spring and others serve it
+        # as the same resource: a broader route must not carry it (round 11).
+        self._bare = frozenset(
+            route.path_prefix[:-1]
+            for route, _ in self._canonical
+            if route.path_prefix is not None and len(route.path_prefix) > 1
+            and route.path_prefix.endswith("/")
+        )  # fmt: skip
 
     @property
     def entries(self) -> tuple[tuple[RouteConfig, T], ...]:
@@ -293,8 +302,22 @@ class Router(Generic[T]):
         ``inbound_auth``) of the route that serves it (issue 11, seventh
         outside round). Raises AmbiguousPath."""
         index = _first(self._routes, target)
-        if index is None or not (self._check_all or may_read_otherwise(target.path)):
-            return None if index is None else self._routes[index]
+        if index is None:
+            return None
+        plain = not (self._check_all or may_read_otherwise(target.path))
+        if self._bare and not target.path.endswith("/"):
+            bare = target.path if plain else canonical_path(target.path)
+            if bare in self._bare:
+                other = _first(self._canonical, replace(target, path=bare + "/"))
+                if other is not None and self._canonical[other][1] != index:
+                    raise AmbiguousPath(
+                        f"the path is route {self._routes[self._canonical[other][1]][0].name!r}'s "
+                        f"prefix without its trailing slash, which a partner may serve as "
+                        f"{bare[:200] + '/'!r}; route {self._routes[index][0].name!r} does not "
+                        "carry it: send it with the slash"
+                    )
+        if plain:
+            return self._routes[index]
         canonical = canonical_path(target.path)
         other = _first(self._canonical, replace(target, path=canonical))
         if other is not None and self._canonical[other][1] != index:

@@ -8,6 +8,8 @@ import gzip
 import json
 import os
 
+import pytest
+
 from conftest import Stack, StackFactory, raw_exchange, raw_status
 
 
@@ -400,6 +402,28 @@ async def test_upstream_cut_mid_body_closes_the_app_connection(stack: Stack) -> 
     head, _, body = response.partition(b"\r\n\r\n")
     assert b"Content-Length: 1000" in head
     assert len(body) < 1000  # cut short and the connection closed: never a "complete" reply
+
+
+async def test_a_cut_answer_to_an_http_1_0_app_ends_in_a_reset(stack: Stack) -> None:
+    """Round 11 (N1): an HTTP/1.0 app's answer ends with the connection
+    (no chunked coding in 1.0): a cut closed cleanly read as a whole
+    answer. A reset is the only signal left, and the app gets it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    writer.write(b"GET /demo/cut-chunked HTTP/1.0\r\nHost: a\r\n\r\n")
+    received = b""
+    with pytest.raises(ConnectionResetError):
+        while True:
+            chunk = await asyncio.wait_for(reader.read(65536), 5)
+            if not chunk:
+                break  # a clean end: the failure this test is about
+            received += chunk
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200") or received == b"", received[:200]
+    # The same cut to an HTTP/1.1 app shows in its framing: no last chunk.
+    answer = await raw_exchange(
+        stack.proxy.port, b"GET /demo/cut-chunked HTTP/1.1\r\nHost: a\r\n\r\n", timeout=3
+    )
+    assert b"Transfer-Encoding: chunked" in answer and not answer.endswith(b"0\r\n\r\n")
 
 
 async def test_head_and_204_pass_without_body(stack: Stack) -> None:

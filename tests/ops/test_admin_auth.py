@@ -3,12 +3,14 @@ drop endpoint (issue 13), against the real proxy."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 from pathlib import Path
 
 import pytest
 
-from conftest import Stack, StackFactory
+from conftest import Stack, StackFactory, log_events, raw_exchange, raw_status
 
 ADMIN_TOKEN = "adm-9f2c-not-a-real-one"
 
@@ -122,3 +124,34 @@ async def test_a_loopback_admin_without_a_token_answers_only_loopback_names(
 async def test_with_a_token_any_host_is_answered(guarded: Stack) -> None:
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Host": "authproxy.internal:9090"}
     assert (await admin_call(guarded, "GET", "/tokens", **headers))[0] == 200
+
+
+@pytest.mark.parametrize("stray", [b"\r", b"\x01", b"\x7f", b"\x00"])
+async def test_a_malformed_request_on_the_admin_port_never_echoes_or_logs_the_token(
+    guarded: Stack, log_stream: io.StringIO, stray: bytes
+) -> None:
+    """Round 11 (N2): aiohttp's own 400 quoted the refused line, the admin
+    token with it, in its body and in a plain-text traceback; the answer and
+    the log line name the fault, as on the apps' port, and every line is JSON."""
+    line = b"Authorization: Bearer " + ADMIN_TOKEN.encode() + stray
+    answer = await raw_exchange(
+        guarded.proxy.admin_port,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\nConnection: close\r\n\r\n",
+    )
+    assert raw_status(answer) == 400, answer[:300]
+    assert ADMIN_TOKEN.encode() not in answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
+    await asyncio.sleep(0.05)
+    assert ADMIN_TOKEN not in log_stream.getvalue()
+    events = log_events(log_stream)  # every line parses as JSON
+    assert any(e["event"] == "admin_malformed_request" for e in events), events
+
+
+async def test_two_authorization_fields_on_the_admin_port_are_refused(guarded: Stack) -> None:
+    """Which field counts would depend on the order (round 11): neither does."""
+    good, bad = f"Bearer {ADMIN_TOKEN}", "Bearer wrong"
+    for fields in ((good, bad), (bad, good)):
+        data = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        data += b"".join(b"Authorization: " + f.encode() + b"\r\n" for f in fields)
+        answer = await raw_exchange(guarded.proxy.admin_port, data + b"Connection: close\r\n\r\n")
+        assert raw_status(answer) == 401, answer[:200]
