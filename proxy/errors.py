@@ -57,6 +57,7 @@ this tree once, at the boundary where they happen, with ``raise ... from exc``.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Final, Self
 
@@ -92,6 +93,18 @@ class TransportFailure(AuthProxyError):
 
 class ConnectFailed(TransportFailure):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
+
+
+def os_reason(exc: OSError) -> str:
+    """What an OSError says, from its errno ("Connection refused"): asyncio's
+    own text ("Connect call failed ('10.1.2.3', 443)") names the address a
+    name resolved to, which is the proxy's business, not the app's."""
+    if exc.errno:
+        try:
+            return os.strerror(exc.errno)
+        except ValueError:
+            pass
+    return type(exc).__name__
 
 
 class ConnectTimedOut(ConnectFailed):

@@ -235,6 +235,8 @@ class ProxyServer:
         )
 
     async def _start_admin(self, host: str) -> None:
+        from proxy.ops.admin import MAX_HEADERS as ADMIN_MAX_HEADERS
+        from proxy.ops.admin import MAX_LINE as ADMIN_MAX_LINE
         from proxy.ops.admin import AdminRequestHandler, admin_app, loopback_name
 
         auth_token = None
@@ -251,7 +253,14 @@ class ProxyServer:
         assert manager is not None
         loop = asyncio.get_running_loop()
         self._admin_server = await loop.create_server(
-            lambda: AdminRequestHandler(manager, loop=loop, access_log=None),  # type: ignore[arg-type]  # None: no access log, as AppRunner(access_log=None)
+            lambda: AdminRequestHandler(
+                manager,
+                loop=loop,
+                access_log=None,  # type: ignore[arg-type]  # no access log, as AppRunner(access_log=None)
+                max_line_size=ADMIN_MAX_LINE,
+                max_field_size=ADMIN_MAX_LINE,
+                max_headers=ADMIN_MAX_HEADERS,
+            ),
             host,
             self.admin_port,
             reuse_address=True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import ipaddress
 import json
 import os
@@ -485,7 +486,7 @@ async def test_a_tunnel_host_that_refuses_is_502_naming_it(
     ],
 )
 async def test_every_other_connect_is_403_and_reaches_nothing(
-    make_stack: StackFactory, egress: Egress, target: str
+    make_stack: StackFactory, egress: Egress, target: str, log_stream: io.StringIO
 ) -> None:
     stack = await egress_stack(make_stack, egress)
     echo = egress.tunnel_host
@@ -499,6 +500,9 @@ async def test_every_other_connect_is_403_and_reaches_nothing(
     assert target in document["message"]
     assert echo.connections == 0 and stack.partner.requests == [] and stack.tokens.calls == 0
     assert metric_value(stack.proxy, "authproxy_connect_total", outcome="refused") == 1
+    # Round 12 (F1): the refusal's access line names the target asked for.
+    (line,) = [e for e in log_events(log_stream) if e["event"] == "access"]
+    assert line["connect"] == target and line["status"] == 403
 
 
 async def test_without_intercept_a_routed_host_keeps_405_saying_how(

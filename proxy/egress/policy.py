@@ -156,8 +156,9 @@ class EgressPolicy:
 
 def _sni_guard(host: str) -> SNIGuard:
     """The SNI an app sends must name the CONNECT host (an app that sends
-    none gets the CONNECT host's certificate): a mismatch ends the handshake
-    with ``unrecognized_name`` and a log line naming both."""
+    none gets the CONNECT host's certificate): a mismatch fails the handshake
+    (``unrecognized_name``; asyncio closes without sending the alert, so the
+    app sees a reset) and a log line names both."""
 
     def check(_ssl: ssl.SSLObject, server_name: str | None, _context: ssl.SSLContext) -> int | None:
         if server_name is None or server_name.lower().rstrip(".") == host:

@@ -254,6 +254,9 @@ class Forwarder:
         the connection: what the app sends after a CONNECT is not HTTP."""
         metrics = self._metrics
         outcome = "refused"
+        # A refused CONNECT's line names what was asked (round 12), as the
+        # app sent it (never userinfo); a planned one names the plan's target.
+        facts.extra["connect"] = request.raw_path.rpartition("@")[2][:255]
         try:
             plan = table.egress.plan(request.raw_path)
             facts.extra["connect"] = (

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from proxy.errors import ConnectFailed, ConnectTimedOut
+from proxy.errors import ConnectFailed, ConnectTimedOut, os_reason
 
 Count = Callable[[int], None]
 
@@ -92,7 +92,7 @@ class Relay:
         except socket.gaierror as exc:
             raise ConnectFailed(f"cannot resolve {host}: {exc.strerror}") from None
         except OSError as exc:
-            raise ConnectFailed(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
+            raise ConnectFailed(f"cannot connect to {host}:{port}: {os_reason(exc)}") from None
         self._host = transport
         self._arm()
 

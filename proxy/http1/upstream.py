@@ -38,6 +38,7 @@ from proxy.errors import (
     Dropped,
     UpstreamBodyFailed,
     UpstreamProtocolError,
+    os_reason,
 )
 from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
 from proxy.http1.policy import (
@@ -456,8 +457,8 @@ class LeanClient:
             async with asyncio.timeout(endpoint.connect_timeout):
                 try:
                     addresses = await self._addresses(endpoint.host, endpoint.port)
-                except OSError as exc:
-                    raise ConnectFailed(exc.strerror or type(exc).__name__) from None
+                except OSError as exc:  # a resolver error: its own words
+                    raise ConnectFailed(exc.strerror or os_reason(exc)) from None
                 last: OSError | None = None
                 for family, address, port in addresses:
                     try:
@@ -476,7 +477,7 @@ class LeanClient:
                         continue
                     return protocol
                 assert last is not None
-                raise ConnectFailed(last.strerror or type(last).__name__)
+                raise ConnectFailed(os_reason(last))
         except TimeoutError:
             raise ConnectTimedOut(
                 f"no connection within connect_timeout ({endpoint.connect_timeout:g}s)"

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.typedefs import Middleware
 
 from proxy import __version__
@@ -249,6 +250,21 @@ def _browser_guard(loopback_only: bool) -> Middleware:
     return guard
 
 
+@web.middleware
+async def _http1_only(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """HTTP/1.0 and 1.1, as on the apps' port (RFC 9110 §15.6.6: 505)."""
+    if request.version.major != 1:
+        return _json(
+            {
+                "error": "http_version_not_supported",
+                "message": f"HTTP/{request.version.major}.{request.version.minor} is not "
+                "served on this port; speak HTTP/1.1",
+            },
+            505,
+        )
+    return await handler(request)
+
+
 def admin_app(
     server: Operated, auth_token: str | None = None, *, loopback_only: bool = False
 ) -> web.Application:
@@ -257,7 +273,10 @@ def admin_app(
     endpoint except ``/healthz`` and ``/readyz`` needs it as a bearer token.
     ``loopback_only`` (a loopback listener with no token) answers only to a
     loopback ``Host``. Cross-site POSTs are refused always."""
-    middlewares: list[Middleware] = [_browser_guard(loopback_only and auth_token is None)]
+    middlewares: list[Middleware] = [
+        _http1_only,
+        _browser_guard(loopback_only and auth_token is None),
+    ]
     if auth_token is not None:
         auth_token = auth_token.strip()
         if not auth_token:
@@ -273,6 +292,10 @@ def admin_app(
     app.router.add_post("/tokens/{client}/drop", drop)
     app.router.add_post("/reload", reload)
     return app
+
+
+MAX_LINE: Final = 8190  # aiohttp's limits for the admin port's requests (its defaults)
+MAX_HEADERS: Final = 128
 
 
 class AdminRequestHandler(web.RequestHandler):
@@ -295,11 +318,19 @@ class AdminRequestHandler(web.RequestHandler):
             log.error("admin_internal_error", exc_info=exc)
             body = {"error": "internal_error", "message": "internal error"}
         else:
-            reason = malformed_reason(exc)
+            text = str(getattr(exc, "message", "") or "")
+            if isinstance(exc, LineTooLong) or "Got more than" in text:
+                status, error = 431, "header_too_large"
+                reason = f"a request line or header field is longer than {MAX_LINE} bytes"
+            elif "Too many headers" in text:
+                status, error = 431, "header_too_large"
+                reason = f"more than {MAX_HEADERS} header fields"
+            else:
+                error, reason = "bad_request", malformed_reason(exc)
             log.warning(
                 "admin_malformed_request", status=status, remote=request.remote, reason=reason
             )
-            body = {"error": "bad_request", "message": reason}
+            body = {"error": error, "message": reason}
         if request.writer.output_size > 0:  # as aiohttp: an answer has begun, the connection ends
             raise ConnectionError("the admin answer had begun; closing the connection")
         response = _json(body, status)

@@ -390,6 +390,8 @@ async def test_upstream_unreachable_is_502_and_timeout_504(make_stack: StackFact
         assert response.status == 502
         body = await response.json()
     assert body["error"] == "upstream_unreachable" and body["route"] == "dead"
+    # Round 12: the errno's words, not asyncio's "Connect call failed ('127.0.0.1', 9)"
+    assert body["message"].endswith("Connection refused"), body["message"]
     async with stack.http.get(stack.url("/demo/slow?delay=2")) as response:
         assert response.status == 504
         assert (await response.json())["error"] == "upstream_timeout"

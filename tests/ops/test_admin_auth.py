@@ -155,3 +155,24 @@ async def test_two_authorization_fields_on_the_admin_port_are_refused(guarded: S
         data += b"".join(b"Authorization: " + f.encode() + b"\r\n" for f in fields)
         answer = await raw_exchange(guarded.proxy.admin_port, data + b"Connection: close\r\n\r\n")
         assert raw_status(answer) == 401, answer[:200]
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "error"),
+    [
+        (b"GET /healthz HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+         431, "header_too_large"),
+        (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+         + b"".join(b"X-%d: v\r\n" % i for i in range(130)) + b"\r\n", 431, "header_too_large"),
+    ],
+)  # fmt: skip
+async def test_the_admin_port_refuses_as_the_apps_port_does(
+    guarded: Stack, data: bytes, status: int, error: str
+) -> None:
+    """Round 12 (F3): HTTP/2.0 was served as "HTTP/2.0 200 OK", an
+    over-long field was a 400 reading "Got more than"."""
+    answer = await raw_exchange(guarded.proxy.admin_port, data)
+    assert raw_status(answer) == status, answer[:200]
+    document = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert document["error"] == error and "Got more than" not in document["message"]
