@@ -1,4 +1,5 @@
-"""The aiohttp internals the lean engine relies on, checked once at start.
+"""The aiohttp internals the lean engine (and the admin port's handler) rely on,
+checked once at start.
 
 proxy/http1/listener.py and proxy/http1/upstream.py build on aiohttp's C parsers and
 protocol classes rather than its public server and client (docs/design.md,
@@ -43,6 +44,8 @@ REQUIRED: Final = (
     ("aiohttp.client_proto", "ResponseHandler.read"),
     ("aiohttp.client_proto", "ResponseHandler.should_close"),
     ("aiohttp.client_proto", "ResponseHandler.force_close"),
+    # The admin port's connection handler overrides this (proxy/ops/admin.py).
+    ("aiohttp.web_protocol", "RequestHandler.handle_error"),
 )
 
 
