@@ -99,9 +99,13 @@ def os_reason(exc: OSError) -> str:
     """What an OSError says, from its errno ("Connection refused"): asyncio's
     own text ("Connect call failed ('10.1.2.3', 443)") names the address a
     name resolved to, which is the proxy's business, not the app's."""
-    if exc.errno:
+    number = exc.errno
+    if not number:  # asyncio's "Multiple exceptions: [Errno 111] ..., [Errno 111] ..."
+        found = re.search(r"\[Errno (\d+)\]", str(exc))
+        number = int(found.group(1)) if found else None
+    if number:
         try:
-            return os.strerror(exc.errno)
+            return os.strerror(number)
         except ValueError:
             pass
     return type(exc).__name__

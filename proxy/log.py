@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -182,9 +183,11 @@ _LEVELS: Final = frozenset({"debug", "info", "warning", "error", "critical"})
 class LibraryLogBridge(logging.Handler):
     """Libraries' records (aiohttp, asyncio: the stdlib ``logging`` tree) as
     this process's lines: one JSON object each, never Python's bare
-    "last resort" text. An exception is named by its type and where it was
-    raised, not by its message: a library's message can quote the bytes it
-    refused (an ``Authorization`` line), and those bytes are not ours to log."""
+    "last resort" text. A library's words can quote what it handled (the
+    bytes a parser refused, an exception's text, a callback's arguments in
+    asyncio's "Exception in callback cb(...)"): the line keeps the first
+    line of the message up to the first quote, bracket or "=", and names an
+    exception by its type and where it was raised, never by its text."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -196,16 +199,25 @@ class LibraryLogBridge(logging.Handler):
             method = record.levelname.lower()
             if method not in _LEVELS:
                 method = "error"
-            getattr(structlog.get_logger("library"), method)(_safe_message(record), **fields)
+            getattr(structlog.get_logger("library"), method)(_summary(record), **fields)
         except Exception:  # a log line must never raise into the code that logs
             self.handleError(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Nothing: logging's default prints the record, arguments and all."""
 
-def _safe_message(record: logging.LogRecord) -> str:
+
+_QUOTING: Final = re.compile(r"[(\[{<'\"=]")
+
+
+def _summary(record: logging.LogRecord) -> str:
     try:
-        return record.getMessage()
+        text = record.getMessage()
     except Exception:  # bad %-arguments: the template is still worth a line
-        return str(record.msg)
+        text = str(record.msg)
+    first = text.split("\n", 1)[0]
+    found = _QUOTING.search(first)
+    return (first[: found.start()] if found else first).strip()[:200] or record.name
 
 
 def _bridge_libraries(level: int) -> None:

@@ -505,6 +505,28 @@ async def test_every_other_connect_is_403_and_reaches_nothing(
     assert line["connect"] == target and line["status"] == 403
 
 
+@pytest.mark.parametrize(
+    "target", ["secret-token-xyz", "secret-token-xyz:99999", "http://u:secret-token-xyz@h/x?k=1"]
+)
+async def test_a_malformed_connect_target_is_named_by_no_line(
+    make_stack: StackFactory, egress: Egress, target: str, log_stream: io.StringIO
+) -> None:
+    """Review of round 12's fix: a refusal names the host:port asked for,
+    but a target that is not host:port could be anything (a token pasted in
+    the wrong place): 400, and neither the answer nor a log line quotes it."""
+    stack = await egress_stack(make_stack, egress)
+    raw = f"CONNECT {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    reader, writer, head = await connect(stack.proxy.port, target, raw=raw)
+    body = await reader.read()
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 400"), head
+    assert b"secret-token-xyz" not in head + body
+    assert "secret-token-xyz" not in log_stream.getvalue()
+    # The parser refuses some itself (a malformed_request line, no access line).
+    for line in [e for e in log_events(log_stream) if e["event"] == "access"]:
+        assert "connect" not in line and line["status"] == 400
+
+
 async def test_without_intercept_a_routed_host_keeps_405_saying_how(
     make_stack: StackFactory,
 ) -> None:

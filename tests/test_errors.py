@@ -165,3 +165,16 @@ def test_a_refusal_names_the_field_the_parser_quotes_and_nothing_else(
             self.message = text
 
     assert malformed_reason(Complaint(message)) == f"malformed request: {said}"
+
+
+def test_os_reason_says_the_errno_never_the_address() -> None:
+    """asyncio's connect errors name the resolved address; the app's 502
+    says what failed (review of round 12's fix: a name with two addresses
+    raised "Multiple exceptions", with no errno, and read as "OSError")."""
+    from proxy.errors import os_reason
+
+    refused = "Connect call failed ('10.9.8.7', 443)"
+    assert os_reason(OSError(111, refused)) == "Connection refused"
+    several = OSError(f"Multiple exceptions: [Errno 111] {refused}, [Errno 113] x")
+    assert os_reason(several) == "Connection refused"
+    assert os_reason(OSError("no number")) == "OSError"

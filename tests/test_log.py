@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import json
 import logging
@@ -113,3 +115,35 @@ def test_library_records_are_json_lines_without_the_exception_text() -> None:
     assert line["logger"] == "aiohttp.server" and line["error"] == "ValueError"
     assert "test_log.py" in line["where"]
     assert "lib-secret-55" not in stream.getvalue()
+
+
+def test_asyncio_records_never_carry_exception_text_or_callback_arguments() -> None:
+    """Review of round 11's bridge: asyncio's own messages hold the
+    exception's repr ("Task exception was never retrieved ... exception=
+    ValueError('...')") and a callback's arguments."""
+    stream = io.StringIO()
+    configure_logging("info", stream)
+    secret = "Authorization: Bearer " + "sekrit-123"
+
+    async def fails() -> None:
+        raise ValueError(secret)
+
+    def callback(data: bytes) -> None:
+        raise ValueError("boom")
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(fails())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        del task  # never retrieved: asyncio logs it when the task is collected
+        gc.collect()
+        loop.call_soon(callback, secret.encode())
+        await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    lines = [json.loads(text) for text in stream.getvalue().splitlines()]
+    events = {line["event"] for line in lines if line.get("logger") == "asyncio"}
+    assert "Task exception was never retrieved" in events, lines
+    assert any(e.startswith("Exception in callback") for e in events), events
+    assert "sekrit-123" not in stream.getvalue()

@@ -4,12 +4,13 @@ none may reach the partner in any form."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
 import pytest
 
-from conftest import Stack, log_events, raw_exchange, raw_status
+from conftest import Stack, StackFactory, log_events, raw_exchange, raw_status
 
 CASES: dict[str, bytes] = {
     "cl_and_te": b"POST /demo/x HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -158,3 +159,34 @@ async def test_a_refused_value_names_its_field_not_its_bytes(
     assert named in message, message
     assert b"app-secret-3" not in response and "app-secret-3" not in log_stream.getvalue()
     assert stack.partner.requests == []
+
+
+@pytest.mark.parametrize(
+    "rest",
+    [
+        b"\r\nzz\r\nabc\r\n0\r\n\r\n",  # a bad chunk size
+        b"\r\n0\r\nX-A: a\x00b\r\n\r\n",  # a NUL in a trailer
+        b"\r\n0\r\nNoColon\r\n\r\n",  # a trailer line without a colon
+    ],
+)
+async def test_bad_chunking_after_a_chunk_is_400_at_once(
+    make_stack: StackFactory, rest: bytes
+) -> None:
+    """Round 13 (F1): the fault came in the read that ended a chunk, and the
+    body's reader went back to waiting past it: 408 after body_timeout, the
+    partner holding half a POST. It is a 400 whatever the segmentation, and
+    the partner never gets the body as whole."""
+    stack = await make_stack(top="inbound: {body_timeout: 3s}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    head = b"POST /demo/echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    loop = asyncio.get_running_loop()
+    writer.write(head + b"3\r\nabc")
+    await writer.drain()
+    await asyncio.sleep(0.2)  # the chunk's data, then its end and the fault in a read of their own
+    started = loop.time()
+    writer.write(rest)
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert raw_status(answer) == 400, answer[:300]
+    assert loop.time() - started < 1.5  # not body_timeout
+    assert all(r.body != b"abc" for r in stack.partner.requests)  # never forwarded as whole

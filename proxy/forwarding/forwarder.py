@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
 from proxy.config.model import INTERCEPT_PORT, RouteConfig
-from proxy.egress.policy import Intercept
+from proxy.egress.policy import Intercept, parse_connect_target
 from proxy.errors import (
     ConnectFailed,
     ConnectTimedOut,
@@ -254,10 +254,10 @@ class Forwarder:
         the connection: what the app sends after a CONNECT is not HTTP."""
         metrics = self._metrics
         outcome = "refused"
-        # A refused CONNECT's line names what was asked (round 12), as the
-        # app sent it (never userinfo); a planned one names the plan's target.
-        facts.extra["connect"] = request.raw_path.rpartition("@")[2][:255]
         try:
+            # A refused CONNECT's line names the host:port asked for (round
+            # 12); a malformed target is named by no line (it could be anything).
+            facts.extra["connect"] = str(parse_connect_target(request.raw_path))
             plan = table.egress.plan(request.raw_path)
             facts.extra["connect"] = (
                 f"{plan.host}:{INTERCEPT_PORT}"

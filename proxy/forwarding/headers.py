@@ -59,6 +59,10 @@ _PLAIN_CONNECTION: Final = frozenset({"keep-alive", "close"})
 # Precomputed at import: the hot path only unions in what a request adds.
 _DROP_TRUSTED: Final = HOP_BY_HOP | _REQUEST_OWNED
 _DROP_UNTRUSTED: Final = _DROP_TRUSTED | FORWARDING
+# Set by this hop whatever the app sent (X-Forwarded-For extended when trusted).
+_SET_HERE: Final = frozenset(
+    {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id", "via"}
+)
 
 
 def connection_named(headers: Iterable[tuple[str, str]]) -> frozenset[str]:
@@ -141,9 +145,14 @@ def upstream_request_headers(
     for name, value, lower in items:
         if lower in base:
             continue
-        if "_" in lower and lower.replace("_", "-") in base:
+        if (
+            "_" in lower
+            and (dashed := lower.replace("_", "-"))
+            and (dashed in base or dashed in _SET_HERE)
+        ):
             # X_Forwarded_For reads as X-Forwarded-For to CGI-style stacks;
-            # so does X_Proxy_Key as an inbound key header (round 10, F2).
+            # so does X_Proxy_Key as an inbound key header (round 10, F2),
+            # and X_Request_Id as the field this hop sets.
             continue
         if lower == "x-forwarded-for":
             prior_xff.append(value)

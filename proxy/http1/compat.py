@@ -46,6 +46,8 @@ REQUIRED: Final = (
     ("aiohttp.client_proto", "ResponseHandler.force_close"),
     # The admin port's connection handler overrides this (proxy/ops/admin.py).
     ("aiohttp.web_protocol", "RequestHandler.handle_error"),
+    ("aiohttp.web_protocol", "RequestHandler._make_error_handler"),  # parse errors reach it so
+    ("aiohttp.web_server", "Server.connection_made"),  # the runner's server as its manager
 )
 
 

@@ -79,6 +79,17 @@ CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
 
 
+def _fail_body(payload: Any, error: BaseException) -> None:
+    """End a request body's reader with ``error``. aiohttp's ``readany``
+    looks for an exception only as it starts: a wake-up already on its way
+    (a chunk that ended in the read that also broke the framing) sends it
+    back to waiting past the exception, until body_timeout (round 13). So
+    the exception is set again on the next loop iteration, when the reader
+    waits anew; a second set on a reader that is not waiting changes nothing."""
+    payload.set_exception(error)
+    asyncio.get_running_loop().call_soon(payload.set_exception, error)
+
+
 class _Body:
     """aiohttp's StreamReader for a request body, behind seams.AppBody: what
     it raises (a reset, bad chunking, a body cut short) becomes AppBodyFailed."""
@@ -538,8 +549,13 @@ class AppConnection(BaseProtocol):
         ends_here = data.endswith(b"\r\n\r\n")
         # Where the read's blank tail starts: a message ends with CRLF CRLF
         # after a byte that is not CR or LF (a head's last field, a last
-        # chunk's size), or with its body.
+        # chunk's size), or with its body. The end of a message that came in
+        # this read may have begun in the one before (a head's last CRLF in a
+        # read of its own): the tests look at the last 3 bytes of that too.
         core = len(data.rstrip(b"\r\n"))
+        window = self._previous[-3:] + data
+        window_core = len(window.rstrip(b"\r\n"))
+        ends_blank = window.startswith(b"\r\n\r\n", window_core)
         if message.chunked:
             ended_now = payload.is_eof() and ((last is prior and prior_open) or bool(messages))
             if not ended_now:
@@ -550,20 +566,21 @@ class AppConnection(BaseProtocol):
                     self._parser = self._new_parser(HttpRequestParser)
                 self._clean = True
                 return messages
-            self._after_blank = data.startswith(b"\r\n\r\n", core)
+            self._after_blank = ends_blank
             return messages if python else self._poison(messages)
         length = int(message.headers.get(hdrs.CONTENT_LENGTH) or 0)  # digits: the parser checked
         if not length:
             self._clean = bool(messages) and ends_here
-            self._after_blank = data.startswith(b"\r\n\r\n", core) if messages else not core
+            self._after_blank = ends_blank if messages else not core
         elif not payload.is_eof():
             self._clean = False
         elif messages:  # head and whole body in this read: the head ends where the body starts
             self._clean = len(data) >= length + 4 and data[-length - 4 : -length] == b"\r\n\r\n"
-            # The body ends where only blank lines follow it, if anywhere.
-            self._after_blank = any(
-                data.startswith(b"\r\n\r\n", end - length - 4)
-                for end in range(max(core, length + 4), len(data) + 1)
+            # The body ends where only blank lines follow it, if anywhere: a
+            # head's CRLF CRLF `length` bytes before a point of the blank tail.
+            self._after_blank = (
+                window.find(b"\r\n\r\n", max(window_core - length - 4, 0), len(window) - length)
+                != -1
             )
         else:  # the body's end came in this read, and nothing after it
             self._clean = length - before == len(data)
@@ -667,7 +684,7 @@ class AppConnection(BaseProtocol):
         )
         current = self._current
         if current is not None and not current.body_complete:
-            current._payload.set_exception(RequestPayloadError(refusal.message))
+            _fail_body(current._payload, RequestPayloadError(refusal.message))
         return refusal
 
     def data_received(self, data: bytes) -> None:
@@ -751,7 +768,7 @@ class AppConnection(BaseProtocol):
         if last is not None and last[1] is not None and not last[1].is_eof():
             # The body would end with the connection: cut short (RFC 9112
             # §8), never forwarded as if whole; the 400 still goes out.
-            last[1].set_exception(RequestPayloadError("the app ended its body early"))
+            _fail_body(last[1], RequestPayloadError("the app ended its body early"))
             self.closing = True
             # Over TLS (an intercepted tunnel) the EOF closes the connection
             # anyway: asyncio's TLS layer ignores a True here.
@@ -819,7 +836,7 @@ class AppConnection(BaseProtocol):
             self._idle_timer = None
         current = self._current
         if current is not None and not current.body_complete:
-            current._payload.set_exception(ConnectionResetError("the app closed the connection"))
+            _fail_body(current._payload, ConnectionResetError("the app closed the connection"))
         if self._task is not None and not self._task.done() and relay is None:
             self._task.cancel()  # an app that goes away cancels its upstream request
         self._parser = None

@@ -20,7 +20,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.typedefs import Middleware
 
@@ -250,10 +250,19 @@ def _browser_guard(loopback_only: bool) -> Middleware:
     return guard
 
 
+def _answer_in_http11(request: web.BaseRequest) -> None:
+    """aiohttp writes an answer's status line in the request's version: 2.0
+    for an "HTTP/2.0" request line, 1.0 for a head it refused (its stand-in
+    request). This port answers in HTTP/1.1, as the apps' port does (RFC 9110
+    §2.5). ``version`` is a cached property; the cache is aiohttp's."""
+    request._cache["version"] = HttpVersion11
+
+
 @web.middleware
 async def _http1_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """HTTP/1.0 and 1.1, as on the apps' port (RFC 9110 §15.6.6: 505)."""
     if request.version.major != 1:
+        _answer_in_http11(request)
         return _json(
             {
                 "error": "http_version_not_supported",
@@ -314,9 +323,14 @@ class AdminRequestHandler(web.RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status >= 500:
-            # A bug in a handler: the traceback (frames, no locals) is ours.
-            log.error("admin_internal_error", exc_info=exc)
-            body = {"error": "internal_error", "message": "internal error"}
+            # A bug in a handler (500: the traceback, frames and no locals, is
+            # ours) or one that ran past aiohttp's handler timeout (504).
+            log.error("admin_internal_error", status=status, exc_info=exc)
+            body = (
+                {"error": "internal_error", "message": "internal error"}
+                if status == 500
+                else {"error": "admin_timeout", "message": "the admin request did not finish"}
+            )
         else:
             text = str(getattr(exc, "message", "") or "")
             if isinstance(exc, LineTooLong) or "Got more than" in text:
@@ -333,6 +347,7 @@ class AdminRequestHandler(web.RequestHandler):
             body = {"error": error, "message": reason}
         if request.writer.output_size > 0:  # as aiohttp: an answer has begun, the connection ends
             raise ConnectionError("the admin answer had begun; closing the connection")
+        _answer_in_http11(request)
         response = _json(body, status)
         response.force_close()
         return response

@@ -138,7 +138,7 @@ async def test_a_malformed_request_on_the_admin_port_never_echoes_or_logs_the_to
         guarded.proxy.admin_port,
         b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n" + line + b"\r\nConnection: close\r\n\r\n",
     )
-    assert raw_status(answer) == 400, answer[:300]
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:300]
     assert ADMIN_TOKEN.encode() not in answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "bad_request"
     await asyncio.sleep(0.05)
@@ -173,6 +173,8 @@ async def test_the_admin_port_refuses_as_the_apps_port_does(
     """Round 12 (F3): HTTP/2.0 was served as "HTTP/2.0 200 OK", an
     over-long field was a 400 reading "Got more than"."""
     answer = await raw_exchange(guarded.proxy.admin_port, data)
-    assert raw_status(answer) == status, answer[:200]
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[
+        :200
+    ]  # in HTTP/1.1, as the apps' port
     document = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert document["error"] == error and "Got more than" not in document["message"]
