@@ -37,6 +37,7 @@ CASES: dict[str, bytes] = {
     "two_hosts": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
     "long_line": b"GET /demo/" + b"a" * 10000 + b" HTTP/1.1\r\nHost: a\r\n\r\n",
     "long_header": b"GET /demo/x HTTP/1.1\r\nHost: a\r\nX-A: " + b"v" * 10000 + b"\r\n\r\n",
+    "long_method": b"A" * 9000 + b" /demo/x HTTP/1.1\r\nHost: a\r\n\r\n",
     "many_headers": b"GET /demo/x HTTP/1.1\r\nHost: a\r\n"
     + b"".join(b"X-%d: v\r\n" % i for i in range(200))
     + b"\r\n",
@@ -56,6 +57,7 @@ EXPECTED = {  # every other case: 400
     "abs_other_host": 404,
     "connect": 403,  # docs/egress.md: a closed proxy
     "long_line": 414,  # RFC 9112 §3
+    "long_method": 501,  # RFC 9112 §3: longer than any method implemented (round 13)
     "long_header": 431,  # RFC 6585 §5
     "many_headers": 431,
     "bad_version": 505,  # RFC 9110 §15.6.6

@@ -77,6 +77,11 @@ def refusal_for(exc: HttpProcessingError, recent: bytes, limits: InboundLimits) 
     ``recent`` is the bytes read last, where a field's name is looked up."""
     if isinstance(exc, LineTooLong):
         seen = bytes(exc.args[0]) if exc.args else b""
+        if _is_method(seen, recent):  # RFC 9112 §3: longer than any implemented: 501
+            return NotImplementedByProxy(
+                f"the request method is longer than {limits.max_header_size} bytes "
+                "(inbound.max_header_size)"
+            )
         if _in_request_line(seen, recent):
             return UriTooLong(
                 f"the request line is longer than {limits.max_header_size} bytes "
@@ -112,6 +117,17 @@ def _field_with_bad_value(recent: bytes) -> str | None:
         if colon and _BAD_VALUE_BYTE.search(value) and _FIELD_NAMES.fullmatch(name):
             return repr(name.decode("ascii"))
     return None
+
+
+def _is_method(seen: bytes, recent: bytes) -> bool:
+    """Whether the over-long bytes are a request line's first word: they
+    start the read's bytes, or follow a head that had no body, and hold no
+    space (a target or a field would follow one)."""
+    start = seen[:-3] if seen.endswith(b"...") else seen
+    at = recent.find(start[:64]) if start else -1
+    if at == -1 or b" " in start or b":" in start:
+        return False
+    return not recent[:at].strip(b"\r\n") or recent[:at].endswith(b"\r\n\r\n")
 
 
 def _in_request_line(seen: bytes, recent: bytes) -> bool:
