@@ -402,6 +402,9 @@ async def test_a_guarded_route_cannot_be_reached_through_a_broader_one(
         (b"GET /demo/a HTTP/1.1\r\nHost: a\r\n\r", b"\n"),
         (b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r", b"\nok"),
         (b"POST /demo/a HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n", b"\r\nok\r\n"),
+        # reads of a byte or two (round 14)
+        (b"GET /demo/a HTTP/1.1\r\nHost: a\r", b"\n\r", b"\n"),
+        (b"GET /demo/a HTTP/1.1\r\nHost: a", b"\r", b"\n", b"\r", b"\n"),
     ],
 )
 async def test_a_bare_crlf_after_a_body_starts_no_head_timer(
@@ -425,6 +428,42 @@ async def test_a_bare_crlf_after_a_body_starts_no_head_timer(
     rest = await asyncio.wait_for(reader.read(), 5)
     writer.close()
     assert b"request_head_timeout" not in rest and b"HTTP/1.1 200" in rest, rest[:300]
+
+
+@pytest.mark.parametrize(
+    "ending",
+    [
+        (b"0\r", b"\n\r\n"),
+        (b"0\r\n", b"\r\n"),
+        (b"0\r\n\r", b"\n"),
+        (b"0\r\nX-T: 1\r\n", b"\r\n"),
+        (b"0;ext=1\r\n\r", b"\n"),
+        (b"0", b"\r", b"\n", b"\r", b"\n"),
+    ],
+)
+async def test_a_chunked_request_whose_end_spans_reads_keeps_its_connection(
+    make_stack: StackFactory, ending: tuple[bytes, ...]
+) -> None:
+    """Round 14 (F2): a chunked request that ends where a read ends keeps
+    the connection (docs/design.md), also when its last CRLFs come in reads
+    of their own; it was answered with Connection: close. (A 0.5 s wait
+    past header_timeout checks no 408 follows either.)"""
+    stack = await make_stack(top="inbound: {header_timeout: 300ms, idle_timeout: 30s}")
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.proxy.port)
+    head = b"POST /demo/a HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+    for part in (head, *ending):
+        writer.write(part)
+        await writer.drain()
+        await asyncio.sleep(0.05)  # a read of its own
+    first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert raw_status(first) == 200 and b"connection: close" not in first.lower(), first
+    await asyncio.sleep(0.5)
+    writer.write(b"GET /demo/b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    rest = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert b"request_head_timeout" not in rest and b"HTTP/1.1 200" in rest, rest[:300]
+    seen = [(r.method, r.body) for r in stack.partner.requests]
+    assert seen == [("POST", b"abc"), ("GET", b"")], seen
 
 
 async def test_an_empty_line_on_an_idle_connection_starts_no_head_timer(

@@ -394,6 +394,7 @@ class AppConnection(BaseProtocol):
         "_messages",
         "_method_part",
         "_previous",
+        "_tail",
         "_task",
         "_waiter",
         "app_eof",
@@ -417,6 +418,7 @@ class AppConnection(BaseProtocol):
         self.last_served: Any = None
         self._last: tuple[Any, Any] | None = None  # the latest message parsed
         self._previous = b""  # the bytes of the read before, to name a field in a refusal
+        self._tail = b""  # the stream's last 3 bytes before this read (a message's end spans reads)
         self._discard = False  # bytes after a request that cannot be parsed safely
         self._messages: deque[tuple[Any, Any]] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -546,14 +548,15 @@ class AppConnection(BaseProtocol):
         if followed and not python:
             return self._poison(messages)
         message, payload = last
-        ends_here = data.endswith(b"\r\n\r\n")
         # Where the read's blank tail starts: a message ends with CRLF CRLF
         # after a byte that is not CR or LF (a head's last field, a last
         # chunk's size), or with its body. The end of a message that came in
-        # this read may have begun in the one before (a head's last CRLF in a
-        # read of its own): the tests look at the last 3 bytes of that too.
+        # this read may have begun in reads before it (a head's last CRLF in
+        # reads of a byte or two): the tests look at the stream's 3 bytes
+        # before this read too (round 14).
         core = len(data.rstrip(b"\r\n"))
-        window = self._previous[-3:] + data
+        window = self._tail + data
+        ends_here = window.endswith(b"\r\n\r\n")
         window_core = len(window.rstrip(b"\r\n"))
         ends_blank = window.startswith(b"\r\n\r\n", window_core)
         if message.chunked:
@@ -716,6 +719,7 @@ class AppConnection(BaseProtocol):
                 data = b""
         messages = self._feed(data) if data else []
         self._previous = data
+        self._tail = (self._tail + data)[-3:]
         # Bytes of a next request head are in (the parser is past the last
         # message, whose body is whole): its header_timeout runs once no
         # request is in flight, also when it started while one was (round 7).
@@ -819,6 +823,7 @@ class AppConnection(BaseProtocol):
         self._clean = True
         self._last = None
         self._previous = b""
+        self._tail = b""
         self._discard = False
         self.last_served = None
         if early:

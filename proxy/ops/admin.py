@@ -261,16 +261,12 @@ def _answer_in_http11(request: web.BaseRequest) -> None:
 @web.middleware
 async def _http1_only(request: web.Request, handler: Handler) -> web.StreamResponse:
     """HTTP/1.0 and 1.1, as on the apps' port (RFC 9110 §15.6.6: 505)."""
-    if request.version.major != 1:
+    version = request.version
+    if version.major != 1:
         _answer_in_http11(request)
-        return _json(
-            {
-                "error": "http_version_not_supported",
-                "message": f"HTTP/{request.version.major}.{request.version.minor} is not "
-                "served on this port; speak HTTP/1.1",
-            },
-            505,
-        )
+        reason = f"HTTP/{version.major}.{version.minor} is not served on this port; speak HTTP/1.1"
+        log.warning("admin_malformed_request", status=505, remote=request.remote, reason=reason)
+        return _json({"error": "http_version_not_supported", "message": reason}, 505)
     return await handler(request)
 
 
@@ -339,6 +335,10 @@ class AdminRequestHandler(web.RequestHandler):
             elif "Too many headers" in text:
                 status, error = 431, "header_too_large"
                 reason = f"more than {MAX_HEADERS} header fields"
+            elif "Invalid HTTP version" in text or "Bad status line" in text:
+                # llhttp's words for a version it does not parse (HTTP/1.2, 3.0)
+                status, error = 505, "http_version_not_supported"
+                reason = "only HTTP/1.0 and HTTP/1.1 are served on this port"
             else:
                 error, reason = "bad_request", malformed_reason(exc)
             log.warning(

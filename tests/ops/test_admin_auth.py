@@ -161,6 +161,8 @@ async def test_two_authorization_fields_on_the_admin_port_are_refused(guarded: S
     ("data", "status", "error"),
     [
         (b"GET /healthz HTTP/2.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /healthz HTTP/3.0\r\nHost: 127.0.0.1\r\n\r\n", 505, "http_version_not_supported"),
+        (b"GET /healthz HTTP/1.2\r\nHost: 127.0.0.1\r\n\r\n", 505, "http_version_not_supported"),
         (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
          431, "header_too_large"),
         (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n"
@@ -178,3 +180,5 @@ async def test_the_admin_port_refuses_as_the_apps_port_does(
     ]  # in HTTP/1.1, as the apps' port
     document = json.loads(answer.partition(b"\r\n\r\n")[2])
     assert document["error"] == error and "Got more than" not in document["message"]
+    if status == 505:  # names what was refused (round 14: it said "HTTP/1.1 is not served")
+        assert "HTTP/1.1 is not" not in document["message"], document
