@@ -192,3 +192,23 @@ async def test_bad_chunking_after_a_chunk_is_400_at_once(
     assert raw_status(answer) == 400, answer[:300]
     assert loop.time() - started < 1.5  # not body_timeout
     assert all(r.body != b"abc" for r in stack.partner.requests)  # never forwarded as whole
+
+
+@pytest.mark.parametrize("tail", [b" ", b"\t", b"\x00", b"@", b"{}"])
+async def test_a_byte_that_starts_no_request_after_one_is_400_at_once(
+    make_stack: StackFactory, tail: bytes
+) -> None:
+    """Round 15: in the read of a good request, a byte that can start no
+    method waited for header_timeout (408) on aiohttp's Python parser, which
+    reads to the line's end; in a read of its own it was a 400. It is a 400
+    now either way, after the good request's answer."""
+    stack = await make_stack(top="inbound: {header_timeout: 3s}")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    answer = await raw_exchange(
+        stack.proxy.port, b"GET /demo/a HTTP/1.1\r\nHost: a\r\n\r\n" + tail, timeout=5
+    )
+    assert loop.time() - started < 2  # not header_timeout
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert b"HTTP/1.1 400" in answer and b"request_head_timeout" not in answer, answer[-300:]
+    assert len(stack.partner.requests) == 1

@@ -20,6 +20,7 @@ app sees the answer rather than a reset.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import errno
@@ -77,6 +78,24 @@ _PARTIAL_METHOD: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}")
 # RFC 9110 §9.3.6: a 2xx to CONNECT has no Content-Length or Transfer-Encoding.
 CONNECT_ESTABLISHED: Final = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 Handler = Callable[[Any], Awaitable[None]]  # Forwarder.serve, which takes an AppExchange
+
+
+_REFUSED_LINE: Final = re.compile(r"\n\n  (b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\")\n")
+_TOKEN_CHAR: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]")
+
+
+def _could_be_a_method(exc: BadHttpMethod) -> bool:
+    """Whether the line llhttp refused as a method starts like one (a token
+    character, RFC 9110 §9.1). aiohttp quotes that line in its message; when
+    it cannot be read, the answer is yes (the Python parser decides)."""
+    found = _REFUSED_LINE.search(str(getattr(exc, "message", "") or ""))
+    if found is None:
+        return True
+    try:
+        line = ast.literal_eval(found.group(1))
+    except (ValueError, SyntaxError):
+        return True
+    return not isinstance(line, bytes) or _TOKEN_CHAR.match(line.lstrip(b"\r\n")) is not None
 
 
 def _fail_body(payload: Any, error: BaseException) -> None:
@@ -495,6 +514,12 @@ class AppConnection(BaseProtocol):
         except BadHttpMethod as exc:
             if not METHOD_START.match(data):
                 return [(self._refuse(exc, data), None)]  # not a token: 400
+            if not _could_be_a_method(exc):
+                # The line llhttp refused starts with no token character (a
+                # space, "@", a NUL after a request): no extension method, a
+                # 400 now, after the requests before it (round 15; the Python
+                # parser would wait for the line's end, then header_timeout).
+                return self._refused_read(type(parser), data, exc, clean=clean)
             if not clean:
                 return [(self._refuse(exc, data, unframed=True), None)]
             self._parser = parser = self._new_parser(SpellingParser)
