@@ -313,6 +313,14 @@ _SLOW_POST = "POST /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\nContent-Length: 2
         (_SLOW_GET, b"GET /demo/x HTTP/1.1\r\nHost: a\r\n"),  # a read ending in a line's end
         (_SLOW_POST + "GET /demo/x HTTP/1.1\r\nHost: a\r\n", b""),  # after a body, same read
         (_SLOW_GET + "\r\nGET /demo/x HTTP/1.1\r\n", b""),
+        # round 15: blank lines, then a partial head as long as the body
+        (_SLOW_POST + "\r\n\r\nGE", b""),
+        (
+            _SLOW_POST.replace("Length: 2", "Length: 20").replace("ok", "x" * 20)
+            + "\r\n\r\nGET /demo/x HTTP/1.1",
+            b"",
+        ),
+        (_SLOW_POST.replace("ok", "\r\n") + "GE", b""),
     ],
 )
 async def test_a_head_begun_while_a_request_is_in_flight_is_cut_off_too(

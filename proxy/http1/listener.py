@@ -98,6 +98,30 @@ def _could_be_a_method(exc: BadHttpMethod) -> bool:
     return not isinstance(line, bytes) or _TOKEN_CHAR.match(line.lstrip(b"\r\n")) is not None
 
 
+def _body_end(window: bytes, message: Any, length: int) -> int | None:
+    """Where in ``window`` the body of ``message`` (a head and ``length``
+    body bytes, both in it) ends: its request line, as many field lines as
+    it has, the empty line, then the body. The last such head in ``window``
+    is the one (a partial head after it holds no empty line); ``None`` when
+    it cannot be found so (the head began in an earlier read)."""
+    version = message.version
+    start = f"{message.method} {message.path} HTTP/{version[0]}.{version[1]}\r\n"
+    line = start.encode("utf-8", "surrogateescape")
+    fields = len(message.raw_headers)
+    at = len(window)
+    while (at := window.rfind(line, 0, at)) != -1:
+        position = at + len(line)
+        for _ in range(fields):
+            found = window.find(b"\r\n", position)
+            if found <= position:  # none, or an empty line too soon
+                break
+            position = found + 2
+        else:
+            if window.startswith(b"\r\n", position) and position + 2 + length <= len(window):
+                return position + 2 + length
+    return None
+
+
 def _fail_body(payload: Any, error: BaseException) -> None:
     """End a request body's reader with ``error``. aiohttp's ``readany``
     looks for an exception only as it starts: a wake-up already on its way
@@ -604,12 +628,16 @@ class AppConnection(BaseProtocol):
             self._clean = False
         elif messages:  # head and whole body in this read: the head ends where the body starts
             self._clean = len(data) >= length + 4 and data[-length - 4 : -length] == b"\r\n\r\n"
-            # The body ends where only blank lines follow it, if anywhere: a
-            # head's CRLF CRLF `length` bytes before a point of the blank tail.
-            self._after_blank = (
-                window.find(b"\r\n\r\n", max(window_core - length - 4, 0), len(window) - length)
-                != -1
-            )
+            end = _body_end(window, message, length)
+            if end is not None:
+                self._clean = end == len(window)
+                self._after_blank = not window[end:].strip(b"\r\n")
+            else:  # the head began in an earlier read: a head's CRLF CRLF
+                # `length` bytes before a point of the blank tail, if anywhere
+                self._after_blank = (
+                    window.find(b"\r\n\r\n", max(window_core - length - 4, 0), len(window) - length)
+                    != -1
+                )
         else:  # the body's end came in this read, and nothing after it
             self._clean = length - before == len(data)
             self._after_blank = not data[length - before :].strip(b"\r\n")
