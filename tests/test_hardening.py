@@ -321,6 +321,19 @@ _SLOW_POST = "POST /demo/slow?delay=0.6 HTTP/1.1\r\nHost: a\r\nContent-Length: 2
             b"",
         ),
         (_SLOW_POST.replace("ok", "\r\n") + "GE", b""),
+        # round 16: the head began in an earlier read (the "first" write)
+        (
+            "POST /demo/slow?delay=0.6 HT",
+            b"TP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nab\r\n\r\nGE",
+        ),
+        # round 16: a body that repeats its own head
+        (
+            _SLOW_POST.replace("Length: 2", "Length: 50").replace(
+                "ok", "POST /demo/slow?delay=0.6 HTTP/1.1\r\nA: a\r\nB: b\r\n\r\n"
+            )
+            + ("GET /demo/x HTTP/1.1\r\nHost: a\r\nX-Pad: " + "y" * 40)[:50],  # as long
+            b"",
+        ),
     ],
 )
 async def test_a_head_begun_while_a_request_is_in_flight_is_cut_off_too(

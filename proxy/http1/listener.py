@@ -98,28 +98,50 @@ def _could_be_a_method(exc: BadHttpMethod) -> bool:
     return not isinstance(line, bytes) or _TOKEN_CHAR.match(line.lstrip(b"\r\n")) is not None
 
 
-def _body_end(window: bytes, message: Any, length: int) -> int | None:
-    """Where in ``window`` the body of ``message`` (a head and ``length``
-    body bytes, both in it) ends: its request line, as many field lines as
-    it has, the empty line, then the body. The last such head in ``window``
-    is the one (a partial head after it holds no empty line); ``None`` when
-    it cannot be found so (the head began in an earlier read)."""
-    version = message.version
-    start = f"{message.method} {message.path} HTTP/{version[0]}.{version[1]}\r\n"
-    line = start.encode("utf-8", "surrogateescape")
-    fields = len(message.raw_headers)
-    at = len(window)
-    while (at := window.rfind(line, 0, at)) != -1:
-        position = at + len(line)
-        for _ in range(fields):
-            found = window.find(b"\r\n", position)
-            if found <= position:  # none, or an empty line too soon
-                break
-            position = found + 2
+def _end_of_messages(
+    window: bytes, start: int, prior: Any, before: int, messages: Sequence[tuple[Any, Any]]
+) -> int | None:
+    """Where in ``window`` (a read, ``start`` bytes of the stream before it
+    first) the last of ``messages`` ends, walking the read message by
+    message: the rest of ``prior``'s sized body, then each message's head
+    (its request line, as many field lines as it has, the empty line) and
+    its Content-Length body. The first head may have begun in an earlier
+    read: it ends at the window's first CRLF CRLF. ``None`` when the walk
+    cannot be made (a chunked message, a head not where it should be)."""
+    position = start
+    if prior is not None and prior[1] is not None and not prior[0].chunked:
+        owed = int(prior[0].headers.get(hdrs.CONTENT_LENGTH) or 0) - before
+        position += max(owed, 0)  # the prior body's bytes that came in this read
+    for index, (message, _) in enumerate(messages):
+        if message.chunked:
+            return None
+        version = message.version
+        line = f"{message.method} {message.path} HTTP/{version[0]}.{version[1]}\r\n".encode(
+            "utf-8", "surrogateescape"
+        )
+        while window.startswith((b"\r\n", b"\n"), position):  # blank lines before a head
+            position += 2 if window.startswith(b"\r\n", position) else 1
+        if window.startswith(line, position):
+            position += len(line)
+            for _ in range(len(message.raw_headers)):
+                found = window.find(b"\r\n", position)
+                if found <= position:  # none, or an empty line too soon
+                    return None
+                position = found + 2
+            if not window.startswith(b"\r\n", position):
+                return None
+            position += 2
+        elif index == 0:  # the head began in an earlier read: its end is the first CRLF CRLF
+            found = window.find(b"\r\n\r\n", max(position - 3, 0))
+            if found == -1:
+                return None
+            position = found + 4
         else:
-            if window.startswith(b"\r\n", position) and position + 2 + length <= len(window):
-                return position + 2 + length
-    return None
+            return None
+        position += int(message.headers.get(hdrs.CONTENT_LENGTH) or 0)
+        if position > len(window):
+            return None
+    return position
 
 
 def _fail_body(payload: Any, error: BaseException) -> None:
@@ -628,7 +650,7 @@ class AppConnection(BaseProtocol):
             self._clean = False
         elif messages:  # head and whole body in this read: the head ends where the body starts
             self._clean = len(data) >= length + 4 and data[-length - 4 : -length] == b"\r\n\r\n"
-            end = _body_end(window, message, length)
+            end = _end_of_messages(window, len(window) - len(data), prior, before, messages)
             if end is not None:
                 self._clean = end == len(window)
                 self._after_blank = not window[end:].strip(b"\r\n")
