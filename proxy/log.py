@@ -115,8 +115,19 @@ class AccessLog:
         self._writer.msg(_ENCODE(fields))
 
 
-# Built once: json.dumps(default=...) builds an encoder per call.
-_ENCODE: Final = json.JSONEncoder(default=repr).encode
+def _encoder() -> Any:
+    """``json.dumps(obj, default=repr)`` for the access line, the C encoder
+    made once: ``JSONEncoder.encode`` makes one per call (half its 4 µs)."""
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # a Python without the _json accelerator
+        return json.JSONEncoder(default=repr).encode
+    encode = make(
+        None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
+    )
+    return lambda fields: "".join(encode(fields, 0))
+
+
+_ENCODE: Final = _encoder()
 _access: AccessLog | None = None  # set by configure_logging for JSON at info or below
 _access_fallback: Any = structlog.get_logger("proxy.access")  # until configure_logging runs
 

@@ -9,10 +9,18 @@ the workers start; prometheus_client then keeps each worker's values in
 memory-mapped files there, and ``/metrics`` on any worker reports the sum of
 all of them (counters and histograms summed, the in-flight gauge summed over
 live workers, point-in-time gauges taken from the worker that wrote last).
+
+The counts taken on every request (answers by route and status, token cache
+hits, requests in flight) are plain integers on the request path, folded into
+prometheus_client's objects before each scrape and, when they moved, within
+:data:`FOLD_DELAY` of the first uncounted request (a scrape of another worker
+sees them then): a locked ``inc()`` each costs more than the count itself
+(issue 16). Histograms are observed as they happen.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from importlib import metadata
 from typing import Final
@@ -35,6 +43,7 @@ LATENCY_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 )  # fmt: skip
 MINT_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FOLD_DELAY: Final = 0.25  # seconds a count may wait before it is folded into prometheus_client
 
 
 def _version() -> str:
@@ -52,6 +61,9 @@ class ClientEvents:
     """:class:`~proxy.tokens.source.SourceEvents` for one client, labels bound once."""
 
     def __init__(self, metrics: Metrics, client: str) -> None:
+        self._metrics = metrics
+        self._hits = 0  # not yet folded into _hit
+        metrics.foldable.append(self)
         self._hit = metrics.token_cache.labels(client, "hit")
         self._miss = metrics.token_cache.labels(client, "miss")
         self._refresh = metrics.token_cache.labels(client, "refresh_ahead")
@@ -61,7 +73,14 @@ class ClientEvents:
         self._rotation = metrics.credentials_pending.labels(client)
 
     def hit(self) -> None:
-        self._hit.inc()
+        self._hits += 1
+        if not self._metrics.fold_due:
+            self._metrics.fold_soon()
+
+    def fold(self) -> None:
+        hits, self._hits = self._hits, 0
+        if hits:
+            self._hit.inc(hits)
 
     def miss(self) -> None:
         self._miss.inc()
@@ -84,6 +103,8 @@ class RouteMetrics:
         self._metrics = metrics
         self._route = route
         self._by_status: dict[int, Counter] = {}
+        self._unfolded: dict[int, int] = {}  # answers by status not yet in _by_status
+        metrics.foldable.append(self)
         self.duration = metrics.request_duration.labels(route)
         self.upstream = metrics.upstream_duration.labels(route)
         self.replayed = metrics.replays.labels(route, "replayed")
@@ -99,19 +120,33 @@ class RouteMetrics:
         self.requests += 1
         if status >= 500:
             self.errors += 1
-        counter = self._by_status.get(status)
-        if counter is None:
-            counter = self._by_status[status] = self._metrics.requests.labels(
-                self._route, str(status)
-            )
-        counter.inc()
+        unfolded = self._unfolded
+        unfolded[status] = unfolded.get(status, 0) + 1
+        metrics = self._metrics
+        if not metrics.fold_due:
+            metrics.fold_soon()
         self.duration.observe(seconds)
+
+    def fold(self) -> None:
+        unfolded, self._unfolded = self._unfolded, {}
+        for status, count in unfolded.items():
+            counter = self._by_status.get(status)
+            if counter is None:
+                counter = self._by_status[status] = self._metrics.requests.labels(
+                    self._route, str(status)
+                )
+            counter.inc(count)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_dir()
+        # What keeps counts of its own (RouteMetrics, ClientEvents); a route
+        # table replaced by a reload stays here, its counts were real.
+        self.foldable: list[RouteMetrics | ClientEvents] = []
+        self.fold_due = False  # a fold is scheduled
+        self.inflight_count = 0  # requests in flight, folded into the inflight gauge
         r = self.registry
         self.requests = Counter(
             "authproxy_requests",
@@ -246,8 +281,26 @@ class Metrics:
     def for_route(self, route: str) -> RouteMetrics:
         return RouteMetrics(self, route)
 
+    def fold_soon(self) -> None:
+        """Fold the counts within FOLD_DELAY (the first uncounted one calls this)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # counted outside a loop (a unit test): at once
+            self.fold()
+            return
+        self.fold_due = True
+        loop.call_later(FOLD_DELAY, self.fold)
+
+    def fold(self) -> None:
+        """Move the plain counts into prometheus_client's objects."""
+        self.fold_due = False
+        for foldable in self.foldable:
+            foldable.fold()
+        self.inflight.set(self.inflight_count)
+
     def render(self) -> bytes:
         """The Prometheus text exposition of this proxy (all workers when several)."""
+        self.fold()
         if self.multiprocess is None:
             return generate_latest(self.registry)
         from prometheus_client import multiprocess

@@ -12,6 +12,7 @@ import pytest
 from fakes import FakePartner, FakeTokenEndpoint
 
 from conftest import ProxyProcess, eventually, fire, samples, value
+from proxy.metrics import FOLD_DELAY
 
 Factory = Callable[[str], ProxyProcess]
 
@@ -85,6 +86,9 @@ async def test_metrics_are_the_sum_of_all_workers(
     assert await fire([proxy.url], 40) == [200] * 40
     served_by = {line["pid"] for line in proxy.lines if line.get("event") == "access"}
     assert len(served_by) == 2  # the kernel spread the connections over both workers
+    # A worker folds its request counts into the shared files within
+    # FOLD_DELAY of them (proxy/metrics.py); a scrape on the other one sees them then.
+    await asyncio.sleep(FOLD_DELAY + 0.2)
     for _ in range(4):  # each scrape may land on either worker: all see the sum
         status, text = await admin_get(proxy, "/metrics")
         assert status == 200
@@ -98,6 +102,7 @@ async def test_metrics_are_the_sum_of_all_workers(
     await proxy.wait_for("worker_restarted")
     await proxy.wait_for("listening", 3)
     assert await fire([proxy.url], 10) == [200] * 10
+    await asyncio.sleep(FOLD_DELAY + 0.2)
     m = samples((await admin_get(proxy, "/metrics"))[1])
     assert value(m, "authproxy_requests_total", route="demo", status="200") == 50
     assert tokens.mint_count == 1

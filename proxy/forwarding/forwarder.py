@@ -148,7 +148,10 @@ class Forwarder:
         """Answer ``request``: forwarded, or a JSON error of the proxy's own."""
         started = time.monotonic()
         self.inflight += 1
-        self._metrics.inflight.inc()
+        metrics = self._metrics
+        metrics.inflight_count += 1
+        if not metrics.fold_due:
+            metrics.fold_soon()
         facts = Exchange(request_id=request_id(request.headers.get("X-Request-Id")))
         try:
             if self._tracing is None:
@@ -157,7 +160,9 @@ class Forwarder:
                 await self._traced(self._tracing, request, started, facts)
         finally:
             self.inflight -= 1
-            self._metrics.inflight.dec()
+            metrics.inflight_count -= 1
+            if not metrics.fold_due:
+                metrics.fold_soon()
 
     async def _traced(
         self, tracing: Tracing, request: AppSide, started: float, facts: Exchange
@@ -317,20 +322,24 @@ class Forwarder:
         duration = time.monotonic() - started
         route_metrics.finished(request.status, duration)
         if table.config.access_log:
-            access(
-                {
-                    "request_id": facts.request_id,
-                    "route": facts.route,
-                    "method": request.method,
-                    **_logged_target(request.method, request.raw_path),
-                    "status": request.status,
-                    "upstream_status": facts.upstream_status,
-                    "duration_ms": round(duration * 1000, 2),
-                    "replayed": facts.replayed,
-                    "waited_for_mint": facts.waited_for_mint,
-                    **facts.extra,
-                }
-            )
+            raw_path = request.raw_path
+            fields: dict[str, Any] = {
+                "request_id": facts.request_id,
+                "route": facts.route,
+                "method": request.method,
+            }
+            if raw_path[:1] == "/":  # origin-form, the usual: the path without its query
+                fields["path"] = raw_path.partition("?")[0]
+            else:
+                fields.update(_logged_target(request.method, raw_path))
+            fields["status"] = request.status
+            fields["upstream_status"] = facts.upstream_status
+            fields["duration_ms"] = round(duration * 1000, 2)
+            fields["replayed"] = facts.replayed
+            fields["waited_for_mint"] = facts.waited_for_mint
+            if facts.extra:
+                fields.update(facts.extra)
+            access(fields)
 
     async def _exchange(
         self,
