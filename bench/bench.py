@@ -437,7 +437,10 @@ def main() -> int:
     post.write_text('wrk.method = "POST"\nwrk.body = string.rep("a", 16384)\n'
                     'wrk.headers["Content-Type"] = "application/octet-stream"\n')  # fmt: skip
     procs: list[Proc] = []
+    compiled = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proxy").rglob("*.so"))
+    print(f"build: {'compiled, ' + str(len(compiled)) + ' modules' if compiled else 'pure Python'}")
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d"), "machine": machine(),
+                               "compiled_modules": compiled,
                                "duration_s": args.duration, "rounds": args.rounds, "scenarios": {}}  # fmt: skip
     try:
         tokens = token_endpoint()

@@ -21,6 +21,8 @@ from typing import Any, Final, TextIO
 
 import structlog
 
+from proxy.compiled import mypyc_attr
+
 SECRET_FIELDS: Final = frozenset(
     {"authorization", "access_token", "token", "client_secret", "secret", "password"}
 )
@@ -75,7 +77,28 @@ class LineWriter:
                 return  # nowhere to log to (stderr closed): never fail a request for it
             data = data[written:]
 
-    debug = info = warning = warn = error = critical = exception = msg
+    # structlog calls the method named by the level; each writes the line
+    # (explicit methods: mypyc compiles no aliases in a class body).
+    def debug(self, message: str) -> None:
+        self.msg(message)
+
+    def info(self, message: str) -> None:
+        self.msg(message)
+
+    def warning(self, message: str) -> None:
+        self.msg(message)
+
+    def warn(self, message: str) -> None:
+        self.msg(message)
+
+    def error(self, message: str) -> None:
+        self.msg(message)
+
+    def critical(self, message: str) -> None:
+        self.msg(message)
+
+    def exception(self, message: str) -> None:
+        self.msg(message)
 
 
 class AccessLog:
@@ -85,8 +108,6 @@ class AccessLog:
     — the fields, ``event``, the worker's fields, ``level``, ``ts`` — with
     the same redaction, through the same :class:`LineWriter`, one write a
     line."""
-
-    __slots__ = ("_extra", "_prefix", "_second", "_writer")
 
     def __init__(self, writer: LineWriter, extra: dict[str, Any]) -> None:
         self._writer = writer
@@ -191,6 +212,7 @@ def configure_logging(
 _LEVELS: Final = frozenset({"debug", "info", "warning", "error", "critical"})
 
 
+@mypyc_attr(native_class=False)  # a logging.Handler: a Python class when compiled
 class LibraryLogBridge(logging.Handler):
     """Libraries' records (aiohttp, asyncio: the stdlib ``logging`` tree) as
     this process's lines: one JSON object each, never Python's bare

@@ -22,6 +22,7 @@ from typing import Any, Final, cast
 import aiohttp
 from aiohttp import web
 
+from proxy.compiled import compiled_modules
 from proxy.config.load import load_config
 from proxy.config.model import Config
 from proxy.egress.policy import build_policy
@@ -232,6 +233,7 @@ class ProxyServer:
             admin_port=self.admin_port,
             routes=[route.name for route in self.config.routes],
             config=self.config.source,
+            compiled=compiled_modules(),  # the compiled build's modules (setup.py); [] when pure
         )
 
     async def _start_admin(self, host: str) -> None:

@@ -44,7 +44,7 @@ EDGES = (
 )
 # Inner to outer: a module imports only from its own layer or an inner one.
 LAYERS = (
-    ("proxy.errors", "proxy.units", "proxy.log", "proxy.metrics", "proxy.tls"),
+    ("proxy.compiled", "proxy.errors", "proxy.units", "proxy.log", "proxy.metrics", "proxy.tls"),
     ("proxy.config.", "proxy.tracing"),
     ("proxy.tokens.",),
     ("proxy.egress.",),

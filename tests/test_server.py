@@ -6,6 +6,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -74,6 +75,27 @@ async def test_sigterm_drains_a_long_stream_then_exits_0(
     assert first + rest == expected
     assert await proxy.stop() == 0
     assert proxy.events("stopped")
+
+
+def built_here() -> list[str]:
+    """The modules compiled in this checkout (setup.py build_ext --inplace)."""
+    checkout = Path(__file__).resolve().parent.parent
+    return sorted(
+        ".".join(path.relative_to(checkout).with_suffix("").with_suffix("").parts)
+        for path in (checkout / "proxy").rglob("*.so")
+    )
+
+
+async def test_the_listening_line_names_the_modules_that_run_compiled(
+    servers: tuple[FakeTokenEndpoint, FakePartner], proxy_processes: Factory
+) -> None:
+    # .ci/run runs the suite twice: pure Python, then with setup.py's build in place
+    tokens, partner = servers
+    proxy = proxy_processes(config(tokens, partner))
+    await proxy.start()
+    await proxy.wait_for("listening")
+    (line,) = proxy.events("listening")
+    assert line["compiled"] == built_here()
 
 
 async def test_metrics_are_the_sum_of_all_workers(

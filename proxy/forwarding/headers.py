@@ -3,9 +3,9 @@ what the proxy sets."""
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable, Sequence
+from random import getrandbits as _getrandbits
 from typing import Final
 
 # RFC 9110 §7.6.1: hop-by-hop fields belong to one connection and must not be
@@ -105,7 +105,10 @@ def request_id(inbound: str | None) -> str:
     at most 128), else a new random one: it goes upstream and into the access log."""
     if inbound is not None and _REQUEST_ID.fullmatch(inbound):
         return inbound
-    return os.urandom(16).hex()
+    # 128 bits from random's generator (seeded from os.urandom, re-seeded in
+    # a forked child): an id is unique, not a secret, and os.urandom is a
+    # system call per request (issue 16).
+    return f"{_getrandbits(128):032x}"
 
 
 def upstream_request_headers(

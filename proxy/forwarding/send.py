@@ -73,6 +73,8 @@ class Sender:
         connection when it is idempotent and its body, if any, is whole in hand.
         A connect timeout is not tried again: that would double the wait."""
         try:
+            if self.tracing is None:  # one coroutine less on every request
+                return await self._attempt(runtime, outbound, data, tee, interim, None)
             return await self._once(runtime, outbound, data, tee, interim)
         except UpstreamError as failed:
             if not failed.resend:

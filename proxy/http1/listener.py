@@ -43,6 +43,7 @@ from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
+from proxy.compiled import mypyc_attr
 from proxy.config.model import InboundLimits
 from proxy.errors import (
     AppBodyFailed,
@@ -159,8 +160,6 @@ class _Body:
     """aiohttp's StreamReader for a request body, behind seams.AppBody: what
     it raises (a reset, bad chunking, a body cut short) becomes AppBodyFailed."""
 
-    __slots__ = ("_payload",)
-
     def __init__(self, payload: Any) -> None:
         self._payload = payload
 
@@ -176,29 +175,6 @@ class AppExchange:
     """One request from an app and the means to answer it. The request side is
     read-only; the answer is started once, then written, then finished (or the
     connection is cut with :meth:`abort` when its body cannot be completed)."""
-
-    __slots__ = (
-        "_by_close",
-        "_chunked",
-        "_connection",
-        "_continue",
-        "_head",
-        "_no_body",
-        "_payload",
-        "_raw",
-        "body_exists",
-        "closes",
-        "content_length",
-        "headers",
-        "method",
-        "raw_path",
-        "remote",
-        "scheme",
-        "started",
-        "status",
-        "tunnel",
-        "version",
-    )
 
     def __init__(self, connection: AppConnection, message: Any, payload: Any) -> None:
         self._connection = connection
@@ -427,6 +403,7 @@ class AppExchange:
         await self.finish()
 
 
+@mypyc_attr(native_class=False)
 class SpellingParser(HttpRequestParserPy):
     """aiohttp's Python request parser, keeping a method's spelling. Both of
     aiohttp's parsers upper-case the method ("get" -> GET), but a method is
@@ -441,35 +418,9 @@ class SpellingParser(HttpRequestParserPy):
         return message
 
 
+@mypyc_attr(native_class=False)
 class AppConnection(BaseProtocol):
     """One app connection: parses requests, runs the handler for each in turn."""
-
-    __slots__ = (
-        "_after_blank",
-        "_clean",
-        "_current",
-        "_discard",
-        "_head_pending",
-        "_head_timer",
-        "_idle_timer",
-        "_last",
-        "_last_active",
-        "_lingering",
-        "_listener",
-        "_messages",
-        "_method_part",
-        "_previous",
-        "_tail",
-        "_task",
-        "_waiter",
-        "app_eof",
-        "closing",
-        "held",
-        "last_served",
-        "relay",
-        "remote",
-        "tunnel",
-    )
 
     def __init__(self, listener: Listener) -> None:
         loop = listener.loop
@@ -794,7 +745,8 @@ class AppConnection(BaseProtocol):
                 data = b""
         messages = self._feed(data) if data else []
         self._previous = data
-        self._tail = (self._tail + data)[-3:]
+        # the stream's last 3 bytes, without copying a large read
+        self._tail = data[-3:] if len(data) >= 3 else (self._tail + data)[-3:]
         # Bytes of a next request head are in (the parser is past the last
         # message, whose body is whole): its header_timeout runs once no
         # request is in flight, also when it started while one was (round 7).

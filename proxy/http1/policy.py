@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 from aiohttp import hdrs
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -39,8 +39,8 @@ _REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
 class DateHeader:
     """The ``Date`` header value, formatted at most once a second."""
 
-    second = -1
-    value = ""
+    second: ClassVar[int] = -1
+    value: ClassVar[str] = ""
 
     @classmethod
     def now(cls) -> str:

@@ -23,7 +23,7 @@ import socket
 import ssl as ssl_module
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aiohttp
 from aiohttp import hdrs
@@ -31,6 +31,7 @@ from aiohttp.client_proto import ResponseHandler
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
+from proxy.compiled import mypyc_attr
 from proxy.errors import (
     BodyFailed,
     ConnectFailed,
@@ -59,6 +60,7 @@ DNS_CACHE_TTL: Final = 60.0  # seconds; a name is resolved per new connection at
 MAX_IDLE_PER_ORIGIN: Final = 1024  # idle keep-alive connections kept per origin
 
 
+@mypyc_attr(native_class=False)
 class _Connection(ResponseHandler):
     """aiohttp's response protocol, with two savings per request:
 
@@ -182,18 +184,29 @@ class LeanBody:
             raise UpstreamBodyFailed(partner_fault(exc)) from None
         return data
 
-    async def iter_any(self) -> AsyncIterator[bytes]:
-        payload = self._payload
-        while True:
-            try:
-                chunk: bytes = await payload.readany()
-            except TimeoutError:
-                raise
-            except _BROKEN as exc:
-                raise UpstreamBodyFailed(partner_fault(exc)) from None
-            if not chunk:
-                return
-            yield chunk
+    def iter_any(self) -> AsyncIterator[bytes]:
+        return _Chunks(self._payload)
+
+
+class _Chunks:
+    """LeanBody.iter_any's iterator (a class: mypyc compiles no async generators)."""
+
+    def __init__(self, payload: Any) -> None:
+        self._payload = payload
+
+    def __aiter__(self) -> _Chunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk: bytes = await self._payload.readany()
+        except TimeoutError:
+            raise
+        except _BROKEN as exc:
+            raise UpstreamBodyFailed(partner_fault(exc)) from None
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 class LeanResponse:
@@ -327,7 +340,9 @@ class LeanClient:
             writer.add_done_callback(self._writers.discard)
         try:
             while True:
-                message, payload = await protocol.read()
+                # Any: the C parser's message is no NamedTuple at run time
+                answer: Any = await cast(Any, protocol).read()
+                message, payload = answer
                 code = message.code
                 if code < 100 or code > 599:
                     # RFC 9110 §15: a status is 100-599; anything else is no answer.

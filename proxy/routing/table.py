@@ -47,8 +47,6 @@ class RouteRuntime:
 class Gate:
     """Counts a route's requests in flight against its ``max_concurrent``."""
 
-    __slots__ = ("inflight", "limit")
-
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self.inflight = 0
