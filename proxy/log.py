@@ -112,6 +112,7 @@ class AccessLog:
     def __init__(self, writer: LineWriter, extra: dict[str, Any]) -> None:
         self._writer = writer
         self._extra = extra
+        self._extra_json: str | None = None  # the worker's fields as JSON, made once
         self._second = -1
         self._prefix = ""
 
@@ -124,6 +125,40 @@ class AccessLog:
         micro = int((now - second) * 1e6)
         # datetime.isoformat, which structlog uses, leaves out a zero fraction
         return f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+
+    def write_common(
+        self,
+        request_id: str,
+        route: str | None,
+        method: str,
+        path: str,
+        status: int,
+        upstream_status: int | None,
+        duration_ms: float,
+        replayed: bool,
+        waited_for_mint: bool,
+        client: str,
+    ) -> None:
+        """The line :meth:`write` makes for the usual request's fields (an
+        origin-form target, ``client`` the only extra fact), character for
+        character, from one format string instead of a dict and the JSON
+        encoder (32,000 instructions a line there, issue 16). None of these
+        keys is a secret one; every string is escaped as ``json.dumps`` does.
+        tests/test_log.py holds the two to the same output."""
+        esc = _ESCAPE
+        if self._extra and self._extra_json is None:
+            self._extra_json = "".join(f", {esc(k)}: {_ENCODE(v)}" for k, v in self._extra.items())
+        self._writer.msg(
+            f'{{"request_id": {esc(request_id)}, '
+            f'"route": {"null" if route is None else esc(route)}, '
+            f'"method": {esc(method)}, "path": {esc(path)}, "status": {int(status)}, '
+            f'"upstream_status": {"null" if upstream_status is None else int(upstream_status)}, '
+            f'"duration_ms": {float(duration_ms)!r}, '
+            f'"replayed": {"true" if replayed else "false"}, '
+            f'"waited_for_mint": {"true" if waited_for_mint else "false"}, '
+            f'"client": {esc(client)}, "event": "access"{self._extra_json or ""}, '
+            f'"level": "info", "ts": "{self._ts()}"}}'
+        )
 
     def write(self, fields: dict[str, Any]) -> None:
         for key in fields.keys() & SECRET_FIELDS:
@@ -149,6 +184,7 @@ def _encoder() -> Any:
 
 
 _ENCODE: Final = _encoder()
+_ESCAPE: Final = json.encoder.encode_basestring_ascii  # a JSON string, as json.dumps writes it
 _access: AccessLog | None = None  # set by configure_logging for JSON at info or below
 _access_fallback: Any = structlog.get_logger("proxy.access")  # until configure_logging runs
 
@@ -159,6 +195,12 @@ def access(fields: dict[str, Any]) -> None:
         _access.write(fields)
     elif _access_fallback is not None:
         _access_fallback.info("access", **fields)
+
+
+def common_access() -> AccessLog | None:
+    """The access log for :meth:`AccessLog.write_common`, when lines are
+    JSON (None: build the fields and call :func:`access`)."""
+    return _access
 
 
 def configure_logging(

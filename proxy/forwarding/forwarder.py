@@ -45,7 +45,7 @@ from proxy.forwarding.seams import (
     UpstreamResponse,
 )
 from proxy.forwarding.send import Outbound, Sender
-from proxy.log import access, get_logger
+from proxy.log import access, common_access, get_logger
 from proxy.metrics import UNROUTED, Metrics, RouteMetrics
 from proxy.routing.access import check_access
 from proxy.routing.router import RequestTarget, parse_target, tunnel_target, upstream_url
@@ -323,6 +323,28 @@ class Forwarder:
         route_metrics.finished(request.status, duration)
         if table.config.access_log:
             raw_path = request.raw_path
+            extra = facts.extra
+            common = common_access()
+            if (
+                common is not None
+                and raw_path[:1] == "/"
+                and len(extra) == 1
+                and type(client := extra.get("client")) is str
+            ):
+                # the usual request: one format string, no dict (issue 16)
+                common.write_common(
+                    facts.request_id,
+                    facts.route,
+                    request.method,
+                    raw_path.partition("?")[0],
+                    request.status,
+                    facts.upstream_status,
+                    round(duration * 1000, 2),
+                    facts.replayed,
+                    facts.waited_for_mint,
+                    client,
+                )
+                return
             fields: dict[str, Any] = {
                 "request_id": facts.request_id,
                 "route": facts.route,
