@@ -1,8 +1,8 @@
-"""Instructions per proxied GET, counted by valgrind (callgrind): a figure
+"""Instructions per proxied GET (or 16 KiB POST), counted by valgrind (callgrind): a figure
 that does not move with the machine's load, for comparing two versions of
 the code where req/s and CPU time differ by ±15 % between identical runs.
 
-    bench/.venv/bin/python bench/instructions.py [--log] [--requests 1000]
+    bench/.venv/bin/python bench/instructions.py [--log] [--post] [--requests 1000]
 
 Starts the bench's nginx upstream and token endpoint and one authproxy under
 ``valgrind --tool=callgrind`` (the checkout as it is: with the compiled
@@ -33,15 +33,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
 REQUEST = b"GET /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+POST = (  # the bench's post_16k
+    b"POST /api/x HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 16384\r\n\r\n" + b"a" * 16384
+)
 
 
-async def load(port: int, requests: int, connections: int) -> None:
-    """``requests`` GETs, one at a time on each of ``connections``."""
+async def load(port: int, requests: int, connections: int, request: bytes = REQUEST) -> None:
+    """``requests`` requests, one at a time on each of ``connections``."""
 
     async def one(count: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         for _ in range(count):
-            writer.write(REQUEST)
+            writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
             if not head.startswith(b"HTTP/1.1 200"):
                 raise RuntimeError(f"the proxy answered {head[:40]!r}")
@@ -55,6 +59,7 @@ async def load(port: int, requests: int, connections: int) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--log", action="store_true", help="access log on (to a file)")
+    parser.add_argument("--post", action="store_true", help="POST 16 KiB (post_16k), not GET")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=8)
     args = parser.parse_args()
@@ -82,9 +87,10 @@ def main() -> int:
     try:
         assert proxy.popen is not None
         pid = str(proxy.popen.pid)
-        asyncio.run(load(proxy.port, 400, args.connections))  # warm: pool, token, caches
+        request = POST if args.post else REQUEST
+        asyncio.run(load(proxy.port, 400, args.connections, request))  # warm: pool, token, caches
         subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True)
-        asyncio.run(load(proxy.port, args.requests, args.connections))
+        asyncio.run(load(proxy.port, args.requests, args.connections, request))
         subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True)
         time.sleep(1)
         dump = sorted(glob.glob(f"{out}.*"), key=os.path.getmtime)[-1]
@@ -93,7 +99,7 @@ def main() -> int:
         compiled = sorted(Path(bench.ROOT, "proxy").rglob("*.so"))
         print(
             f"{int(total.group(1)) / args.requests:,.0f} instructions a request "
-            f"(access log {'on' if args.log else 'off'}, "
+            f"({'POST 16 KiB' if args.post else 'GET'}, access log {'on' if args.log else 'off'}, "
             f"{len(compiled)} compiled modules in the checkout)"
         )
     finally:
