@@ -566,7 +566,9 @@ class AppConnection(BaseProtocol):
             self._clean = not data
             return messages
         python = not isinstance(parser, HttpRequestParser)  # it drops trailers itself
-        followed = (prior_open and bool(messages)) or any(m.chunked for m, _ in messages[:-1])
+        followed = (prior_open and bool(messages)) or (
+            len(messages) > 1 and any(m.chunked for m, _ in messages[:-1])
+        )
         if followed and not python:
             return self._poison(messages)
         message, payload = last
