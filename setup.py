@@ -3,11 +3,13 @@
     pip install "mypy>=1.10" "setuptools>=77"
     AUTHPROXY_COMPILE=1 pip install --no-build-isolation .
 
-compiles the modules on every request's path with mypyc; without
-AUTHPROXY_COMPILE the package is pure Python, and that is the fallback: the
-same source, the same tests (.ci/run runs the suite on both). In a checkout,
+compiles the modules on every request's path with mypyc (a C compiler and
+the Python headers are needed where it builds); without AUTHPROXY_COMPILE the
+package is pure Python, and that is the fallback: the same source, the same
+tests (.ci/run runs the suite on both). In a checkout,
 ``AUTHPROXY_COMPILE=1 python setup.py build_ext --inplace`` puts the compiled
-modules beside their sources (``git clean -fX proxy`` takes them away again).
+modules beside their sources, where they win over the .py files until
+``find proxy -name '*.so' -delete; rm -rf build`` takes them away again.
 """
 
 import os
@@ -36,6 +38,8 @@ ext_modules = []
 if os.environ.get("AUTHPROXY_COMPILE") == "1":
     from mypyc.build import mypycify
 
-    ext_modules = mypycify(COMPILED, opt_level="3")
+    # group_name: the shared runtime library goes inside the package
+    # (proxy/_native__mypyc...so), not beside it at the top level.
+    ext_modules = mypycify(COMPILED, opt_level="3", group_name="proxy._native")
 
 setup(ext_modules=ext_modules)

@@ -30,5 +30,6 @@ def compiled_modules() -> list[str]:
         name
         for name, module in list(sys.modules.items())
         if name.startswith("proxy.")
+        and not name.endswith("__mypyc")  # the build's shared runtime, no module of ours
         and str(getattr(module, "__file__", "") or "").endswith(tuple(EXTENSION_SUFFIXES))
     )

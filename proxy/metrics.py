@@ -62,9 +62,7 @@ class ClientEvents:
 
     def __init__(self, metrics: Metrics, client: str) -> None:
         self._metrics = metrics
-        self._hits = 0  # not yet folded into _hit
-        metrics.foldable.append(self)
-        self._hit = metrics.token_cache.labels(client, "hit")
+        self._hits = metrics.unfolded_hits(client)  # [hits not yet in the counter]
         self._miss = metrics.token_cache.labels(client, "miss")
         self._refresh = metrics.token_cache.labels(client, "refresh_ahead")
         self._ok = metrics.mints.labels(client, "success")
@@ -73,14 +71,9 @@ class ClientEvents:
         self._rotation = metrics.credentials_pending.labels(client)
 
     def hit(self) -> None:
-        self._hits += 1
+        self._hits[0] += 1
         if not self._metrics.fold_due:
             self._metrics.fold_soon()
-
-    def fold(self) -> None:
-        hits, self._hits = self._hits, 0
-        if hits:
-            self._hit.inc(hits)
 
     def miss(self) -> None:
         self._miss.inc()
@@ -102,9 +95,9 @@ class RouteMetrics:
     def __init__(self, metrics: Metrics, route: str) -> None:
         self._metrics = metrics
         self._route = route
-        self._by_status: dict[int, Counter] = {}
-        self._unfolded: dict[int, int] = {}  # answers by status not yet in _by_status
-        metrics.foldable.append(self)
+        # answers by status not yet in the counter, shared by every table's
+        # RouteMetrics of this name (a reload makes new ones)
+        self._unfolded = metrics.unfolded_answers(route)
         self.duration = metrics.request_duration.labels(route)
         self.upstream = metrics.upstream_duration.labels(route)
         self.replayed = metrics.replays.labels(route, "replayed")
@@ -127,24 +120,16 @@ class RouteMetrics:
             metrics.fold_soon()
         self.duration.observe(seconds)
 
-    def fold(self) -> None:
-        unfolded, self._unfolded = self._unfolded, {}
-        for status, count in unfolded.items():
-            counter = self._by_status.get(status)
-            if counter is None:
-                counter = self._by_status[status] = self._metrics.requests.labels(
-                    self._route, str(status)
-                )
-            counter.inc(count)
-
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.multiprocess = multiprocess_dir()
-        # What keeps counts of its own (RouteMetrics, ClientEvents); a route
-        # table replaced by a reload stays here, its counts were real.
-        self.foldable: list[RouteMetrics | ClientEvents] = []
+        # Counts not yet folded, one entry per label set (bounded by the
+        # names in proxy.yaml, as the labels are; reloads reuse them).
+        self._answers: dict[str, dict[int, int]] = {}  # route -> status -> count
+        self._hits: dict[str, list[int]] = {}  # client -> [count]
+        self._answer_counters: dict[tuple[str, int], Counter] = {}
         self.fold_due = False  # a fold is scheduled
         self.inflight_count = 0  # requests in flight, folded into the inflight gauge
         r = self.registry
@@ -291,11 +276,27 @@ class Metrics:
         self.fold_due = True
         loop.call_later(FOLD_DELAY, self.fold)
 
+    def unfolded_answers(self, route: str) -> dict[int, int]:
+        return self._answers.setdefault(route, {})
+
+    def unfolded_hits(self, client: str) -> list[int]:
+        return self._hits.setdefault(client, [0])
+
     def fold(self) -> None:
         """Move the plain counts into prometheus_client's objects."""
         self.fold_due = False
-        for foldable in self.foldable:
-            foldable.fold()
+        for route, answers in self._answers.items():
+            for status, count in answers.items():
+                counter = self._answer_counters.get((route, status))
+                if counter is None:
+                    counter = self.requests.labels(route, str(status))
+                    self._answer_counters[(route, status)] = counter
+                counter.inc(count)
+            answers.clear()
+        for client, hits in self._hits.items():
+            if hits[0]:
+                self.token_cache.labels(client, "hit").inc(hits[0])
+                hits[0] = 0
         self.inflight.set(self.inflight_count)
 
     def render(self) -> bytes:

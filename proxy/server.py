@@ -562,6 +562,7 @@ class ProxyServer:
             await self._listener.shutdown(self.config.shutdown_grace)
         await self._stop_admin()
         await self._close_clients()
+        self.metrics.fold()  # the last requests' counts, before the loop (and its timer) ends
         log.info("stopped")
 
 

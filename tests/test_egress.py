@@ -506,7 +506,13 @@ async def test_every_other_connect_is_403_and_reaches_nothing(
 
 
 @pytest.mark.parametrize(
-    "target", ["secret-token-xyz", "secret-token-xyz:99999", "http://u:secret-token-xyz@h/x?k=1"]
+    "target",
+    [
+        "secret-token-xyz",
+        "secret-token-xyz:99999",
+        "http://u:secret-token-xyz@h/x?k=1",
+        "/secret-token-xyz",  # path-like: no "path" in the line either (issue 16 review)
+    ],
 )
 async def test_a_malformed_connect_target_is_named_by_no_line(
     make_stack: StackFactory, egress: Egress, target: str, log_stream: io.StringIO

@@ -4,7 +4,10 @@ prometheus_client before a scrape and within FOLD_DELAY of being taken."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
+from conftest import Stack
 from proxy.metrics import FOLD_DELAY, Metrics
 
 
@@ -49,3 +52,29 @@ def test_counts_taken_outside_an_event_loop_are_folded_at_once() -> None:
     metrics = Metrics()
     metrics.for_route("orders").finished(404, 0.01)
     assert sample(metrics, "authproxy_requests_total", route="orders", status="404") == 1
+
+
+def test_a_reload_neither_loses_counts_nor_keeps_old_route_tables_alive() -> None:
+    # A reload builds new RouteMetrics; a request still on the old table
+    # counts into the same label set, and the old object can be freed.
+    metrics = Metrics()
+    old = metrics.for_route("orders")
+    new = metrics.for_route("orders")
+    old.finished(200, 0.01)
+    new.finished(200, 0.01)
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None
+    assert 'authproxy_requests_total{route="orders",status="200"} 2.0' in metrics.render().decode()
+
+
+async def test_a_graceful_stop_folds_the_last_counts(stack: Stack) -> None:
+    # With several workers the files outlive the worker: what it counted in
+    # its last FOLD_DELAY must be in them when it stops, without a scrape.
+    async with stack.http.get(stack.url("/demo/orders")) as response:
+        assert response.status == 200
+    await stack.proxy.stop()
+    registry = stack.proxy.metrics.registry
+    labels = {"route": "demo-orders", "status": "200"}
+    assert registry.get_sample_value("authproxy_requests_total", labels) == 1

@@ -83,6 +83,7 @@ def built_here() -> list[str]:
     return sorted(
         ".".join(path.relative_to(checkout).with_suffix("").with_suffix("").parts)
         for path in (checkout / "proxy").rglob("*.so")
+        if "__mypyc" not in path.name  # the build's shared runtime
     )
 
 

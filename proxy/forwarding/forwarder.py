@@ -325,9 +325,11 @@ class Forwarder:
             raw_path = request.raw_path
             extra = facts.extra
             common = common_access()
+            method = request.method
             if (
                 common is not None
                 and raw_path[:1] == "/"
+                and method != "CONNECT"
                 and len(extra) == 1
                 and type(client := extra.get("client")) is str
             ):
@@ -335,7 +337,7 @@ class Forwarder:
                 common.write_common(
                     facts.request_id,
                     facts.route,
-                    request.method,
+                    method,
                     raw_path.partition("?")[0],
                     request.status,
                     facts.upstream_status,
@@ -348,9 +350,9 @@ class Forwarder:
             fields: dict[str, Any] = {
                 "request_id": facts.request_id,
                 "route": facts.route,
-                "method": request.method,
+                "method": method,
             }
-            if raw_path[:1] == "/":  # origin-form, the usual: the path without its query
+            if raw_path[:1] == "/" and method != "CONNECT":  # origin-form: no query
                 fields["path"] = raw_path.partition("?")[0]
             else:
                 fields.update(_logged_target(request.method, raw_path))
