@@ -352,17 +352,13 @@ class Forwarder:
                 "route": facts.route,
                 "method": method,
             }
-            if raw_path[:1] == "/" and method != "CONNECT":  # origin-form: no query
-                fields["path"] = raw_path.partition("?")[0]
-            else:
-                fields.update(_logged_target(request.method, raw_path))
+            fields.update(_logged_target(method, raw_path))
             fields["status"] = request.status
             fields["upstream_status"] = facts.upstream_status
             fields["duration_ms"] = round(duration * 1000, 2)
             fields["replayed"] = facts.replayed
             fields["waited_for_mint"] = facts.waited_for_mint
-            if facts.extra:
-                fields.update(facts.extra)
+            fields.update(extra)
             access(fields)
 
     async def _exchange(
