@@ -357,7 +357,32 @@ def paced_script(tmp: Path, rate: float, connections: int) -> str:
     return str(path)
 
 
+def core_busy(core: int) -> tuple[int, int]:
+    """(busy, total) jiffies of one CPU so far, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            ticks = [int(x) for x in line.split()[1:]]
+            idle = ticks[3] + ticks[4]  # idle + iowait
+            return sum(ticks) - idle, sum(ticks)
+    return 0, 0
+
+
+def settle(core: int = 0, quiet: float = 0.05, longest: float = 10.0) -> None:
+    """Wait until the proxies' core is idle (under ``quiet`` busy for 0.2 s):
+    the contender before may still be working off the requests wrk left
+    queued when it stopped (1,000 connections: up to a second), and every
+    contender shares that core."""
+    deadline = time.monotonic() + longest
+    while time.monotonic() < deadline:
+        busy, total = core_busy(core)
+        time.sleep(0.2)
+        busy2, total2 = core_busy(core)
+        if total2 == total or (busy2 - busy) / (total2 - total) < quiet:
+            return
+
+
 def measured(proc: Proc | None, run: Any) -> dict[str, Any]:
+    settle()
     before = cpu_seconds(proc.popen.pid) if proc and proc.popen else None
     result = run()
     if before is not None and proc and proc.popen:

@@ -3,7 +3,7 @@
     bench/.venv/bin/python bench/profile.py [get|post|dpop] [--seconds 8]
 
 Starts the bench's nginx upstream and token endpoint, one authproxy pinned to
-CPU 0, drives it with wrk (64 connections) and samples it with py-spy. Prints
+CPU 0, drives it with wrk (64 connections, or ``--connections``) and samples it with py-spy. Prints
 the share of samples per function (self time: where the interpreter was) and
 per area. Python lines that make a system call (``transport.write``) carry
 the time of that call; "event loop" is uvloop's C code (reads, epoll, timers).
@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--lines", type=int, default=0, help="also the N hottest lines")
     parser.add_argument("--log", action="store_true", help="access log on (to a file)")
+    parser.add_argument("--connections", type=int, default=64, help="wrk's connections")
     parser.add_argument("--sampled", type=float, default=None, help="tracing on, this ratio sampled")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -103,7 +104,7 @@ def main() -> int:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        result = bench.wrk(proxy.port, path, args.seconds + 1, 64, script, "1")
+        result = bench.wrk(proxy.port, path, args.seconds + 1, args.connections, script, "1")
         sampler.wait()
     finally:
         for proc in reversed(procs):

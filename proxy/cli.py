@@ -28,17 +28,24 @@ from proxy.config.load import (
 from proxy.config.model import MAX_WORKERS, Config, LogConfig
 from proxy.errors import ConfigError
 from proxy.http1 import compat
-from proxy.log import configure_logging
+from proxy.log import configure_logging, flush_logs
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    """asyncio.run, on uvloop when it is installed (``authproxy[speed]``)."""
+    """asyncio.run, on uvloop when it is installed (``authproxy[speed]``);
+    the lines the loop's last turn gathered are written before it returns."""
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
+
+        factory = uvloop.new_event_loop
     except ImportError:
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
+        pass
+    try:
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(coro)
+    finally:
+        flush_logs()
 
 
 def _as_key(check: Callable[[object], Any]) -> Callable[[str], Any]:
@@ -227,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The mint line goes to stderr, in the configured format; stdout is the JSON.
         configure_logging("warning", log_format=config.log.format)  # --log-format applied
         return int(_run(inspect_token(config, args.client, args.scope)))
-    configure_logging(config.log.level, log_format=config.log.format)
+    configure_logging(config.log.level, log_format=config.log.format, gather=True)
     from proxy.server import WORKER_PORT_ENV, serve_forever
 
     workers = config.workers

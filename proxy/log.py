@@ -9,10 +9,13 @@ locals, and locals hold tokens.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import json
 import logging
 import os
 import re
+import select
 import sys
 import time
 import traceback
@@ -23,6 +26,7 @@ import structlog
 
 from proxy.compiled import mypyc_attr
 
+PIPE_BUF: Final = getattr(select, "PIPE_BUF", 512)  # one write this size is atomic on a pipe
 SECRET_FIELDS: Final = frozenset(
     {"authorization", "access_token", "token", "client_secret", "secret", "password"}
 )
@@ -48,29 +52,75 @@ def _add_worker(fields: dict[str, Any]) -> Any:
 
 
 class LineWriter:
-    """Writes each rendered line with one ``write(2)`` of line + newline.
+    """Writes rendered lines to the stream, whole lines in each ``write(2)``.
 
     Several workers share one stderr pipe; a line written in two calls (as
     ``print`` does) can interleave with another worker's. One write of up to
-    PIPE_BUF bytes is atomic on a pipe.
+    PIPE_BUF bytes is atomic on a pipe. With ``gather`` (the server's
+    writer), inside a running event loop the
+    lines of one loop iteration are gathered and written together, up to
+    PIPE_BUF bytes a write (one system call for many access lines under
+    load, issue 16); a line waits at most until the loop's next turn, and
+    :meth:`flush` (at stop and at exit) writes what is gathered.
     """
 
-    def __init__(self, stream: TextIO) -> None:
+    def __init__(self, stream: TextIO, gather: bool = False) -> None:
         self._stream = stream
+        self._gather = gather
         try:
             self._fd: int | None = stream.fileno()
         except (AttributeError, OSError, ValueError):  # io.StringIO in tests
             self._fd = None
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._flush_at: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
 
     def msg(self, message: str) -> None:
-        line = message + "\n"
         if self._fd is None:
-            self._stream.write(line)
+            self._stream.write(message + "\n")
             return
-        data = line.encode("utf-8", "replace")
+        data = (message + "\n").encode("utf-8", "replace")
+        if not self._gather:
+            self._write(data)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here (start-up, the CLI, another thread): now
+            self._write(data)
+            return
+        size = len(data)
+        if self._pending_size + size > PIPE_BUF:
+            self._drain()  # (the flush due stays due: it writes what comes next)
+        if size > PIPE_BUF:  # alone, in as many writes as it takes
+            self._write(data)
+            return
+        if self._flush_at is not loop:
+            if self._flush_at is not None:  # a loop that ended before its flush ran
+                self.flush()
+            loop.call_soon(self.flush)
+            self._flush_at = loop
+        self._pending.append(data)
+        self._pending_size += size
+
+    def flush(self) -> None:
+        """Write the gathered lines now (one write: they fit in PIPE_BUF)."""
+        self._flush_at = None
+        self._drain()
+
+    def _drain(self) -> None:
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
+        fd = self._fd
+        assert fd is not None
         while data:
             try:
-                written = os.write(self._fd, data)
+                written = os.write(fd, data)
             except BlockingIOError:
                 continue
             except OSError:
@@ -203,13 +253,31 @@ def common_access() -> AccessLog | None:
     return _access
 
 
+_writer: LineWriter | None = None  # the configured one
+
+
+def flush_logs() -> None:
+    """Write the lines the configured writer has gathered (at stop, at exit)."""
+    if _writer is not None:
+        _writer.flush()
+
+
+atexit.register(flush_logs)
+
+
 def configure_logging(
-    level: str = "info", stream: TextIO | None = None, log_format: str = "json"
+    level: str = "info",
+    stream: TextIO | None = None,
+    log_format: str = "json",
+    gather: bool = False,
 ) -> None:
     """Route structlog to ``stream`` (stderr by default): JSON lines for
     machines, or structlog's console renderer for a person at a terminal.
 
-    Safe to call again (tests and reloads do); the last call wins.
+    ``gather``: lines written in one event-loop turn go out in one write
+    (:class:`LineWriter`; the server's choice, where lines are many and
+    nothing else writes to the stream between them). Safe to call again
+    (tests and reloads do); the last call wins.
     """
     numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
     out = stream or sys.stderr
@@ -234,7 +302,10 @@ def configure_logging(
     if log_format != "console":
         processors.append(structlog.processors.format_exc_info)
     processors.append(renderer)
-    writer = LineWriter(out)
+    global _writer
+    if _writer is not None:  # the lines the last configuration gathered
+        _writer.flush()
+    writer = _writer = LineWriter(out, gather)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

@@ -31,7 +31,7 @@ from proxy.forwarding.forwarder import Forwarder
 from proxy.forwarding.seams import UpstreamClient
 from proxy.http1.listener import AppExchange, Listener
 from proxy.http1.upstream import LeanClient
-from proxy.log import configure_logging, get_logger
+from proxy.log import configure_logging, flush_logs, get_logger
 from proxy.metrics import Metrics
 from proxy.routing.table import RouteTable, route_runtime
 from proxy.tokens.cache import (
@@ -387,7 +387,7 @@ class ProxyServer:
         for warning in table.egress.warnings:
             log.warning("config_warning", reason=warning)
         if self._manage_logging and new.log != self.config.log:
-            configure_logging(new.log.level, log_format=new.log.format)
+            configure_logging(new.log.level, log_format=new.log.format, gather=True)
         self.config = new
         self._warm()
         for warning in new.warnings:
@@ -564,6 +564,7 @@ class ProxyServer:
         await self._close_clients()
         self.metrics.fold()  # the last requests' counts, before the loop (and its timer) ends
         log.info("stopped")
+        flush_logs()  # every gathered line out before the process may be killed
 
 
 def _host(host: str) -> str:

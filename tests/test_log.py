@@ -62,6 +62,88 @@ def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
         os.close(write)
 
 
+def test_lines_of_one_loop_turn_are_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the event loop, the lines of one turn go out in one write
+    (issue 16: one system call for many access lines), whole lines, at
+    most PIPE_BUF bytes a write, in order, by the loop's next turn; a line
+    longer than PIPE_BUF goes alone; flush_logs writes what is gathered."""
+    from proxy.log import PIPE_BUF
+
+    calls: list[bytes] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        calls.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr("proxy.log.os.write", counting_write)
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    line = "y" * 1000
+
+    async def turn() -> None:
+        writer = LineWriter(os.fdopen(write, "w", closefd=False), gather=True)
+        for n in range(4):
+            writer.msg(f"{n}{line}")
+        assert calls == []  # gathered, not written yet
+        writer.msg(f"4{line}")  # would not fit: the four go now
+        assert calls == [b"".join(f"{n}{line}\n".encode() for n in range(4))]
+        await asyncio.sleep(0)
+        assert calls[1:] == [f"4{line}\n".encode()]
+        assert all(len(call) <= PIPE_BUF for call in calls)
+        calls.clear()
+        writer.msg("z" * (PIPE_BUF + 1))  # too long to gather: written at once
+        assert calls == [b"z" * (PIPE_BUF + 1) + b"\n"]
+
+    try:
+        asyncio.run(turn())
+        got = b""
+        while chunk := _read_some(read):
+            got += chunk
+        assert got.decode().splitlines() == [
+            *(f"{n}{line}" for n in range(5)),
+            "z" * (PIPE_BUF + 1),
+        ]
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_flush_logs_writes_what_a_stopped_loop_gathered() -> None:
+    """A line gathered in a turn the loop never finishes (the process
+    stops) is written by flush_logs (at stop and at exit)."""
+    from proxy.log import flush_logs
+
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    try:
+        with os.fdopen(write, "w", closefd=False) as stream:
+            configure_logging("info", stream, gather=True)
+            loop = asyncio.new_event_loop()
+
+            def last() -> None:
+                get_logger("t").info("last words")
+                loop.stop()  # this turn is the loop's last: the flush queued is never run
+
+            loop.call_soon(last)
+            loop.run_forever()
+            loop.close()
+            assert _read_some(read) == b""
+            flush_logs()
+            assert json.loads(_read_some(read))["event"] == "last words"
+    finally:
+        configure_logging("info", io.StringIO())
+        os.close(read)
+        os.close(write)
+
+
+def _read_some(fd: int) -> bytes:
+    try:
+        return os.read(fd, 65536)
+    except BlockingIOError:
+        return b""
+
+
 def _fields() -> dict[str, object]:
     return {"request_id": "r1", "route": "partner", "status": 200, "duration_ms": 1.5,
             "replayed": False, "path": None, "authorization": "Bearer tok-9"}  # fmt: skip
