@@ -2,7 +2,7 @@
 that does not move with the machine's load, for comparing two versions of
 the code where req/s and CPU time differ by ±15 % between identical runs.
 
-    bench/.venv/bin/python bench/instructions.py [--log] [--post] [--requests 1000]
+    bench/.venv/bin/python bench/instructions.py [--log] [--post] [--requests 1000] [--keep]
 
 Starts the bench's nginx upstream and token endpoint and one authproxy under
 ``valgrind --tool=callgrind`` (the checkout as it is: with the compiled
@@ -62,6 +62,7 @@ def main() -> int:
     parser.add_argument("--post", action="store_true", help="POST 16 KiB (post_16k), not GET")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--keep", action="store_true", help="keep the callgrind dump (path printed)")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         print("instructions: valgrind is not installed (apt-get install valgrind)", file=sys.stderr)
@@ -102,6 +103,8 @@ def main() -> int:
             f"({'POST 16 KiB' if args.post else 'GET'}, access log {'on' if args.log else 'off'}, "
             f"{len(compiled)} compiled modules in the checkout)"
         )
+        if args.keep:
+            print(f"callgrind dump: {dump} (callgrind_annotate --inclusive=yes {dump})")
     finally:
         proxy.stop()
         up.stop()

@@ -100,6 +100,9 @@ REQUEST_ID_HEADER: Final = "X-Request-Id"
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
 
 
+_BIT_129: Final = 1 << 128
+
+
 def request_id(inbound: str | None) -> str:
     """The app's ``X-Request-Id`` when it is a sane token (visible characters,
     at most 128), else a new random one: it goes upstream and into the access log."""
@@ -108,7 +111,9 @@ def request_id(inbound: str | None) -> str:
     # 128 bits from random's generator (seeded from os.urandom, re-seeded in
     # a forked child): an id is unique, not a secret, and os.urandom is a
     # system call per request (issue 16).
-    return f"{_getrandbits(128):032x}"
+    # 32 hex digits: hex() of the number with a 129th bit set, less "0x1"
+    # (compiled, format(n, "032x") is a generic call at 1,500 instructions).
+    return hex(_getrandbits(128) | _BIT_129)[3:]
 
 
 def upstream_request_headers(
