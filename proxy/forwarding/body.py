@@ -111,13 +111,17 @@ class BodyTee:
 
 async def read_whole(content: AppBody, length: int, route: RouteConfig, gap: float) -> bytes:
     """A small body of known ``length``; ``gap`` (body_timeout) bounds each
-    wait, as for a streamed body, not the whole read."""
+    wait, as for a streamed body, not the whole read. Bytes already here are
+    taken without a wait (or its timer: usually the whole body came with
+    the head)."""
     try:
         chunks: list[bytes] = []
         missing = length
         while missing > 0:
-            async with asyncio.timeout(gap):
-                chunk = await content.readany()
+            chunk = content.read_ready()
+            if not chunk:
+                async with asyncio.timeout(gap):
+                    chunk = await content.readany()
             if not chunk:
                 raise AppBodyFailed("the body ended before its Content-Length")
             chunks.append(chunk)

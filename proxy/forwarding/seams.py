@@ -29,6 +29,11 @@ class AppBody(Protocol):
         """The next bytes as they arrive; ``b""`` at the end."""
         ...
 
+    def read_ready(self) -> bytes:
+        """The bytes already received, without waiting; ``b""`` when none
+        are (the end, or not yet: :meth:`readany` tells)."""
+        ...
+
 
 class UpstreamBody(Protocol):
     """A partner's answer body, still on the wire. Raises UpstreamBodyFailed

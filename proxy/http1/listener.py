@@ -170,6 +170,13 @@ class _Body:
             raise AppBodyFailed(type(exc).__name__) from None
         return data
 
+    def read_ready(self) -> bytes:
+        try:
+            data: bytes = self._payload.read_nowait()
+        except (RequestPayloadError, HttpProcessingError, OSError, ValueError) as exc:
+            raise AppBodyFailed(type(exc).__name__) from None
+        return data
+
 
 class AppExchange:
     """One request from an app and the means to answer it. The request side is

@@ -240,9 +240,6 @@ def request_framing(
 # Bytes read per socket read on both sides, and the queue a body may fill before
 # reading pauses (aiohttp pauses past twice this): 64 KiB, as nginx's buffers.
 READ_BUFFER: Final = 2**16
-# A request head and body up to this size leave in one write: one copy is
-# cheaper than a second system call.
-ONE_WRITE: Final = 2**16
 
 _FIELD_NAMES: Final = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?::[!#$%&'*+.^_`|~0-9A-Za-z-]+)*")
 _LENGTH_LINE: Final = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]+)[ \t]*\r\n", re.IGNORECASE)
