@@ -211,7 +211,10 @@ def message_head(first_line: str, headers: Sequence[tuple[str, str]], extra: str
     surrogate-escaped bytes, so they are encoded back byte for byte. A CR or LF
     inside the first line or any header would split the message and raises
     ValueError: counting line ends checks every byte in two C-speed passes."""
-    text = first_line + "\r\n" + "".join([f"{name}: {value}\r\n" for name, value in headers])
+    parts = [first_line, "\r\n"]
+    for name, value in headers:  # one join of the pieces: no string a line (issue 16)
+        parts += (name, ": ", value, "\r\n")
+    text = "".join(parts)
     lines = len(headers) + 1
     if text.count("\n") != lines or text.count("\r") != lines:
         raise ValueError("a header or the start line contains CR or LF")
