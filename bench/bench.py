@@ -379,6 +379,7 @@ def settle(core: int = 0, quiet: float = 0.05, longest: float = 10.0) -> None:
         busy2, total2 = core_busy(core)
         if total2 == total or (busy2 - busy) / (total2 - total) < quiet:
             return
+    print(f"bench: CPU {core} still busy after {longest:.0f} s; measuring anyway", file=sys.stderr)
 
 
 def measured(proc: Proc | None, run: Any) -> dict[str, Any]:

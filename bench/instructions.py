@@ -109,6 +109,8 @@ def main() -> int:
         proxy.stop()
         up.stop()
         tokens.stop()
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

@@ -61,7 +61,10 @@ class LineWriter:
     lines of one loop iteration are gathered and written together, up to
     PIPE_BUF bytes a write (one system call for many access lines under
     load, issue 16); a line waits at most until the loop's next turn, and
-    :meth:`flush` (at stop and at exit) writes what is gathered.
+    :meth:`flush` (at stop and at exit) writes what is gathered. A line
+    longer than PIPE_BUF goes alone, in one write that a pipe does not keep
+    whole against another writer's. Gathering assumes one thread runs an
+    event loop (the server's); a thread without a loop writes at once.
     """
 
     def __init__(self, stream: TextIO, gather: bool = False) -> None:
@@ -86,6 +89,9 @@ class LineWriter:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:  # no loop here (start-up, the CLI, another thread): now
+            due = self._flush_at
+            if due is not None and not due.is_running():  # an ended loop's lines go first
+                self.flush()
             self._write(data)
             return
         size = len(data)
@@ -167,12 +173,16 @@ class AccessLog:
         self._prefix = ""
 
     def _ts(self) -> str:
+        # The fraction rounded to the microsecond, as datetime (structlog's)
+        # rounds it: int() of it read 1.000012 as .000011.
         now = time.time()
         second = int(now)
+        micro = round((now - second) * 1e6)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
         if second != self._second:  # the date and time, formatted once a second
             self._second = second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        micro = int((now - second) * 1e6)
         # datetime.isoformat, which structlog uses, leaves out a zero fraction
         if not micro:
             return self._prefix + "Z"
