@@ -7,7 +7,6 @@ timeout, or the app's own body when that is what failed).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from typing import Any, Final
 
 from proxy.config.model import RouteConfig
@@ -36,20 +35,39 @@ events = get_logger("proxy.forward")
 IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
 
 
-@dataclass(slots=True)
 class Outbound:
     """The request as it goes upstream. Built once from the inbound request;
-    only ``headers`` changes between the first send and a replay (the token)."""
+    only ``headers`` changes between the first send and a replay (the token).
+    (Its own ``__init__``, not a dataclass's, which the compiled build leaves
+    interpreted: issue 16.)"""
 
-    method: str
-    url: str
-    target: str  # the url's path and query: the request line's target
-    headers: list[tuple[str, str]]
-    has_body: bool
-    body: bytes | None = None  # a small body read whole before sending (BUFFERED_BODY)
-    # A DPoP token's proof (RFC 9449 §7): made afresh for every send, a
-    # resend and a replay included, so no proof is ever sent twice.
-    proof: Proofs | None = None
+    __slots__ = ("body", "has_body", "headers", "method", "proof", "target", "url")
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        target: str,
+        headers: list[tuple[str, str]],
+        has_body: bool,
+        body: bytes | None = None,
+        proof: Proofs | None = None,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.target = target  # the url's path and query: the request line's target
+        self.headers = headers
+        self.has_body = has_body
+        self.body = body  # a small body read whole before sending (BUFFERED_BODY)
+        # A DPoP token's proof (RFC 9449 §7): made afresh for every send, a
+        # resend and a replay included, so no proof is ever sent twice.
+        self.proof = proof
+
+    def with_token(self, headers: list[tuple[str, str]], proof: Proofs | None) -> Outbound:
+        """The same request with other headers (another token) and proof."""
+        return Outbound(
+            self.method, self.url, self.target, headers, self.has_body, self.body, proof
+        )
 
 
 class Sender:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 from yarl import URL
 
@@ -38,7 +38,13 @@ _AUTHORITY = re.compile(
 )
 
 
-@dataclass(frozen=True, slots=True)
+class _Same:
+    """The "unchanged" default of :meth:`RequestTarget.replace`."""
+
+
+_SAME: Final = _Same()
+
+
 class RequestTarget:
     """The parts of an inbound request target that routing needs.
 
@@ -47,13 +53,55 @@ class RequestTarget:
     path and ``query`` the raw query without ``?`` (``""`` when absent).
     ``absolute`` is true for absolute-form targets (``GET http://host/path``),
     sent by apps that use the proxy as their ``HTTP_PROXY``.
+
+    Read-only (``Final``; :meth:`replace` makes a changed copy). A class of
+    its own rather than a frozen dataclass: one is made per request, and a
+    dataclass's generated ``__init__`` stays interpreted Python in the
+    compiled build (8,300 instructions, against a few hundred; issue 16).
     """
 
-    host: str | None
-    authority: str | None
-    path: str
-    query: str
-    absolute: bool
+    __slots__ = ("absolute", "authority", "host", "path", "query")
+
+    def __init__(
+        self, *, host: str | None, authority: str | None, path: str, query: str, absolute: bool
+    ) -> None:
+        self.host: Final = host
+        self.authority: Final = authority
+        self.path: Final = path
+        self.query: Final = query
+        self.absolute: Final = absolute
+
+    def replace(
+        self,
+        *,
+        host: str | _Same | None = _SAME,
+        authority: str | _Same | None = _SAME,
+        path: str | _Same = _SAME,
+        absolute: bool | _Same = _SAME,
+    ) -> RequestTarget:
+        """A copy with the given parts changed."""
+        return RequestTarget(
+            host=self.host if isinstance(host, _Same) else host,
+            authority=self.authority if isinstance(authority, _Same) else authority,
+            path=self.path if isinstance(path, _Same) else path,
+            query=self.query,
+            absolute=self.absolute if isinstance(absolute, _Same) else absolute,
+        )
+
+    def _parts(self) -> tuple[str | None, str | None, str, str, bool]:
+        return (self.host, self.authority, self.path, self.query, self.absolute)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RequestTarget) and self._parts() == other._parts()
+
+    def __hash__(self) -> int:
+        return hash(self._parts())
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestTarget(host={self.host!r}, authority={self.authority!r}, "
+            f"path={self.path!r}, query={self.query!r}, absolute={self.absolute!r})"
+        )
 
 
 def valid_authority(value: str) -> bool:
@@ -132,7 +180,7 @@ def tunnel_target(
             f"this connection is a tunnel to {tunnel_host}:443; the request names another "
             "host or port (send it through its own CONNECT)"
         )
-    return replace(target, host=tunnel_host, authority=authority, absolute=True)
+    return target.replace(host=tunnel_host, authority=authority, absolute=True)
 
 
 _ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -308,7 +356,7 @@ class Router(Generic[T]):
         if self._bare and not target.path.endswith("/"):
             bare = target.path if plain else canonical_path(target.path)
             if bare in self._bare:
-                other = _first(self._canonical, replace(target, path=bare + "/"))
+                other = _first(self._canonical, target.replace(path=bare + "/"))
                 if other is not None and self._canonical[other][1] != index:
                     raise AmbiguousPath(
                         f"the path is route {self._routes[self._canonical[other][1]][0].name!r}'s "
@@ -319,7 +367,7 @@ class Router(Generic[T]):
         if plain:
             return self._routes[index]
         canonical = canonical_path(target.path)
-        other = _first(self._canonical, replace(target, path=canonical))
+        other = _first(self._canonical, target.replace(path=canonical))
         if other is not None and self._canonical[other][1] != index:
             raise AmbiguousPath(
                 f"the path reads as {canonical[:200]!r} once decoded and normalised, which "
