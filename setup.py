@@ -16,13 +16,12 @@ import os
 
 from setuptools import setup
 
-# The hot path's pure and forwarding modules: the HTTP rules, routing,
-# forwarding, the access log and the per-request metrics. The two protocol
-# modules (http1/listener.py, http1/upstream.py) stay interpreted: their
-# classes subclass aiohttp's, mypyc trusts mypy's narrowing of an attribute
-# across a call that changes it (a TypeError at run time, found by the
-# suite), which their state machines do on purpose, and with that fixed the
-# suite hit a segmentation fault in the apps' side's refusal path.
+# Every module on a request's path: the HTTP rules, routing, forwarding, the
+# access log, the per-request metrics and the two protocol modules (their
+# classes stay Python classes, subclasses of aiohttp's, with compiled
+# methods). Not proxy/http1/spelling.py: a compiled subclass of aiohttp's
+# Python parser would get the C parser as its base (mypyc resolves
+# HttpRequestParserPy through aiohttp's alias to HttpRequestParser).
 COMPILED = [
     "proxy/http1/policy.py",
     "proxy/routing/router.py",
@@ -32,6 +31,8 @@ COMPILED = [
     "proxy/forwarding/send.py",
     "proxy/metrics.py",
     "proxy/log.py",
+    "proxy/http1/listener.py",
+    "proxy/http1/upstream.py",
 ]
 
 ext_modules = []

@@ -39,7 +39,6 @@ from aiohttp import hdrs
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpRequestParser  # the C parser (proxy/compat.py checks it)
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError
-from aiohttp.http_parser import HttpRequestParserPy, RawRequestMessage
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDictProxy
 
@@ -64,6 +63,7 @@ from proxy.http1.policy import (
     response_head,
     without_length,
 )
+from proxy.http1.spelling import SpellingParser
 from proxy.http1.tunnel import Relay, RelayResult
 from proxy.log import get_logger
 
@@ -411,21 +411,6 @@ class AppExchange:
 
 
 @mypyc_attr(native_class=False)
-class SpellingParser(HttpRequestParserPy):
-    """aiohttp's Python request parser, keeping a method's spelling. Both of
-    aiohttp's parsers upper-case the method ("get" -> GET), but a method is
-    case-sensitive (RFC 9110 §9.1): "get" is another one. The request line
-    is whole here, wherever the TCP reads cut it or the message before it."""
-
-    def parse_message(self, lines: list[bytes]) -> RawRequestMessage:
-        message = super().parse_message(lines)
-        spelled = lines[0].split(b" ", 1)[0].decode("ascii")  # a token: ASCII (checked)
-        if spelled != message.method and spelled.upper() == message.method:
-            message = message._replace(method=spelled)
-        return message
-
-
-@mypyc_attr(native_class=False)
 class AppConnection(BaseProtocol):
     """One app connection: parses requests, runs the handler for each in turn."""
 
@@ -769,7 +754,7 @@ class AppConnection(BaseProtocol):
             bool(data)
             and not self._clean
             and not self._discard
-            and self.held is None
+            and not self._holds()  # (a method: _feed may have set it since the check above)
             and not self._after_blank
             and (last is None or last[1] is None or last[1].is_eof())
         )
@@ -791,6 +776,11 @@ class AppConnection(BaseProtocol):
             self._head_timer = self._loop.call_later(
                 self._listener.limits.header_timeout, self._head_expired
             )
+
+    def _holds(self) -> bool:
+        """A CONNECT's bytes are held (read through a call: mypy, and so
+        the compiled build, narrow ``self.held`` across one that sets it)."""
+        return self.held is not None
 
     def eof_received(self) -> bool | None:
         """The app shut its write side. In a blind tunnel the host is told and
