@@ -3,7 +3,7 @@
     pip install "mypy>=1.10" "setuptools>=77"
     AUTHPROXY_COMPILE=1 pip install --no-build-isolation .
 
-compiles the modules on every request's path with mypyc (a C compiler and
+compiles the hot path's modules (COMPILED, below) with mypyc (a C compiler and
 the Python headers are needed where it builds); without AUTHPROXY_COMPILE the
 package is pure Python, and that is the fallback: the same source, the same
 tests (.ci/run runs the suite on both). In a checkout,
@@ -16,10 +16,10 @@ import os
 
 from setuptools import setup
 
-# Every module on a request's path: the HTTP rules, routing, forwarding, the
-# access log, the per-request metrics and the two protocol modules (their
-# classes stay Python classes, subclasses of aiohttp's, with compiled
-# methods). Not proxy/http1/spelling.py: a compiled subclass of aiohttp's
+# The hot path's modules: the HTTP rules, routing, forwarding, the access
+# log, the per-request metrics and the two protocol modules (AppConnection
+# and _Connection stay Python classes, subclasses of aiohttp's, with
+# compiled methods; the other classes there are native). Not proxy/http1/spelling.py: a compiled subclass of aiohttp's
 # Python parser would get the C parser as its base (mypyc resolves
 # HttpRequestParserPy through aiohttp's alias to HttpRequestParser).
 COMPILED = [

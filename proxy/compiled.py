@@ -1,7 +1,7 @@
 """The optional compiled build (issue 16): which modules run compiled.
 
 ``AUTHPROXY_COMPILE=1 pip install --no-build-isolation .`` (setup.py) compiles
-the modules on every request's path with mypyc; the pure Python package is
+the hot path's modules (setup.py lists them) with mypyc; the pure Python package is
 the same source and the fallback. A class that subclasses a Python class
 (aiohttp's protocols, ``logging.Handler``) stays a Python class in the
 compiled build: :func:`mypyc_attr` marks it.

@@ -221,3 +221,31 @@ def test_a_plain_path_that_reads_as_an_unnormalised_prefix_is_refused(
 )
 def test_split_host_takes_one_trailing_dot(authority: str, host: str) -> None:
     assert split_host(authority) == host
+
+
+def test_request_target_is_a_value() -> None:
+    """RequestTarget (a plain class since issue 16, not a frozen
+    dataclass): equal by its parts, hashable, and replace() changes only
+    the parts it is given."""
+    target = parse_target("GET", "http://Api.Example:8080/a/b?q=1", None)
+    assert (target.host, target.authority, target.path, target.query, target.absolute) == (
+        "api.example",
+        "Api.Example:8080",
+        "/a/b",
+        "q=1",
+        True,
+    )
+    same = parse_target("GET", "http://Api.Example:8080/a/b?q=1", None)
+    assert target == same and hash(target) == hash(same) and len({target, same}) == 1
+    moved = target.replace(path="/c")
+    assert moved != target and moved.path == "/c"
+    assert (moved.host, moved.authority, moved.query, moved.absolute) == (
+        target.host,
+        target.authority,
+        target.query,
+        target.absolute,
+    )
+    assert target.replace(host=None).host is None  # None is a value, not "unchanged"
+    assert target.replace().path == "/a/b" and target.replace() == target
+    assert (target == "not a target") is False
+    assert "path='/a/b'" in repr(target)
