@@ -40,9 +40,8 @@ def test_console_format_is_for_people() -> None:
     assert "\x1b[" not in text  # no colours when not a terminal
 
 
-def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Workers share one stderr pipe: a line and its newline in two writes
-    could interleave with another worker's line."""
+def _count_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The bytes of every os.write proxy.log makes from now on (still written)."""
     calls: list[bytes] = []
     real_write = os.write
 
@@ -51,6 +50,13 @@ def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
         return real_write(fd, data)
 
     monkeypatch.setattr("proxy.log.os.write", counting_write)
+    return calls
+
+
+def test_each_line_is_one_write(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers share one stderr pipe: a line and its newline in two writes
+    could interleave with another worker's line."""
+    calls = _count_writes(monkeypatch)
     read, write = os.pipe()
     try:
         with os.fdopen(write, "w", closefd=False) as stream:
@@ -69,14 +75,7 @@ def test_lines_of_one_loop_turn_are_one_write(monkeypatch: pytest.MonkeyPatch) -
     longer than PIPE_BUF goes alone; flush_logs writes what is gathered."""
     from proxy.log import PIPE_BUF
 
-    calls: list[bytes] = []
-    real_write = os.write
-
-    def counting_write(fd: int, data: bytes) -> int:
-        calls.append(bytes(data))
-        return real_write(fd, data)
-
-    monkeypatch.setattr("proxy.log.os.write", counting_write)
+    calls = _count_writes(monkeypatch)
     read, write = os.pipe()
     os.set_blocking(read, False)
     line = "y" * 1000
