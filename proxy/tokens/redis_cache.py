@@ -31,9 +31,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
-from redis.retry import Retry
 
 from proxy.config.model import SentinelTarget
 from proxy.errors import CacheUnavailable
@@ -69,13 +69,10 @@ def redis_client(url: str, *, cluster: bool, op_timeout: float) -> tuple[Any, li
         from redis.asyncio.sentinel import Sentinel
 
         target = SentinelTarget.parse(url)
-        auth = {"password": target.password} if target.password else {}
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(target.sentinels),
-            sentinel_kwargs={**common, **auth},
-            **common,
-            **auth,
-        )
+        options: dict[str, Any] = dict(common)
+        if target.password:
+            options["password"] = target.password
+        sentinel = Sentinel(list(target.sentinels), sentinel_kwargs=options, **options)
         primary = sentinel.master_for(target.service, db=target.db, ssl=target.tls, **common)
         return primary, list(sentinel.sentinels)
     if cluster:
