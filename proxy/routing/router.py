@@ -107,10 +107,28 @@ class RequestTarget:
         )
 
 
+# Answers of valid_authority for the Host values seen lately: an app sends the
+# same one on every request, and the regex costs 400 instructions a character.
+_CHECKED: Final[dict[str, bool]] = {}
+_CHECKED_MOST: Final = 256  # entries, each at most 255 characters: then it starts over
+
+
 def valid_authority(value: str) -> bool:
     """Whether ``value`` is a ``Host`` (host and optional port, RFC 9110 §7.2);
     an empty one is valid (a target with no authority). A port is 0-65535
     (RFC 3986 §3.2.3), in ``Host`` as in an absolute-form target."""
+    known = _CHECKED.get(value)
+    if known is not None:
+        return known
+    valid = _valid_authority(value)
+    if len(value) <= 255:
+        if len(_CHECKED) >= _CHECKED_MOST:
+            _CHECKED.clear()
+        _CHECKED[value] = valid
+    return valid
+
+
+def _valid_authority(value: str) -> bool:
     if _AUTHORITY.fullmatch(value) is None:
         return False
     end = value.rfind("]") + 1 if value.startswith("[") else 0  # past an IPv6 literal

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.http1.policy import bad_field_name
+from proxy.http1.policy import answer_end, bad_field_name
 
 
 @pytest.mark.parametrize(
@@ -23,3 +23,21 @@ from proxy.http1.policy import bad_field_name
 )
 def test_a_field_name_is_a_token(names: list[bytes], bad: bool) -> None:
     assert bad_field_name([(name, b"v") for name in names]) is bad
+
+
+# answer_end: where a response whose head gives its length ends (bytes past it
+# are no answer: the upstream connection is then closed, not reused).
+@pytest.mark.parametrize(
+    ("head", "end"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", 5),
+        (b"HTTP/1.1 200 OK\r\ncontent-LENGTH:\t 12 \t\r\n\r\n", 12),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5x\r\nContent-Length: 7\r\n\r\n", 7),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nX-Content-Length: 5\r\n\r\n", None),
+        (b"HTTP/1.1 200 OK\r\nContent-Length:\r\n\r\n", None),
+    ],
+)
+def test_an_answer_end_from_its_length_line(head: bytes, end: int | None) -> None:
+    expected = None if end is None else len(head) + end
+    assert answer_end(head + b"y" * 20, head_only=False) == expected

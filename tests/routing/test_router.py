@@ -11,6 +11,7 @@ from proxy.routing.router import (
     prefix_matches,
     split_host,
     upstream_url,
+    valid_authority,
 )
 
 
@@ -249,3 +250,37 @@ def test_request_target_is_a_value() -> None:
     assert target.replace().path == "/a/b" and target.replace() == target
     assert (target == "not a target") is False
     assert "path='/a/b'" in repr(target)
+
+
+@pytest.mark.parametrize(
+    ("value", "valid"),
+    [
+        ("", True),
+        ("api.example:8443", True),
+        ("[::1]:80", True),
+        ("a%2Eb", True),
+        ("host:65535", True),
+        ("host:65536", False),
+        ("host:123456", False),
+        ("user@host", False),
+        ("a b", False),
+        ("a%2", False),
+        ("[::1", False),
+    ],
+)
+def test_a_host_is_host_and_port_every_time_it_is_asked(value: str, valid: bool) -> None:
+    # The second answer comes from the memo of values seen lately (issue 16).
+    assert valid_authority(value) is valid
+    assert valid_authority(value) is valid
+
+
+def test_the_memo_of_checked_hosts_stays_bounded() -> None:
+    from proxy.routing import router
+
+    for n in range(3 * router._CHECKED_MOST):
+        assert valid_authority(f"h{n}.example")
+    assert not valid_authority("h1.example:99999")
+    assert 0 < len(router._CHECKED) <= router._CHECKED_MOST
+    long_host = "a" * 300
+    assert valid_authority(long_host)
+    assert long_host not in router._CHECKED  # long values are checked each time, not kept
