@@ -95,11 +95,14 @@ class _Connection(ResponseHandler):
         super().data_received(data)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        payload = self._payload
-        if exc is not None and payload is not None and not payload.is_eof():
+        if exc is not None and self._payload is not None and not self._payload.is_eof():
             # A reset is not an end (RFC 9112 §8): a body framed by the close
             # is incomplete, and aiohttp would end it as if the close were clean.
-            payload.set_exception(aiohttp.ClientPayloadError("the partner reset the connection"))
+            self._payload.set_exception(
+                aiohttp.ClientPayloadError("the partner reset the connection")
+            )
+        # No local holds the payload here: aiohttp's connection_lost gives it an
+        # exception whose cause's traceback holds this frame (a cycle otherwise).
         super().connection_lost(exc)
 
     # While a head is awaited, the deadline is fixed: the route's timeout bounds
@@ -171,7 +174,7 @@ class LeanBody:
         try:
             data: bytes = self._payload.read_nowait()
         except _BROKEN as exc:
-            raise UpstreamBodyFailed(partner_fault(exc)) from None
+            raise UpstreamBodyFailed(_reason(exc)) from None
         return data
 
     async def read(self, n: int = -1) -> bytes:
@@ -180,11 +183,19 @@ class LeanBody:
         except TimeoutError:
             raise
         except _BROKEN as exc:
-            raise UpstreamBodyFailed(partner_fault(exc)) from None
+            raise UpstreamBodyFailed(_reason(exc)) from None
         return data
 
     def iter_any(self) -> AsyncIterator[bytes]:
         return _Chunks(self._payload)
+
+
+def _reason(exc: BaseException) -> str:
+    """What a failed body read says. The payload keeps its exception to raise
+    it again, and the traceback that raise gave it holds the reader's frame:
+    a reference cycle a failed answer would leave (tests/test_cycles.py)."""
+    exc.__traceback__ = None
+    return partner_fault(exc)
 
 
 class _Chunks:
@@ -202,7 +213,7 @@ class _Chunks:
         except TimeoutError:
             raise
         except _BROKEN as exc:
-            raise UpstreamBodyFailed(partner_fault(exc)) from None
+            raise UpstreamBodyFailed(_reason(exc)) from None
         if not chunk:
             raise StopAsyncIteration
         return chunk
@@ -471,7 +482,9 @@ class LeanClient:
                     addresses = await self._addresses(endpoint.host, endpoint.port)
                 except OSError as exc:  # a resolver error: its own words
                     raise ConnectFailed(exc.strerror or os_reason(exc)) from None
-                last: OSError | None = None
+                # The last refusal's words, not the exception: kept in this
+                # frame, its traceback would make a cycle (tests/test_cycles.py).
+                last = ""
                 for family, address, port in addresses:
                     try:
                         _, protocol = await loop.create_connection(
@@ -485,11 +498,10 @@ class LeanClient:
                     except ssl_module.SSLError as exc:
                         raise ConnectFailed(f"TLS handshake failed: {exc.reason}") from None
                     except OSError as exc:
-                        last = exc
+                        last = os_reason(exc)
                         continue
                     return protocol
-                assert last is not None
-                raise ConnectFailed(os_reason(last))
+                raise ConnectFailed(last or "no address to connect to")
         except TimeoutError:
             raise ConnectTimedOut(
                 f"no connection within connect_timeout ({endpoint.connect_timeout:g}s)"
