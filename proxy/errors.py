@@ -95,6 +95,22 @@ class ConnectFailed(TransportFailure):
     """No connection could be made (refused, unreachable, DNS, TLS handshake)."""
 
 
+def untraced(exc: BaseException) -> BaseException:
+    """``exc`` and the exceptions it was raised from, without tracebacks.
+    aiohttp keeps a payload's or a connection's exception, and a mint's
+    failure is shared by its waiters, to be raised again; each raise leaves a
+    traceback on it that holds the frames it passed through, and those hold
+    the object that keeps the exception: a reference cycle for every failed
+    request (tests/test_cycles.py). Drop them once the exception is read."""
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain is short; a cycle of causes is not followed forever
+        if seen is None:
+            break
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
+
+
 def os_reason(exc: OSError) -> str:
     """What an OSError says, from its errno ("Connection refused"): asyncio's
     own text ("Connect call failed ('10.1.2.3', 443)") names the address a

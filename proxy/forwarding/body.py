@@ -41,7 +41,9 @@ class BodyTee:
         self._stopped = asyncio.Event()
         self.overflowed = False
         self.complete = False
-        self.inbound_error: BaseException | None = None
+        # The app's body broke (reset, bad chunking, limits). A flag, not the
+        # exception: kept here, its traceback would hold this tee (a cycle).
+        self.inbound_failed = False
 
     async def _read(self) -> bytes:
         try:
@@ -71,8 +73,8 @@ class BodyTee:
             while True:
                 try:
                     chunk = await self._read()
-                except Exception as exc:  # the app's body broke (reset, bad chunking, limits)
-                    self.inbound_error = exc
+                except Exception:  # the app's body broke (reset, bad chunking, limits)
+                    self.inbound_failed = True
                     raise
                 if not chunk:
                     self.complete = True

@@ -233,5 +233,5 @@ def _inbound_failure(route: RouteConfig, tee: BodyTee | None) -> None:
         raise too_large(route)
     if tee.timed_out:
         raise stalled(route)
-    if tee.inbound_error is not None:
+    if tee.inbound_failed:
         raise broken(route)

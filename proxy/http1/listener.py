@@ -51,6 +51,7 @@ from proxy.errors import (
     HeadTimeout,
     NotImplementedByProxy,
     RequestFailed,
+    untraced,
 )
 from proxy.forwarding.seams import AppBody, Fields
 from proxy.http1.policy import (
@@ -167,14 +168,14 @@ class _Body:
         try:
             data: bytes = await self._payload.readany()
         except (RequestPayloadError, HttpProcessingError, OSError, ValueError) as exc:
-            raise AppBodyFailed(type(exc).__name__) from None
+            raise AppBodyFailed(type(untraced(exc)).__name__) from None
         return data
 
     def read_ready(self) -> bytes:
         try:
             data: bytes = self._payload.read_nowait()
         except (RequestPayloadError, HttpProcessingError, OSError, ValueError) as exc:
-            raise AppBodyFailed(type(exc).__name__) from None
+            raise AppBodyFailed(type(untraced(exc)).__name__) from None
         return data
 
 
@@ -871,6 +872,10 @@ class AppConnection(BaseProtocol):
         if self._task is not None and not self._task.done() and relay is None:
             self._task.cancel()  # an app that goes away cancels its upstream request
         self._parser = None
+        # Requests still queued (or the latest parsed) are never served now;
+        # their payloads point back here (a cycle for each such connection).
+        self._messages.clear()
+        self._last = None
 
     # --- writing ------------------------------------------------------------
 
@@ -990,6 +995,11 @@ class AppConnection(BaseProtocol):
             log.error("internal_error", exc_info=exc)
             self.close()
             return
+        finally:
+            # A cancelled exchange (the app went away) and this task would
+            # otherwise hold this connection in a cycle (tests/test_cycles.py).
+            self._current = None
+            self._task = None
         if not self._lingering:
             self.close()  # drained, or the loop ended for a shutdown
 

@@ -40,6 +40,7 @@ from proxy.errors import (
     UpstreamBodyFailed,
     UpstreamProtocolError,
     os_reason,
+    untraced,
 )
 from proxy.forwarding.seams import Body, Fields, Interim, UpstreamResponse
 from proxy.http1.policy import (
@@ -180,8 +181,8 @@ class LeanBody:
     async def read(self, n: int = -1) -> bytes:
         try:
             data: bytes = await self._payload.read(n)
-        except TimeoutError:
-            raise
+        except TimeoutError as exc:
+            raise _timed_out(exc) from None
         except _BROKEN as exc:
             raise UpstreamBodyFailed(_reason(exc)) from None
         return data
@@ -191,11 +192,14 @@ class LeanBody:
 
 
 def _reason(exc: BaseException) -> str:
-    """What a failed body read says. The payload keeps its exception to raise
-    it again, and the traceback that raise gave it holds the reader's frame:
-    a reference cycle a failed answer would leave (tests/test_cycles.py)."""
-    exc.__traceback__ = None
-    return partner_fault(exc)
+    """What a failed body read or answer says (its traceback dropped)."""
+    return partner_fault(untraced(exc))
+
+
+def _timed_out(exc: BaseException) -> TimeoutError:
+    """A body read's timeout as a new TimeoutError: the payload keeps the one
+    it raised, to raise it again (see _untraced)."""
+    return TimeoutError(str(untraced(exc)))
 
 
 class _Chunks:
@@ -210,8 +214,8 @@ class _Chunks:
     async def __anext__(self) -> bytes:
         try:
             chunk: bytes = await self._payload.readany()
-        except TimeoutError:
-            raise
+        except TimeoutError as exc:
+            raise _timed_out(exc) from None
         except _BROKEN as exc:
             raise UpstreamBodyFailed(_reason(exc)) from None
         if not chunk:
@@ -381,13 +385,13 @@ class LeanClient:
                     raise UpstreamProtocolError(
                         f"the connection closed in the answer ({type(exc).__name__})"
                     ) from None
-                raise Dropped(type(exc).__name__) from exc
-            if isinstance(
-                exc, (TimeoutError, BodyFailed, UpstreamProtocolError, asyncio.CancelledError)
-            ):
+                raise Dropped(type(exc).__name__) from untraced(exc)
+            if isinstance(exc, TimeoutError):
+                raise _timed_out(exc) from None  # the connection keeps the one it raised
+            if isinstance(exc, (BodyFailed, UpstreamProtocolError, asyncio.CancelledError)):
                 raise
             if isinstance(exc, _BROKEN):
-                raise UpstreamProtocolError(partner_fault(exc)) from None
+                raise UpstreamProtocolError(_reason(exc)) from None
             raise
         if message.version[0] != 1 or protocol.folded or bad_field_name(message.raw_headers):
             protocol.close()

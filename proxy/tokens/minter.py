@@ -26,6 +26,7 @@ from proxy.errors import (
     TokenEndpointUnreachable,
     TokenError,
     TokenResponseInvalid,
+    untraced,
 )
 from proxy.log import get_logger
 from proxy.tls import ssl_context
@@ -399,6 +400,9 @@ class GuardedMinter:
                     client=self._client,
                 )
             except TokenError as error:
+                # Kept past this attempt: without its traceback, which holds
+                # this frame (a cycle for every failed mint otherwise).
+                untraced(error)
                 exc = error
             else:
                 self.guard.success()

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Final, Protocol
 
-from proxy.errors import CacheUnavailable, TokenError
+from proxy.errors import CacheUnavailable, TokenError, untraced
 from proxy.log import get_logger
 from proxy.tokens.cache import CacheKey, TokenCache
 from proxy.tokens.token import Minter, Token
@@ -284,7 +284,15 @@ class SharedTokenSource:
 
     async def _join(self, *, reject: Token | None) -> Token:
         task = self._inflight or self._start(reject=reject, background=False)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except BaseException as exc:
+            # Every waiter raises the task's one exception, whose traceback
+            # then holds this frame: without the task in it, and with the
+            # traceback so far dropped, no cycle (tests/test_cycles.py).
+            del task
+            untraced(exc)
+            raise
 
     async def _fill(self, reject: Token | None) -> Token:
         """Adopt a usable token from the cache, else mint one and store it."""
