@@ -1,15 +1,16 @@
 """The request paths leave no reference cycles behind (proxy/server.py).
 
-The collector's thresholds in proxy/server.py run the generation-1 pass ten
-times less often than Python's default (issue 16: at 1,000 connections that
-pass and the full ones took 13 % of the time and found nothing to free).
+proxy/server.py runs the collector's middle-generation pass ten times less
+often than Python's default, and the full pass with it (issue 16: at 1,000
+connections those passes took 12 % of the time and found nothing to free).
 That is free only while a request's objects die by reference count. Here
-every kind of request runs through the real stack with the collector off,
-and what a collection then finds unreachable must hold nothing of the
-proxy's: its classes, coroutines or frames. A new cycle on a request path
-fails this test; break it (or change the thresholds and say why).
+each kind of request, failures included, runs through the real stack with
+the collector off, and what a collection then finds unreachable must hold
+nothing of the proxy's: its classes, coroutines or frames. A new cycle on a
+request path fails this test; break it (errors.untraced() for an exception
+kept to be raised again) or change the thresholds and say why. The pure
+build is the one that guards: compiled functions have no frames to hold.
 """
-
 from __future__ import annotations
 
 import asyncio
