@@ -11,6 +11,7 @@ request path fails this test; break it (errors.untraced() for an exception
 kept to be raised again) or change the thresholds and say why. The pure
 build is the one that guards: compiled functions have no frames to hold.
 """
+
 from __future__ import annotations
 
 import asyncio
