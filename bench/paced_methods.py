@@ -1,18 +1,23 @@
-"""The paced scenario's load generator, checked: how three ways of sending a
-fixed rate space their requests, and what each measures for nginx-static and
-authproxy at half authproxy's maximum (docs/performance.md, "Paced load").
+"""The paced scenario's load generator, checked: how ways of sending a fixed
+rate space their requests, and what each measures for nginx-static and
+authproxy at half authproxy's maximum (docs/performance.md, "does the paced
+load's shape make the tail?").
 
     bench/.venv/bin/python bench/paced_methods.py [--rate R] [--rounds 2] [--out FILE]
 
 The ways: wrk with the bench's Lua ``delay()`` (the paced scenario's), and
 ``bench/pace.c`` (compiled here with gcc) with evenly spaced and with
-exponential gaps. First each is aimed at a recorder (this script with
-``--record``: an answer at once, a timestamp per read) to see the arrivals:
-the share of gaps under 20 µs and the burst (arrivals less than 20 µs apart)
-that a request arrives in. Then each is run against both proxies, pinned to
-CPU 0 as in bench.py, rounds alternating; pace's latency counts from each
-request's due time. Run it with the compiled build in place for the figures
-in the docs (bench/run builds it; or ``setup.py build_ext --inplace``).
+exponential gaps; Debian's ``h2load --rps`` too for the spacing, when it is
+installed. First each is aimed at a recorder (this script with ``--record``:
+an answer at once, a timestamp per read) to see the arrivals: the share of
+gaps under 20 µs, and the burst a request arrives in (a chain of arrivals,
+each less than 20 µs after the one before). Then each is run against both
+proxies, pinned to CPU 0 as in bench.py, rounds alternating. The two tools
+time differently: wrk from when it writes a request, each connection waiting
+for its answer before the next (a slow server gets a lower rate); pace from
+each request's due time, its own lateness included (``late_p99_ms``), at the
+rate asked. Run it with the compiled build in place for the figures in the
+docs (bench/run builds it; or ``setup.py build_ext --inplace``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,7 +52,7 @@ def record(port: int, out: str) -> None:
             self.transport = transport
 
         def data_received(self, data: bytes) -> None:
-            stamps.append(time.time_ns())
+            stamps.append(time.monotonic_ns())
             self.transport.write(ANSWER * max(1, data.count(b"\r\n\r\n")))
 
     async def serve() -> None:
@@ -88,11 +94,24 @@ def spacing(stamps: list[int]) -> dict[str, Any]:
 
 
 def pace(binary: Path, port: int, rate: float, seconds: float, mode: str) -> dict[str, Any]:
+    """One run of pace.c; its JSON line (pace.c's header says what each key is)."""
     cmd = ["taskset", "-c", "1", str(binary), str(port), "/api/x", f"{rate:.1f}", "64"]
     cmd += [str(seconds)] + (["poisson"] if mode == "poisson" else [])
-    result: dict[str, Any] = json.loads(subprocess.run(cmd, capture_output=True, text=True,
-                                                       check=True).stdout)  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"pace failed ({done.returncode}): {done.stderr.strip()[:500]}")
+    if done.stderr.strip():
+        print(f"pace: {done.stderr.strip()[:300]}", file=sys.stderr)
+    result: dict[str, Any] = json.loads(done.stdout)
     return result
+
+
+def h2load(port: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Debian's h2load at ``rate`` over 64 connections (``--rps`` is a connection's)."""
+    url = f"http://127.0.0.1:{port}/api/x"
+    cmd = ["taskset", "-c", "1", "h2load", "--h1", "-c64", "-t1", f"--rps={rate / 64:.2f}"]
+    subprocess.run([*cmd, f"-D{max(1, round(seconds))}", url], capture_output=True, check=True)
+    return {}
 
 
 def main() -> int:
@@ -118,24 +137,30 @@ def main() -> int:
         "nginx": bench.nginx_static(up.port, tmp, 1, "0"),
         "authproxy": bench.authproxy(up.port, tokens, tmp, 1, "0"),
     }
-    results: dict[str, Any] = {"machine": bench.machine(), "spacing": {}, "latency": {}}
+    results: dict[str, Any] = {"machine": bench.machine(), "saturated": {}, "spacing": {},
+                               "latency": {}}  # fmt: skip
     try:
-        ap = procs["authproxy"]
-        bench.wrk(ap.port, "/api/x", 3, 64, None, "1")  # warm: pool, token
-        saturated = bench.measured(ap, partial(bench.wrk, ap.port, "/api/x", args.duration, 64,
+        for proc in procs.values():
+            bench.wrk(proc.port, "/api/x", 3, 64, None, "1")  # warm: pool, token
+        for name, proc in procs.items():
+            got = bench.measured(proc, partial(bench.wrk, proc.port, "/api/x", args.duration, 64,
                                                None, "1"))  # fmt: skip
-        rate = args.rate or saturated["rps"] / 2
-        results.update(saturated_rps=saturated["rps"], rate=round(rate))
-        print(f"authproxy saturated: {saturated['rps']:,.0f} req/s; paced at {rate:,.0f}")
+            results["saturated"][name] = {k: got.get(k) for k in ("rps", "cpu_us_per_req")}
+        rate = args.rate or results["saturated"]["authproxy"]["rps"] / 2
+        results["rate"] = round(rate)
+        print(f"saturated: {results['saturated']}; paced at {rate:,.0f} req/s", flush=True)
         script = bench.paced_script(tmp, rate, 64)
 
         def load(mode: str, port: int) -> dict[str, Any]:
             if mode == "wrk":
                 return bench.wrk(port, "/api/x", args.duration, 64, script, "1")
+            if mode == "h2load":
+                return h2load(port, rate, args.duration)
             return pace(binary, port, rate, args.duration, mode)
 
         modes = ("wrk", "even", "poisson")
-        for mode in modes:
+        shapes = (*modes, "h2load") if shutil.which("h2load") else modes
+        for mode in shapes:
             port, file = bench.free_port(), tmp / f"arrivals-{mode}.txt"
             recorder = bench.spawn([sys.executable, __file__, "--record", str(port), str(file)],
                                    "0")  # fmt: skip
@@ -149,16 +174,19 @@ def main() -> int:
         for rnd in range(args.rounds):
             for mode in modes:
                 for name, proc in procs.items():
-                    got = bench.measured(proc, partial(load, mode, proc.port))
-                    keep = ("rps", "p50_ms", "p99_ms", "errors", "cpu_us_per_req")
-                    row = {k: got.get(k) for k in keep}
+                    row = bench.measured(proc, partial(load, mode, proc.port))
                     results["latency"].setdefault(mode, {}).setdefault(name, []).append(row)
-                    print(f"round {rnd + 1}, {mode}, {name}: {row}", flush=True)
+                    if row.get("errors"):
+                        print(f"bench: {row['errors']} errors in this round", file=sys.stderr)
+                    keep = ("rps", "p50_ms", "p99_ms", "errors", "waited", "late_p99_ms",
+                            "cpu_us_per_req")  # fmt: skip
+                    print(f"round {rnd + 1}, {mode}, {name}: {dict((k, row.get(k)) for k in keep)}",
+                          flush=True)  # fmt: skip
     finally:
         for proc in (*procs.values(), up, tokens):
             proc.stop()
-    if args.out:
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        if args.out:  # what was measured, also when a round failed
+            args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
