@@ -83,6 +83,15 @@ static int dial(int port) {
     return fd;
 }
 
+/* A fresh connection in the place of c's (closed by the server, or left unusable). */
+static void redial(int ep, conn_t *c, uint32_t id, int port) {
+    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+    close(c->fd);
+    c->fd = dial(port);
+    struct epoll_event ev = {.events = EPOLLIN, .data.u32 = id};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+}
+
 /* The answer's whole length once its head is complete: -1 not yet, -2 not
  * one this tool reads (no Content-Length, chunked, not 2xx). */
 static long answer_length(const char *buf, size_t have) {
@@ -172,11 +181,7 @@ int main(int argc, char **argv) {
             if (send(c->fd, request, (size_t)reqlen, MSG_NOSIGNAL) != reqlen) {
                 fprintf(stderr, "pace: a write failed (%s); reconnecting\n", strerror(errno));
                 if (c->due >= warm) errors++;
-                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-                close(c->fd);
-                c->fd = dial(port);
-                struct epoll_event ev = {.events = EPOLLIN, .data.u32 = (uint32_t)id};
-                epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+                redial(ep, c, (uint32_t)id, port);
                 c->busy = 0;
                 idle[(ihead + nidle++) % nconn] = id;
             }
@@ -238,11 +243,7 @@ int main(int argc, char **argv) {
             }
             if (r <= 0) { /* closed, or unusable: a fresh connection takes its place */
                 if (bad && c->due >= warm) errors++;
-                epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
-                close(c->fd);
-                c->fd = dial(port);
-                struct epoll_event ev = {.events = EPOLLIN, .data.u32 = id};
-                epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev);
+                redial(ep, c, id, port);
                 if (c->busy) {
                     c->busy = 0;
                     idle[(ihead + nidle++) % nconn] = (int)id;

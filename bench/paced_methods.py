@@ -187,6 +187,7 @@ def main() -> int:
             proc.stop()
         if args.out:  # what was measured, also when a round failed
             args.out.write_text(json.dumps(results, indent=1) + "\n")
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
